@@ -1,0 +1,34 @@
+"""The media package's one exception family.
+
+Each class names a kind of caller-side problem; the service maps classes to HTTP statuses
+(the media package knows nothing about HTTP responses). Messages are shown to the caller, so
+they say what was wrong and what the caller can do about it.
+"""
+
+
+class MediaError(Exception):
+    """Base class: the input media could not be used."""
+
+
+class InvalidSource(MediaError):
+    """The source itself is unusable: malformed URL, unsupported scheme, empty upload."""
+
+
+class MediaTooLarge(MediaError):
+    """A size limit was exceeded: bytes downloaded or uploaded, pixels, duration."""
+
+
+class UnsupportedMedia(MediaError):
+    """Not a kind of media we read: not a video or image, no video stream, unsupported codec."""
+
+
+class UndecodableMedia(MediaError):
+    """Recognised media that cannot be decoded: corrupt, truncated, empty, no decodable frames."""
+
+
+class UpstreamError(MediaError):
+    """The origin server could not be reached or did not deliver (DNS, refused, HTTP 4xx/5xx)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The origin server was too slow: connect, read or total download time exceeded."""
