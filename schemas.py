@@ -1,0 +1,46 @@
+"""The JSON shapes of the HTTP API: request metadata and the answers."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from media import VideoInfo
+
+
+class Metadata(BaseModel):
+    """The optional ``metadata`` object of both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, description="the question; a default description prompt applies when absent")
+    num_frames: int | None = Field(None, ge=1, description="frames to sample from a video (server limit applies)")
+    max_new_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens (server limit applies)")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, used when temperature > 0")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    visual_tokens: int
+    completion_tokens: int
+
+
+class ImageAnswer(BaseModel):
+    response: str
+    status: str = "success"
+    error: str | None = None
+    usage: Usage | None = None
+
+
+class VideoAnswer(BaseModel):
+    response: str
+    video_info: VideoInfo
+    status: str = "success"
+    error: str | None = None
+    usage: Usage | None = None
+
+
+class Failure(BaseModel):
+    response: str = ""
+    status: str = "failed"
+    error: str

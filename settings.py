@@ -1,0 +1,44 @@
+"""Service settings, read once from ``LLAVA_*`` environment variables (see README, Configuration)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune; each field is ``LLAVA_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAVA_", extra="ignore")
+
+    model: str = "lmms-lab/LLaVA-Video-7B-Qwen2"
+    load_4bit: bool = True
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+
+    num_frames: int = Field(16, ge=1, description="frames sampled when the request does not say")
+    max_frames: int = Field(64, ge=1, description="most frames a request may ask for")
+    decode_chunk_size: int = Field(8, ge=1, description="frames decoded at full resolution at once")
+    max_new_tokens: int = Field(512, ge=1, description="answer length when the request does not say")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="longest answer a request may ask for")
+
+    max_upload_bytes: int = Field(1024 * MiB, ge=1)
+    max_download_bytes: int = Field(1024 * MiB, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    download_timeout: float = Field(300.0, gt=0, description="whole download, seconds")
+    max_redirects: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        if self.num_frames > self.max_frames:
+            raise ValueError(f"LLAVA_NUM_FRAMES={self.num_frames} exceeds LLAVA_MAX_FRAMES={self.max_frames}")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("LLAVA_MAX_NEW_TOKENS exceeds LLAVA_MAX_NEW_TOKENS_LIMIT")
+        return self

@@ -1,0 +1,92 @@
+"""Session fixtures: a tiny checkpoint, real media files, the app in-process and a file server.
+
+Everything here is built for real once per session (checkpoint written by llava_custom.tiny,
+videos encoded with PyAV, images with Pillow) so tests exercise the production code paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from mediafiles import write_image, write_video
+
+from llava_custom.tiny import write_tiny_checkpoint
+
+# Short answers keep the suite fast; a test that needs the default asks explicitly.
+TEST_MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-llava-video")
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clip.mp4: 30 frames at 10 fps (3.0 s); clip.webm: 24 frames at 8 fps; images; junk."""
+    folder = tmp_path_factory.mktemp("media")
+    write_video(folder / "clip.mp4", frames=30, fps=10, size=(96, 72))
+    write_video(folder / "clip.webm", frames=24, fps=8, size=(96, 72))
+    write_image(folder / "photo.jpg", size=(160, 120), mode="RGB", fmt="JPEG")
+    write_image(folder / "wide.png", size=(300, 100), mode="RGBA", fmt="PNG")
+    (folder / "notes.txt").write_text("this is not a video\n" * 20)
+    data = (folder / "clip.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def service_env(checkpoint: Path) -> dict[str, str]:
+    """Environment that serves the tiny checkpoint on CPU through the production code."""
+    return {
+        "LLAVA_MODEL": str(checkpoint),
+        "LLAVA_LOAD_4BIT": "false",
+        "LLAVA_DEVICE": "cpu",
+        "LLAVA_DTYPE": "float32",
+        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
+        "LLAVA_CONNECT_TIMEOUT": "2",
+        "LLAVA_READ_TIMEOUT": "2",
+        "LLAVA_DOWNLOAD_TIMEOUT": "10",
+    }
+
+
+@pytest.fixture(scope="session")
+def client(tiny_checkpoint: Path) -> Iterator:
+    """The BentoML app in-process (its ASGI app, lifespan included) behind Starlette's TestClient."""
+    from starlette.testclient import TestClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in service_env(tiny_checkpoint).items():
+            patch.setenv(name, value)
+        from service import LLaVAVideoService
+
+        with TestClient(LLaVAVideoService.to_asgi(), raise_server_exceptions=False) as test_client:
+            yield test_client
+
+
+@pytest.fixture(scope="session")
+def file_server(media_dir: Path) -> Iterator[str]:
+    """A static HTTP server on 127.0.0.1 serving ``media_dir``; yields its base URL."""
+    handler = functools.partial(QuietFileHandler, directory=str(media_dir))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietFileHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def request_temp_dirs() -> set[str]:
+    """Per-request work directories the service creates under the system temp dir."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    return {p.name for p in tmp.glob("llava-request-*")}

@@ -1,0 +1,219 @@
+"""The HTTP API in-process: both endpoints, both input forms, the documented errors.
+
+Requests go through BentoML's real ASGI app, the real media decoding and the tiny checkpoint's
+real generation; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TEST_MAX_NEW_TOKENS, request_temp_dirs
+
+from llava_custom.builder import load_pretrained_model
+from llava_custom.engine import Engine, GenerationSettings
+from media import read_image, read_video
+
+VIDEO_KEYS = {"response", "video_info", "status", "error", "usage"}
+IMAGE_KEYS = {"response", "status", "error", "usage"}
+FAILED_KEYS = {"response", "status", "error"}
+TOKENS_PER_FRAME = 14 * 15  # 27x27 patches pooled to 14x14, one newline per row (grid)
+
+
+def upload(client, endpoint: str, field: str, path, metadata: dict | str | None = None):
+    files = {field: (path.name, path.read_bytes())}
+    if metadata is not None:
+        text = metadata if isinstance(metadata, str) else json.dumps(metadata)
+        files["metadata"] = (None, text, "application/json")
+    return client.post(endpoint, files=files)
+
+
+def assert_failed(response, status: int, *words: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == FAILED_KEYS
+    assert body["status"] == "failed" and body["response"] == ""
+    for word in words:
+        assert word in body["error"], body["error"]
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    """The same model the service serves, loaded directly, to check answers are the model's."""
+    return Engine(load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu"))
+
+
+def test_video_upload_answers_with_video_info(client, media_dir):
+    response = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"prompt": "What happens?"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == VIDEO_KEYS
+    assert body["status"] == "success" and body["error"] is None
+    assert isinstance(body["response"], str)
+    indices = np.linspace(0, 29, 16, dtype=int)
+    info = body["video_info"]
+    assert info["frame_count"] == 16
+    assert info["video_duration"] == pytest.approx(3.0)
+    assert info["frame_times"] == pytest.approx([i / 10 for i in indices])
+    assert body["usage"]["visual_tokens"] == 16 * TOKENS_PER_FRAME
+    assert 0 < body["usage"]["completion_tokens"] <= TEST_MAX_NEW_TOKENS
+
+
+def test_video_answer_is_the_models_answer(client, media_dir, engine):
+    """The service feeds the model the sampled frames and the LLaVA-Video prompt, nothing else."""
+    clip = media_dir / "clip.webm"
+    body = upload(client, "/analyze_video", "video", clip, {"prompt": "Describe it.", "num_frames": 8}).json()
+    sampled = read_video(clip, 8, frame_size=engine.frame_size)
+    expected = engine.answer_video(
+        sampled.frames,
+        sampled.info.video_duration,
+        sampled.info.frame_times,
+        "Describe it.",
+        GenerationSettings(max_new_tokens=TEST_MAX_NEW_TOKENS),
+    )
+    assert body["response"] == expected.text
+    assert body["usage"] == {
+        "prompt_tokens": expected.prompt_tokens,
+        "visual_tokens": expected.visual_tokens,
+        "completion_tokens": expected.completion_tokens,
+    }
+    assert body["video_info"]["frame_count"] == 8
+    assert body["video_info"]["video_duration"] == pytest.approx(24 / 8)
+
+
+def test_image_answer_is_the_models_answer(client, media_dir, engine):
+    image = media_dir / "wide.png"
+    body = upload(client, "/analyze_image", "image", image, {"prompt": "What colour?"}).json()
+    assert set(body) == IMAGE_KEYS and body["status"] == "success"
+    expected = engine.answer_image(
+        read_image(image, max_pixels=10**8), "What colour?", GenerationSettings(max_new_tokens=TEST_MAX_NEW_TOKENS)
+    )
+    assert body["response"] == expected.text
+    assert body["usage"]["visual_tokens"] == expected.visual_tokens > 729
+
+
+def test_metadata_is_optional_and_default_prompt_applies(client, media_dir):
+    without = upload(client, "/analyze_video", "video", media_dir / "clip.mp4")
+    empty_prompt = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"prompt": ""})
+    own_prompt = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"prompt": "Why?"})
+    assert without.status_code == empty_prompt.status_code == own_prompt.status_code == 200
+    assert without.json() == empty_prompt.json()
+    assert without.json()["usage"]["prompt_tokens"] != own_prompt.json()["usage"]["prompt_tokens"]
+    image = upload(client, "/analyze_image", "image", media_dir / "photo.jpg")
+    assert image.status_code == 200 and image.json()["status"] == "success"
+
+
+def test_metadata_part_without_json_content_type(client, media_dir):
+    files = {
+        "video": ("clip.mp4", (media_dir / "clip.mp4").read_bytes()),
+        "metadata": (None, json.dumps({"prompt": "What?", "num_frames": 4})),
+    }
+    response = client.post("/analyze_video", files=files)
+    assert response.status_code == 200, response.text
+    assert response.json()["video_info"]["frame_count"] == 4
+
+
+def test_video_url_gives_the_same_answer_as_upload(client, media_dir, file_server):
+    metadata = {"prompt": "Please describe what is happening in this video"}
+    by_url = client.post("/analyze_video", json={"video_url": f"{file_server}/clip.mp4", "metadata": metadata})
+    by_upload = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", metadata)
+    assert by_url.status_code == 200, by_url.text
+    assert by_url.json() == by_upload.json()
+
+
+def test_image_url(client, file_server):
+    response = client.post("/analyze_image", json={"image_url": f"{file_server}/photo.jpg"})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "success"
+
+
+def test_num_frames_and_max_new_tokens_are_honoured(client, media_dir):
+    body = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"num_frames": 5, "max_new_tokens": 2})
+    assert body.status_code == 200, body.text
+    body = body.json()
+    assert body["video_info"]["frame_count"] == 5
+    assert body["usage"]["visual_tokens"] == 5 * TOKENS_PER_FRAME
+    assert 1 <= body["usage"]["completion_tokens"] <= 2
+
+
+def test_missing_input(client):
+    assert_failed(client.post("/analyze_video", json={"metadata": {"prompt": "x"}}), 400, "no video given")
+    assert_failed(client.post("/analyze_image", json={}), 400, "no image given")
+
+
+def test_both_inputs(client, media_dir, file_server):
+    files = {
+        "video": ("clip.mp4", (media_dir / "clip.mp4").read_bytes()),
+        "video_url": (None, f"{file_server}/clip.mp4"),
+    }
+    assert_failed(client.post("/analyze_video", files=files), 400, "not both")
+
+
+def test_bad_json_body(client):
+    response = client.post("/analyze_video", content=b"{not json", headers={"content-type": "application/json"})
+    assert_failed(response, 400, "JSON")
+
+
+def test_bad_metadata(client, media_dir):
+    clip = media_dir / "clip.mp4"
+    assert_failed(upload(client, "/analyze_video", "video", clip, '{"prompt": "x"'), 400, "metadata is not valid JSON")
+    assert_failed(upload(client, "/analyze_video", "video", clip, {"num_frames": 0}), 400, "num_frames")
+    assert_failed(upload(client, "/analyze_video", "video", clip, {"num_frames": 65}), 400, "at most 64")
+    assert_failed(upload(client, "/analyze_video", "video", clip, {"promt": "typo"}), 400, "promt")
+    assert_failed(upload(client, "/analyze_video", "video", clip, {"max_new_tokens": 10**6}), 400, "max_new_tokens")
+    response = client.post("/analyze_image", json={"image_url": "http://127.0.0.1/x.png", "metadata": [1]})
+    assert_failed(response, 400, "metadata must be a JSON object")
+
+
+def test_wrong_field_types(client):
+    assert_failed(client.post("/analyze_video", json={"video_url": 5}), 400, "video_url")
+    assert_failed(client.post("/analyze_video", json={"video": "http://127.0.0.1/x.mp4"}), 400, "video")
+
+
+def test_not_a_video(client, media_dir):
+    assert_failed(upload(client, "/analyze_video", "video", media_dir / "notes.txt"), 415, "not a video")
+    assert_failed(upload(client, "/analyze_video", "video", media_dir / "photo.jpg"), 415)
+    assert_failed(upload(client, "/analyze_image", "image", media_dir / "clip.mp4"), 415, "not an image")
+
+
+def test_damaged_video(client, media_dir):
+    assert_failed(upload(client, "/analyze_video", "video", media_dir / "truncated.mp4"), 422)
+
+
+def test_empty_upload(client):
+    response = client.post("/analyze_video", files={"video": ("empty.mp4", b"")})
+    assert_failed(response, 400, "empty")
+
+
+def test_bad_urls(client, file_server):
+    assert_failed(client.post("/analyze_video", json={"video_url": "ftp://127.0.0.1/clip.mp4"}), 400, "http")
+    assert_failed(client.post("/analyze_video", json={"video_url": "not a url"}), 400)
+    assert_failed(client.post("/analyze_video", json={"video_url": f"{file_server}/missing.mp4"}), 502, "404")
+
+
+def test_unreachable_url(client):
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert_failed(client.post("/analyze_image", json={"image_url": f"http://127.0.0.1:{port}/a.png"}), 502)
+
+
+def test_no_request_directory_is_left_behind(client, media_dir, file_server):
+    before = request_temp_dirs()
+    upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"num_frames": 2})
+    client.post("/analyze_video", json={"video_url": f"{file_server}/clip.mp4", "metadata": {"num_frames": 2}})
+    client.post("/analyze_video", json={"video_url": f"{file_server}/notes.txt"})
+    client.post("/analyze_video", json={"video_url": f"{file_server}/missing.mp4"})
+    assert request_temp_dirs() == before
+
+
+def test_service_keeps_answering_after_errors(client, media_dir):
+    for junk in (b"", b"\x00" * 100, b"RIFF....AVI garbage"):
+        response = client.post("/analyze_video", files={"video": ("junk.avi", junk)})
+        assert 400 <= response.status_code < 500
+    assert upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"num_frames": 2}).status_code == 200
