@@ -1,0 +1,42 @@
+# Every target creates .venv on first use and installs the pinned set (requirements*.txt).
+PYTHON ?= python3
+PORT ?= 3000
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_MODEL ?= .demo/tiny-llava-video
+
+.PHONY: serve demo test lint build clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+## serve: the real model (LLAVA_MODEL, default lmms-lab/LLaVA-Video-7B-Qwen2) on the GPU, 4-bit
+serve: $(STAMP)
+	$(BIN)/bentoml serve service:LLaVAVideoService --port $(PORT)
+
+## demo: a tiny random-weight checkpoint on CPU, same code paths (answers are gibberish)
+demo: $(STAMP) $(DEMO_MODEL)/config.json
+	LLAVA_MODEL=$(DEMO_MODEL) LLAVA_LOAD_4BIT=false LLAVA_DEVICE=cpu LLAVA_DTYPE=float32 \
+	LLAVA_MAX_NEW_TOKENS=$${LLAVA_MAX_NEW_TOKENS:-32} \
+	$(BIN)/bentoml serve service:LLaVAVideoService --port $(PORT)
+
+$(DEMO_MODEL)/config.json: | $(STAMP)
+	$(BIN)/python -m llava_custom.tiny $(DEMO_MODEL)
+
+## test: the whole test suite (tiny checkpoints, real media, real HTTP)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## build: a Bento (then `bentoml containerize llava_video_service:latest`)
+build: $(STAMP)
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
