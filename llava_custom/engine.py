@@ -84,7 +84,6 @@ class Engine:
         inputs = self.processor(images=image, text=prompting.image_prompt(question), return_tensors="pt")
         input_ids = inputs["input_ids"]
         visual_tokens = int((input_ids == self.model.config.image_token_index).sum())
-        self._check_length(input_ids.shape[1], settings)
         return self._generate(
             input_ids,
             visual_tokens,

@@ -1,0 +1,119 @@
+"""A real `make demo` (bentoml serve on the tiny checkpoint) answering the README's curl commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TEST_MAX_NEW_TOKENS
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.served
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def readme_curl_commands() -> list[str]:
+    """Every `curl` command in README's code blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for command in re.split(r"\n(?=\S)", block.replace("\\\n", " ")):
+            if command.strip().startswith("curl"):
+                commands.append(command.strip())
+    return commands
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`make demo PORT=...` in its own process group, using this interpreter's environment."""
+    port = free_port()
+    folder = tmp_path_factory.mktemp("served")
+    log = (folder / "serve.log").open("w")
+    command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
+    env = os.environ | {"LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"make demo exited with {process.returncode}:\n{(folder / 'serve.log').read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"service not ready in time:\n{(folder / 'serve.log').read_text()[-3000:]}")
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_readme_has_the_four_curl_forms():
+    commands = readme_curl_commands()
+    assert len(commands) == 4
+    assert sum("-F" in c and "/analyze_video" in c for c in commands) == 1
+    assert sum("video_url" in c for c in commands) == 1
+    assert sum("-F" in c and "/analyze_image" in c for c in commands) == 1
+    assert sum("image_url" in c for c in commands) == 1
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_readme_curl_command(served, media_dir, file_server, index):
+    command = readme_curl_commands()[index]
+    for placeholder, real in {
+        "http://localhost:3000": served,
+        "./path/to/your/video.mp4": str(media_dir / "clip.mp4"),
+        "./path/to/your/image.jpg": str(media_dir / "photo.jpg"),
+        "https://example.com/video.mp4": f"{file_server}/clip.mp4",
+        "https://example.com/image.jpg": f"{file_server}/photo.jpg",
+    }.items():
+        command = command.replace(placeholder, real)
+    result = subprocess.run(
+        ["bash", "-c", command + " --silent --show-error"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["status"] == "success", body
+    assert body["error"] is None
+    if "analyze_video" in command:
+        assert body["video_info"]["frame_count"] == 16
+        assert body["video_info"]["video_duration"] == pytest.approx(3.0)
+    else:
+        assert "video_info" not in body
+
+
+def test_bad_request_gets_the_failure_body(served, media_dir):
+    upload = f"video=@{media_dir / 'notes.txt'}"
+    command = ["curl", "-sS", "-w", "\n%{http_code}", "-X", "POST", f"{served}/analyze_video", "-F", upload]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    body, status = result.stdout.rsplit("\n", 1)
+    payload = json.loads(body)
+    assert status == "415"
+    assert set(payload) == {"response", "status", "error"}
+    assert payload["status"] == "failed" and payload["response"] == ""
+    assert "not a video" in payload["error"]
+    assert httpx.post(f"{served}/analyze_image", json={}, timeout=30).json()["status"] == "failed"
