@@ -1,21 +1,21 @@
 """Load a LLaVA-Video checkpoint and its processor onto a device, 4-bit by default.
 
-Mirrors LLaVA-NeXT's ``load_pretrained_model`` in spirit (one call gives model + processor) but
-uses transformers' own loading: bitsandbytes nf4 for the language model, the vision tower,
+Mirrors LLaVA-NeXT's ``load_pretrained_model`` in spirit (one call gives model + processor, for
+the original layout as published or the transformers layout, see checkpoint.py) but uses
+transformers' own loading: bitsandbytes nf4 for the language model, the vision tower,
 projector and lm_head left unquantised, Flash Attention 2 when it is installed, SDPA otherwise.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoProcessor, BitsAndBytesConfig, LlavaOnevisionConfig, LlavaOnevisionProcessor
+from transformers import BitsAndBytesConfig, GenerationConfig, LlavaOnevisionProcessor
 
+from llava_custom.checkpoint import read_checkpoint
 from llava_custom.errors import ModelLoadError
 from llava_custom.modeling import LlavaVideoForConditionalGeneration
 
@@ -39,6 +39,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_4bit: bool
     attn_implementation: str
+    repetition_penalty: float = 1.0  # from the checkpoint's generation_config.json
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -77,37 +78,6 @@ def resolve_attention(attn: Attention, device: torch.device) -> str:
     return attn
 
 
-def read_checkpoint_config(model_path: str) -> tuple[str, LlavaOnevisionConfig]:
-    """Find the checkpoint (local dir or hub id) and return its location and config."""
-    local = Path(model_path).expanduser()
-    if local.is_dir():
-        config_file = local / "config.json"
-        if not config_file.is_file():
-            raise ModelLoadError(f"{local} has no config.json: point LLAVA_MODEL at a checkpoint directory")
-        location = str(local)
-    elif model_path.startswith((".", "/", "~")) or model_path.count("/") != 1:
-        raise ModelLoadError(f"model path {model_path!r} does not exist and is not a hub id (org/name)")
-    else:
-        location = model_path
-        try:
-            from huggingface_hub import hf_hub_download
-
-            config_file = Path(hf_hub_download(model_path, "config.json"))
-        except Exception as exc:  # offline, unknown repo, auth: all mean "not reachable"
-            raise ModelLoadError(
-                f"could not fetch {model_path!r} from the Hugging Face hub ({exc.__class__.__name__}); "
-                "download it first (huggingface-cli download) and set LLAVA_MODEL to the local directory"
-            ) from exc
-    raw = json.loads(config_file.read_text())
-    if raw.get("model_type") != "llava_onevision":
-        architectures = ", ".join(raw.get("architectures") or []) or raw.get("model_type", "unknown")
-        raise ModelLoadError(
-            f"{model_path} is a {architectures} checkpoint, not a LLaVA-OneVision/LLaVA-Video one "
-            "in the transformers layout"
-        )
-    return location, LlavaOnevisionConfig.from_pretrained(location)
-
-
 def load_pretrained_model(
     model_path: str,
     *,
@@ -120,7 +90,7 @@ def load_pretrained_model(
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     attn_implementation = resolve_attention(attn, target)
-    location, config = read_checkpoint_config(model_path)
+    checkpoint = read_checkpoint(model_path)
     quantization = None
     if load_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -132,17 +102,35 @@ def load_pretrained_model(
             bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=UNQUANTISED_MODULES,
         )
-    model = LlavaVideoForConditionalGeneration.from_pretrained(
-        location,
-        config=config,
-        dtype=torch_dtype,
-        quantization_config=quantization,
-        device_map={"": target},
-        attn_implementation=attn_implementation,
-    ).eval()
+    try:
+        model = LlavaVideoForConditionalGeneration.from_pretrained(
+            checkpoint.location,
+            config=checkpoint.config,
+            dtype=torch_dtype,
+            quantization_config=quantization,
+            device_map={"": target},
+            attn_implementation=attn_implementation,
+            key_mapping=checkpoint.key_mapping,
+        ).eval()
+    except ValueError as exc:  # an mm_* option the model cannot lay out
+        raise ModelLoadError(f"cannot load {model_path}: {exc}") from exc
+    # Decoding settings come per request (engine.py); the checkpoint's file only says how to stop
+    # and what repetition penalty the original applies, so generate() must not merge its
+    # sampling defaults into every call.
+    model.generation_config = GenerationConfig(
+        eos_token_id=checkpoint.generation_config.eos_token_id,
+        pad_token_id=checkpoint.generation_config.pad_token_id,
+    )
     if target.type == "cuda":
         # The vision side stays in float16 whatever the language model's dtype (as the original).
         model.model.vision_tower.to(torch.float16)
         model.model.multi_modal_projector.to(torch.float16)
-    processor = AutoProcessor.from_pretrained(location)
-    return LoadedModel(model, processor, target, torch_dtype, load_4bit, attn_implementation)
+    return LoadedModel(
+        model,
+        checkpoint.processor,
+        target,
+        torch_dtype,
+        load_4bit,
+        attn_implementation,
+        repetition_penalty=checkpoint.generation_config.repetition_penalty or 1.0,
+    )

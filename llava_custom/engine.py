@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
@@ -47,6 +53,7 @@ class Engine:
         self.tokenizer = loaded.processor.tokenizer
         self._lock = threading.Lock()
         self._stop_ids = self._end_of_turn_ids()
+        self._never_generate = SuppressTokensLogitsProcessor(self._unused_token_ids(), device=loaded.device)
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -80,17 +87,18 @@ class Engine:
         return self._generate(input_ids, visual_tokens, settings, pixel_values_videos=pixels)
 
     def answer_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> Answer:
-        """Answer about one RGB image (anyres tiling as the checkpoint's config says)."""
-        inputs = self.processor(images=image, text=prompting.image_prompt(question), return_tensors="pt")
-        input_ids = inputs["input_ids"]
-        visual_tokens = int((input_ids == self.model.config.image_token_index).sum())
+        """Answer about one RGB image, tiled as the checkpoint's anyres setting says."""
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")
+        visual_tokens = self.model.image_layout.num_image_tokens(image.height, image.width)
+        prompt = prompting.image_prompt(question)
+        input_ids = self._expand_placeholder(prompt, self.model.config.image_token_index, visual_tokens)
         return self._generate(
             input_ids,
             visual_tokens,
             settings,
-            pixel_values=inputs["pixel_values"],
-            image_sizes=inputs["image_sizes"],
-            batch_num_images=inputs.get("batch_num_images"),
+            pixel_values=pixels["pixel_values"],
+            image_sizes=pixels["image_sizes"],
+            batch_num_images=pixels.get("batch_num_images"),
         )
 
     def _expand_placeholder(self, prompt: str, token_id: int, count: int) -> torch.Tensor:
@@ -117,23 +125,49 @@ class Engine:
             for name, value in pixel_inputs.items()
             if value is not None
         }
-        sampling = settings.temperature > 0
+        prompt_length = input_ids.shape[1]
         with self._lock, torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=torch.ones_like(input_ids, device=device),
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=sampling,
-                temperature=settings.temperature if sampling else None,
-                top_p=settings.top_p if sampling else None,
-                top_k=None,
-                eos_token_id=self._stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
+                generation_config=self._generation_config(settings),
+                logits_processor=self._logits_processors(prompt_length),
                 **inputs,
             )
-        new_tokens = output[0, input_ids.shape[1] :]
+        new_tokens = output[0, prompt_length:]
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         return Answer(text, int(input_ids.shape[1]), visual_tokens, int(new_tokens.shape[0]))
+
+    def _generation_config(self, settings: GenerationSettings) -> GenerationConfig:
+        """Decoding settings of this request only: the checkpoint's sampling defaults (LLaVA-Video
+        ships do_sample=true, temperature 0.7) do not apply; the original example decodes greedily."""
+        sampling = settings.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=sampling,
+            temperature=settings.temperature if sampling else None,
+            top_p=settings.top_p if sampling else None,
+            top_k=None,
+            eos_token_id=self._stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def _logits_processors(self, prompt_length: int) -> LogitsProcessorList:
+        processors = LogitsProcessorList([self._never_generate])
+        penalty = self.loaded.repetition_penalty
+        if penalty != 1.0:
+            # The original generates from inputs_embeds, so the checkpoint's repetition_penalty
+            # (1.05 for LLaVA-Video) only ever sees generated tokens, never the prompt.
+            processors.append(RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=prompt_length))
+        return processors
+
+    def _unused_token_ids(self) -> list[int]:
+        """Ids the original can never produce: the visual placeholders we add to the tokenizer and the
+        embedding rows beyond the tokenizer (the original shrinks the embedding to len(tokenizer))."""
+        config = self.model.config
+        vocabulary = len(self.tokenizer)
+        spare_rows = range(vocabulary, config.text_config.vocab_size)
+        return [config.image_token_index, config.video_token_index, *spare_rows]
 
     def _end_of_turn_ids(self) -> list[int]:
         """Stop at the checkpoint's end-of-sequence ids, and always at ChatML's end of turn."""

@@ -5,7 +5,7 @@ two-layer MLP projector, Qwen2 language model, byte-level BPE tokenizer with the
 but tiny widths, so the real loading, preprocessing and generation code runs on a laptop CPU.
 Every quantised width is a multiple of 64 so bitsandbytes 4-bit also runs on CPU.
 
-    python -m llava_custom.tiny DIR [--seed N]
+    python -m llava_custom.tiny DIR [--layout transformers|original] [--seed N]
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import huggingface_hub.constants
 import torch
+from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
@@ -26,6 +29,7 @@ from transformers import (
     Qwen2Config,
     Qwen2Tokenizer,
     SiglipVisionConfig,
+    SiglipVisionModel,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -164,7 +168,11 @@ def build_config(tokenizer: Qwen2Tokenizer, spec: TinySpec = TinySpec(), **video
 
 
 def build_model(config: LlavaOnevisionConfig, spec: TinySpec = TinySpec(), seed: int = 0):
-    """Random weights, deterministic for a seed, scaled so outputs depend on the input."""
+    """Random weights, deterministic for a seed, scaled so outputs depend on the input.
+
+    Every value is representable in bfloat16, the dtype the original layout is stored in, so both
+    layouts of one seed hold exactly the same weights.
+    """
     torch.manual_seed(seed)
     model = LlavaVideoForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -172,6 +180,7 @@ def build_model(config: LlavaOnevisionConfig, spec: TinySpec = TinySpec(), seed:
             # Norm weights stay at 1; the rest are widened (see TinySpec.init_scale).
             if "norm" not in name:
                 param.mul_(spec.init_scale)
+            param.copy_(param.to(torch.bfloat16))
     return model
 
 
@@ -194,31 +203,254 @@ def build_processor(tokenizer: Qwen2Tokenizer, config: LlavaOnevisionConfig) -> 
     )
 
 
+def build_generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
+    """What LLaVA-Video-7B-Qwen2 ships (Qwen2-7B-Instruct's sampling defaults and repetition penalty)."""
+    endoftext, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    return GenerationConfig(
+        bos_token_id=endoftext,
+        eos_token_id=[im_end, endoftext],
+        pad_token_id=endoftext,
+        do_sample=True,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.8,
+        repetition_penalty=1.05,
+    )
+
+
 def write_tiny_checkpoint(
-    path: Path | str, *, seed: int = 0, spec: TinySpec = TinySpec(), **video_keys: object
+    path: Path | str,
+    *,
+    layout: Literal["transformers", "original"] = "transformers",
+    seed: int = 0,
+    spec: TinySpec = TinySpec(),
+    **video_keys: object,
 ) -> Path:
-    """Write a tiny checkpoint in the transformers (llava-hf) layout to ``path`` and return it."""
+    """Write a tiny checkpoint to ``path`` and return it.
+
+    ``layout="transformers"`` writes the llava-hf layout; ``"original"`` the LLaVA-NeXT layout of
+    lmms-lab/LLaVA-Video-7B-Qwen2, whose vision tower is named by hub id: it is written into the
+    Hugging Face cache (``HF_HUB_CACHE``) as :data:`TINY_TOWER_ID`. Same seed, same weights.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
     config = build_config(tokenizer, spec, **video_keys)
     model = build_model(config, spec, seed)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    model.save_pretrained(path)
-    build_processor(tokenizer, config).save_pretrained(path)
+    model.generation_config = build_generation_config(tokenizer)
+    if layout == "transformers":
+        model.save_pretrained(path)
+        build_processor(tokenizer, config).save_pretrained(path)
+    else:
+        _write_original_layout(path, model, tokenizer)
     return path
+
+
+# --- the original LLaVA-NeXT layout -------------------------------------------------------------
+
+TINY_TOWER_ID = "llava-tiny/siglip-tiny-patch14-384"
+_TOWER_REVISION = "0" * 40
+# transformers name -> original name, the inverse of checkpoint.ORIGINAL_KEY_MAPPING
+_ORIGINAL_NAMES = (
+    ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.language_model.", "model."),
+)
+
+
+def original_weight_name(name: str) -> str:
+    for prefix, original in _ORIGINAL_NAMES:
+        if name.startswith(prefix):
+            return original + name[len(prefix) :]
+    return name
+
+
+def _write_original_layout(path: Path, model: LlavaVideoForConditionalGeneration, tokenizer: Qwen2Tokenizer) -> None:
+    config = model.config
+    tensors = {original_weight_name(k): v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    _save_sharded(tensors, path, shards=2)
+    (path / "config.json").write_text(json.dumps(_original_config(config, tokenizer), indent=2))
+    model.generation_config.save_pretrained(path)
+    _write_original_tokenizer(path, tokenizer)
+    # The checkpoint's own preprocessor_config.json (SigLIP's), which the original code ignores.
+    side = config.vision_config.image_size
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "do_convert_rgb": None,
+                "do_normalize": True,
+                "do_rescale": True,
+                "do_resize": True,
+                "image_mean": SIGLIP_MEAN,
+                "image_processor_type": "SiglipImageProcessor",
+                "image_std": SIGLIP_STD,
+                "processor_class": "LlavaProcessor",
+                "resample": 3,
+                "rescale_factor": 1 / 255,
+                "size": {"height": side, "width": side},
+            },
+            indent=2,
+        )
+    )
+    _write_tower_to_hub_cache(config.vision_config)
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], path: Path, shards: int) -> None:
+    """safetensors shards plus model.safetensors.index.json, as the published checkpoint (4 shards)."""
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[shard * len(names) // shards : (shard + 1) * len(names) // shards]
+        save_file({name: tensors[name] for name in part}, path / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _original_config(config: LlavaOnevisionConfig, tokenizer: Qwen2Tokenizer) -> dict:
+    """config.json as LLaVA-NeXT's trainer writes it for a Qwen2 LLaVA-Video model."""
+    text = config.text_config
+    endoftext, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
+    return {
+        "_name_or_path": "",
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava",
+        "add_faster_video": False,
+        "add_time_instruction": True,
+        "attention_dropout": 0.0,
+        "bos_token_id": endoftext,
+        "eos_token_id": im_end,
+        "faster_token_stride": 10,
+        "force_sample": True,
+        "hidden_act": "silu",
+        "hidden_size": text.hidden_size,
+        "image_aspect_ratio": config.vision_aspect_ratio,
+        "image_crop_resolution": None,
+        "image_grid_pinpoints": config.image_grid_pinpoints,
+        "image_split_resolution": None,
+        "initializer_range": 0.02,
+        "intermediate_size": text.intermediate_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "max_window_layers": text.num_hidden_layers,
+        "mm_hidden_size": config.vision_config.hidden_size,
+        "mm_newline_position": config.mm_newline_position,
+        "mm_patch_merge_type": config.mm_patch_merge_type,
+        "mm_projector_lr": None,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None,
+        "mm_spatial_pool_mode": config.mm_spatial_pool_mode,
+        "mm_spatial_pool_stride": config.mm_spatial_pool_stride,
+        "mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": TINY_TOWER_ID,
+        "mm_vision_tower_lr": 2e-06,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "pos_skipping_range": 4096,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "sliding_window": text.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "tokenizer_model_max_length": text.max_position_embeddings,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_mm_proj": True,
+        "use_pos_skipping": False,
+        "use_sliding_window": False,
+        "vision_tower_pretrained": None,
+        "vocab_size": text.vocab_size,
+    }
+
+
+def _write_original_tokenizer(path: Path, tokenizer: Qwen2Tokenizer) -> None:
+    """Qwen2 tokenizer files as in the published checkpoint: vocab.json + merges.txt for slow
+    tokenizers, tokenizer.json for fast ones, and no <video> token (the original has none)."""
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = bpe["vocab"]
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = ["#version: 0.2"] + [" ".join(pair) for pair in bpe["merges"]]
+    (path / "merges.txt").write_text("\n".join(merges) + "\n")
+    specials = {token: tokenizer.convert_tokens_to_ids(token) for token in SYSTEM_TOKENS}
+    decoder = {
+        str(token_id): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token, token_id in specials.items()
+    }
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_prefix_space": False,
+                "added_tokens_decoder": decoder,
+                "additional_special_tokens": list(SYSTEM_TOKENS[1:]),
+                "bos_token": None,
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+                "eos_token": "<|im_end|>",
+                "errors": "replace",
+                "model_max_length": 32768,
+                "pad_token": "<|endoftext|>",
+                "padding_side": "right",
+                "split_special_tokens": False,
+                "tokenizer_class": "Qwen2Tokenizer",
+                "unk_token": None,
+            },
+            indent=2,
+        )
+    )
+    (path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "additional_special_tokens": list(SYSTEM_TOKENS[1:]),
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+            },
+            indent=2,
+        )
+    )
+    # The published added_tokens.json lists <image> after the chat markers.
+    (path / "added_tokens.json").write_text(json.dumps(specials | {"<image>": max(specials.values()) + 1}))
+    fast = json.loads(tokenizer.backend_tokenizer.to_str())
+    fast["added_tokens"] = [t for t in fast["added_tokens"] if t["content"] in SYSTEM_TOKENS]
+    (path / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False))
+
+
+def _write_tower_to_hub_cache(vision: SiglipVisionConfig) -> Path:
+    """The vision tower repo as the original loader downloads it: the full tower (one layer more
+    than the checkpoint keeps, with its pooling head), in the Hugging Face cache layout."""
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / ("models--" + TINY_TOWER_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / _TOWER_REVISION
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(_TOWER_REVISION)
+    full = SiglipVisionConfig(**(vision.to_dict() | {"num_hidden_layers": vision.num_hidden_layers + 1}))
+    full.vision_use_head = True
+    torch.manual_seed(0)
+    SiglipVisionModel(full).save_pretrained(snapshot)
+    return snapshot
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path)
+    parser.add_argument("--layout", choices=("transformers", "original"), default="transformers")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(write_tiny_checkpoint(args.path, seed=args.seed))
+    print(write_tiny_checkpoint(args.path, layout=args.layout, seed=args.seed))
 
 
 if __name__ == "__main__":

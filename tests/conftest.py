@@ -6,17 +6,28 @@ videos encoded with PyAV, images with Pillow) so tests exercise the production c
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-from mediafiles import write_image, write_video
+# Offline, with a Hugging Face cache of the tests' own, set before huggingface_hub is imported
+# (it reads these once): the original-layout checkpoint names its vision tower by hub id, as the
+# published one does, and llava_custom.tiny puts that tower into this cache.
+HUB_CACHE = tempfile.mkdtemp(prefix="llava-tests-hub-")
+atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
+os.environ["HF_HUB_CACHE"] = HUB_CACHE
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from llava_custom.tiny import write_tiny_checkpoint
+import pytest  # noqa: E402
+from mediafiles import write_image, write_video  # noqa: E402
+
+from llava_custom.tiny import write_tiny_checkpoint  # noqa: E402
 
 # Short answers keep the suite fast; a test that needs the default asks explicitly.
 TEST_MAX_NEW_TOKENS = 6
@@ -24,7 +35,15 @@ TEST_MAX_NEW_TOKENS = 6
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny LLaVA-Video in the transformers (llava-hf) layout."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-llava-video")
+
+
+@pytest.fixture(scope="session")
+def tiny_original_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights in the original LLaVA-NeXT layout of lmms-lab/LLaVA-Video-7B-Qwen2."""
+    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-llava-video-original"
+    return write_tiny_checkpoint(folder, layout="original")
 
 
 @pytest.fixture(scope="session")
