@@ -50,6 +50,7 @@ SO400M = SiglipVisionConfig(
     hidden_act="gelu_pytorch_tanh",
     vision_use_head=False,
 )
+# SigLIP normalisation used by LLaVA-Video (mean = std = 0.5), not the OpenAI CLIP defaults.
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 # Original weight names -> transformers LlavaOnevision names (regexes on whole keys).
@@ -126,7 +127,7 @@ def _read_transformers_layout(location: str) -> Checkpoint:
     # differs by one intensity level on a fraction of pixels).
     image_processor = AutoImageProcessor.from_pretrained(location, backend="pil")
     video_processor = AutoVideoProcessor.from_pretrained(location)
-    processor = _processor(tokenizer, image_processor, video_processor, config)
+    processor = assemble_processor(tokenizer, image_processor, video_processor, config)
     return Checkpoint(location, "transformers", config, processor, None, _generation_config(location))
 
 
@@ -160,7 +161,7 @@ def _read_original_layout(location: str, raw: dict[str, Any]) -> Checkpoint:
         **{key: raw[key] for key in CARRIED_MM_KEYS if raw.get(key) is not None},
     )
     image_processor, video_processor = _original_image_processors(location, config)
-    processor = _processor(tokenizer, image_processor, video_processor, config)
+    processor = assemble_processor(tokenizer, image_processor, video_processor, config)
     return Checkpoint(location, "original", config, processor, ORIGINAL_KEY_MAPPING, _generation_config(location))
 
 
@@ -253,7 +254,10 @@ def _original_image_processors(
     return image_processor, video_processor
 
 
-def _processor(tokenizer, image_processor, video_processor, config: LlavaOnevisionConfig) -> LlavaOnevisionProcessor:
+def assemble_processor(
+    tokenizer, image_processor, video_processor, config: LlavaOnevisionConfig, chat_template: str | None = None
+) -> LlavaOnevisionProcessor:
+    """One LlavaOnevisionProcessor holding the three pre-processors, consistent with ``config``."""
     patches = config.vision_config.image_size // config.vision_config.patch_size
     return LlavaOnevisionProcessor(
         image_processor=image_processor,
@@ -262,6 +266,7 @@ def _processor(tokenizer, image_processor, video_processor, config: LlavaOnevisi
         num_image_tokens=patches * patches,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         vision_aspect_ratio=config.vision_aspect_ratio,
+        chat_template=chat_template,
     )
 
 

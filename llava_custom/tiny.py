@@ -33,12 +33,11 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from llava_custom.checkpoint import SIGLIP_MEAN, SIGLIP_STD, assemble_processor
 from llava_custom.modeling import LlavaVideoForConditionalGeneration
 
 SYSTEM_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VISUAL_TOKENS = ("<image>", "<video>")
-# SigLIP normalisation used by LLaVA-Video (mean = std = 0.5), not the OpenAI CLIP defaults.
-SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 # Qwen2 chat template (as shipped with Qwen2 instruct tokenizers), with <image>/<video> parts.
 CHAT_TEMPLATE = (
@@ -191,16 +190,7 @@ def build_processor(tokenizer: Qwen2Tokenizer, config: LlavaOnevisionConfig) -> 
         size=size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, image_grid_pinpoints=config.image_grid_pinpoints
     )
     video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
-    patches = config.vision_config.image_size // config.vision_config.patch_size
-    return LlavaOnevisionProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        num_image_tokens=patches * patches,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        vision_aspect_ratio=config.vision_aspect_ratio,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return assemble_processor(tokenizer, image_processor, video_processor, config, chat_template=CHAT_TEMPLATE)
 
 
 def build_generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
