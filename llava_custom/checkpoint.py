@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
-    AutoVideoProcessor,
     GenerationConfig,
     LlavaOnevisionConfig,
     LlavaOnevisionImageProcessorPil,
@@ -66,6 +66,28 @@ ORIGINAL_KEY_MAPPING = {
 # and read by llava_custom.modeling.
 CARRIED_MM_KEYS = ("mm_spatial_pool_mode", "mm_spatial_pool_stride", "mm_newline_position", "mm_patch_merge_type")
 VISUAL_TOKENS = ("<image>", "<video>")
+
+
+class SigLipVideoProcessor(LlavaOnevisionVideoProcessor):
+    """LlavaOnevisionVideoProcessor that rescales and normalises with the original's arithmetic.
+
+    Reproduces LLaVA-NeXT's SigLipImageProcessor.preprocess (siglip_encoder.py), which uses
+    transformers 4.x numpy ``rescale`` (``x.astype(float64) * 1/255``, then float32) and then
+    ``normalize`` (``(x - mean) / std`` in float32). transformers 5 fuses both into one float32
+    ``(x - 255 mean) / (255 std)``, which rounds about 40% of the pixel values one ulp apart and
+    moved tiny-model first-step logits by up to 5e-5 in tests/test_golden.py (5e-6 with this).
+    """
+
+    def rescale_and_normalize(self, images, do_rescale, rescale_factor, do_normalize, image_mean, image_std):
+        if do_rescale:
+            # Frame by frame: a float64 copy of a whole 64-frame batch would be ~230 MB.
+            images = torch.stack([(frame.to(torch.float64) * rescale_factor).to(torch.float32) for frame in images])
+        if do_normalize:
+            images = images.to(torch.float32)
+            mean = torch.as_tensor(image_mean, dtype=torch.float32, device=images.device).reshape(-1, 1, 1)
+            std = torch.as_tensor(image_std, dtype=torch.float32, device=images.device).reshape(-1, 1, 1)
+            images = (images - mean) / std
+        return images
 
 
 @dataclass
@@ -126,7 +148,7 @@ def _read_transformers_layout(location: str) -> Checkpoint:
     # The PIL backend resizes exactly like the original SigLIP processor (torchvision's bicubic
     # differs by one intensity level on a fraction of pixels).
     image_processor = AutoImageProcessor.from_pretrained(location, backend="pil")
-    video_processor = AutoVideoProcessor.from_pretrained(location)
+    video_processor = SigLipVideoProcessor.from_pretrained(location)
     processor = assemble_processor(tokenizer, image_processor, video_processor, config)
     return Checkpoint(location, "transformers", config, processor, None, _generation_config(location))
 
@@ -228,7 +250,7 @@ def _vision_config(tower: str) -> SiglipVisionConfig:
 
 def _original_image_processors(
     location: str, config: LlavaOnevisionConfig
-) -> tuple[LlavaOnevisionImageProcessorPil, LlavaOnevisionVideoProcessor]:
+) -> tuple[LlavaOnevisionImageProcessorPil, SigLipVideoProcessor]:
     """SigLIP pre-processing: the checkpoint's preprocessor_config.json when present, else SigLIP's numbers.
 
     The original code hard-codes the same values (384 px, mean = std = 0.5, bicubic); the anyres
@@ -250,7 +272,7 @@ def _original_image_processors(
     image_processor = LlavaOnevisionImageProcessorPil(
         size=size, image_grid_pinpoints=config.image_grid_pinpoints, do_pad=True, **settings
     )
-    video_processor = LlavaOnevisionVideoProcessor(size=size, **settings)
+    video_processor = SigLipVideoProcessor(size=size, **settings)
     return image_processor, video_processor
 
 

@@ -40,7 +40,11 @@ class Answer:
     text: str
     prompt_tokens: int
     visual_tokens: int
-    completion_tokens: int
+    token_ids: tuple[int, ...]  # the generated ids, end-of-turn included when generated
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class Engine:
@@ -136,7 +140,8 @@ class Engine:
             )
         new_tokens = output[0, prompt_length:]
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        return Answer(text, int(input_ids.shape[1]), visual_tokens, int(new_tokens.shape[0]))
+        token_ids = tuple(new_tokens.tolist())
+        return Answer(text, int(input_ids.shape[1]), visual_tokens, token_ids)
 
     def _generation_config(self, settings: GenerationSettings) -> GenerationConfig:
         """Decoding settings of this request only: the checkpoint's sampling defaults (LLaVA-Video

@@ -1,0 +1,247 @@
+"""Fidelity against the original LLaVA-NeXT code: our pipeline reproduces its golden answers.
+
+tests/data/golden/golden.json was written by tools/golden_reference.py, which runs LLaVA-NeXT's
+own inference recipe (decord frames, SigLIP preprocessing, time instruction, qwen_1_5 template,
+greedy generate from inputs_embeds) on tiny original-layout checkpoints and the committed media
+next to it. Here the same checkpoints are rewritten (their fingerprint must match the recorded
+one) and run through media.read_video / read_image and Engine, in float32 on CPU: prompt text,
+token counts, first-step logits (1e-4) and greedy ids (up to the first step whose reference
+top-1/top-2 gap is below 1e-3, where rounding may legitimately pick the other token) must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import service_env
+
+from llava_custom.builder import load_pretrained_model
+from llava_custom.checkpoint import read_checkpoint
+from llava_custom.engine import Answer, Engine, GenerationSettings
+from llava_custom.modeling import ImageLayout
+from llava_custom.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
+from media import read_image, read_video
+from tools.golden_cases import CASES, GOLDEN_DIR, GOLDEN_FILE, REGENERATE, VARIANTS, checkpoint_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = json.loads(GOLDEN_FILE.read_text())
+GOLDEN_CASES = {case["name"]: case for case in GOLDEN["cases"]}
+LOGIT_TOLERANCE = 1e-4
+# Below this top-1/top-2 gap the reference's choice is within float rounding of the runner-up.
+DECISIVE_GAP = 1e-3
+SERVED_CASE = "video-16"
+
+
+@dataclass
+class OurRun:
+    prompt: str
+    answer: Answer
+    first_logits: torch.Tensor
+
+
+def trusted_ids(case: dict) -> list[int]:
+    """The reference's greedy ids up to (and including) the first step whose choice was not decisive."""
+    ids = case["greedy_ids"]
+    for step, gap in enumerate(case["greedy_gaps"]):
+        if gap < DECISIVE_GAP:
+            return ids[: step + 1]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def golden_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each variant's checkpoint, rewritten as tools.golden_cases writes it, checked against its fingerprint."""
+    from tools.golden_cases import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("golden")
+    checkpoints = {}
+    for name, recorded in GOLDEN["variants"].items():
+        if recorded["mm_keys"] != VARIANTS[name]:
+            pytest.fail(f"variant {name} changed: regenerate golden data with {REGENERATE}")
+        checkpoint = write_checkpoint(folder / name, name)
+        if checkpoint_fingerprint(checkpoint) != recorded["fingerprint"]:
+            pytest.fail(f"tiny checkpoint {name} changed: regenerate golden data with {REGENERATE}")
+        checkpoints[name] = checkpoint
+    return checkpoints
+
+
+@pytest.fixture(scope="module")
+def our_runs(golden_checkpoints: dict[str, Path]) -> dict[str, OurRun]:
+    """Every golden case through our pipeline, one model load per variant."""
+    runs = {}
+    for variant, checkpoint in golden_checkpoints.items():
+        engine = Engine(load_pretrained_model(str(checkpoint), load_4bit=False, device="cpu"))
+        assert engine.loaded.dtype == torch.float32
+        for case in GOLDEN["cases"]:
+            if case["variant"] == variant:
+                runs[case["name"]] = run_case(engine, case)
+    return runs
+
+
+def run_case(engine: Engine, case: dict) -> OurRun:
+    settings = GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"])
+    path = GOLDEN_DIR / case["media"]
+    first_logits = []
+
+    def capture(_module, _inputs, output):
+        if not first_logits:
+            first_logits.append(output.logits[0, -1].detach().clone())
+
+    handle = engine.model.register_forward_hook(capture)
+    try:
+        if case["modality"] == "video":
+            video = read_video(path, case["num_frames"], frame_size=engine.frame_size)
+            timing = (video.info.video_duration, video.info.frame_times)
+            prompt = video_prompt(case["question"], *timing)
+            answer = engine.answer_video(video.frames, *timing, case["question"], settings)
+        else:
+            image = read_image(path, max_pixels=10**8)
+            prompt = image_prompt(case["question"])
+            answer = engine.answer_image(image, case["question"], settings)
+    finally:
+        handle.remove()
+    return OurRun(prompt, answer, first_logits[0])
+
+
+def test_golden_data_covers_the_required_cases():
+    """Videos of 16 and 8 frames, every newline position and pool mode, two anyres image branches."""
+    assert [case.name for case in CASES] == list(GOLDEN_CASES), f"cases changed: regenerate with {REGENERATE}"
+    videos = [case for case in GOLDEN["cases"] if case["modality"] == "video"]
+    assert {case["num_frames"] for case in videos} == {8, 16}
+    keys = [GOLDEN["variants"][case["variant"]]["mm_keys"] for case in videos]
+    assert {k["mm_newline_position"] for k in keys} == {"grid", "frame", "one_token", "no_token"}
+    assert {k["mm_spatial_pool_mode"] for k in keys} == {"bilinear", "average", "max"}
+    assert all(len(case["greedy_ids"]) == GOLDEN["max_new_tokens"] for case in GOLDEN["cases"])
+    assert all(len(trusted_ids(case)) >= 8 for case in GOLDEN["cases"]), "too few decisive steps to compare"
+
+
+def test_the_two_images_take_different_anyres_branches(golden_checkpoints):
+    """Different tile grids; the wide one unpads rows, the tall one columns and is scaled down to ~9 tiles."""
+    layout = ImageLayout.from_config(read_checkpoint(str(golden_checkpoints["grid-bilinear"])).config)
+    branches = {}
+    for name in ("image-wide", "image-tall"):
+        width, height = GOLDEN_CASES[name]["image_size"]
+        tiles = layout.tile_grid(height, width)
+        (rows, cols), final = layout.feature_grid(height, width)
+        kept = (rows[1] - rows[0], cols[1] - cols[0])
+        padded = tuple(kept[i] < tiles[i] * layout.patches_per_side for i in range(2))
+        branches[name] = (tiles, padded, final != kept)
+    assert branches["image-wide"][0] != branches["image-tall"][0]
+    assert branches["image-wide"][1:] == ((True, False), False)
+    assert branches["image-tall"][1:] == ((False, True), True)
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_CASES))
+def test_prompt_and_token_counts(our_runs, name):
+    case, ours = GOLDEN_CASES[name], our_runs[name]
+    expected_prompt = case["prompt"]
+    if case["modality"] == "video":  # the original marks a video with <image> too
+        expected_prompt = expected_prompt.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+    assert ours.prompt == expected_prompt
+    assert ours.answer.visual_tokens == case["visual_tokens"]
+    assert ours.answer.prompt_tokens == case["prompt_tokens"]
+    assert ours.answer.prompt_tokens - ours.answer.visual_tokens == case["text_tokens"]
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_CASES))
+def test_first_step_logits(our_runs, name):
+    """Top-5 of the original's first step, compared on its vocabulary (it trims the embedding to the tokenizer)."""
+    case = GOLDEN_CASES[name]
+    ours = our_runs[name].first_logits[: case["vocabulary"]].double()
+    reference = case["first_step_top5"]
+    expected = torch.tensor(reference["values"], dtype=torch.float64)
+    torch.testing.assert_close(ours[reference["ids"]], expected, rtol=0, atol=LOGIT_TOLERANCE)
+    torch.testing.assert_close(torch.topk(ours, 5).values, expected, rtol=0, atol=LOGIT_TOLERANCE)
+    lse = torch.logsumexp(ours, 0).item()
+    assert lse == pytest.approx(case["first_step_logsumexp"], abs=LOGIT_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_CASES))
+def test_greedy_ids(our_runs, name):
+    expected = trusted_ids(GOLDEN_CASES[name])
+    assert list(our_runs[name].answer.token_ids[: len(expected)]) == expected
+
+
+# --- one case over HTTP -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def golden_server(golden_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`bentoml serve` on the served case's checkpoint (its vision tower is in this session's HF cache)."""
+    checkpoint = golden_checkpoints[GOLDEN_CASES[SERVED_CASE]["variant"]]
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("golden-served") / "serve.log"
+    command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=os.environ | service_env(checkpoint),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while not ready(base):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"golden service did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.served
+def test_served_video_reports_the_originals_counts_and_answer(golden_server):
+    case = GOLDEN_CASES[SERVED_CASE]
+    metadata = {
+        "prompt": case["question"],
+        "num_frames": case["num_frames"],
+        "max_new_tokens": GOLDEN["max_new_tokens"],
+    }
+    with (GOLDEN_DIR / case["media"]).open("rb") as video:
+        response = httpx.post(
+            f"{golden_server}/analyze_video",
+            files={"video": (case["media"], video, "video/mp4")},
+            data={"metadata": json.dumps(metadata)},
+            timeout=120,
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == case["prompt_tokens"]
+    assert usage["visual_tokens"] == case["visual_tokens"]
+    assert usage["completion_tokens"] == len(case["greedy_ids"])
+    assert body["video_info"]["frame_count"] == case["num_frames"]
+    assert trusted_ids(case) == case["greedy_ids"], "the served case needs decisive steps throughout"
+    assert body["response"] == case["answer"]
