@@ -1,32 +1,41 @@
 """Input side of the service: fetch URLs, read images, sample video frames.
 
 Imports neither bentoml, torch nor transformers; every failure is a :class:`MediaError`.
+:class:`DecodeWorker` runs the readers in a child process under a time limit.
 """
 
 from media.errors import (
+    DecodeTimeout,
     InvalidSource,
     MediaError,
     MediaTooLarge,
+    RefusedAddress,
     UndecodableMedia,
     UnsupportedMedia,
     UpstreamError,
     UpstreamTimeout,
 )
-from media.fetch import FetchLimits, download_to_file
+from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
 from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices
+from media.worker import DecodeWorker
 
 __all__ = [
+    "AddressPolicy",
+    "DecodeTimeout",
+    "DecodeWorker",
     "FetchLimits",
     "InvalidSource",
     "MediaError",
     "MediaTooLarge",
+    "RefusedAddress",
     "SampledVideo",
     "UndecodableMedia",
     "UnsupportedMedia",
     "UpstreamError",
     "UpstreamTimeout",
     "VideoInfo",
+    "address_refusal",
     "download_to_file",
     "read_image",
     "read_video",

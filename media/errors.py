@@ -14,6 +14,10 @@ class InvalidSource(MediaError):
     """The source itself is unusable: malformed URL, unsupported scheme, empty upload."""
 
 
+class RefusedAddress(InvalidSource):
+    """The URL's host is, or resolves to, an address the service does not fetch from."""
+
+
 class MediaTooLarge(MediaError):
     """A size limit was exceeded: bytes downloaded or uploaded, pixels, duration."""
 
@@ -24,6 +28,10 @@ class UnsupportedMedia(MediaError):
 
 class UndecodableMedia(MediaError):
     """Recognised media that cannot be decoded: corrupt, truncated, empty, no decodable frames."""
+
+
+class DecodeTimeout(UndecodableMedia):
+    """Decoding did not finish within the time limit (the decoder was stopped)."""
 
 
 class UpstreamError(MediaError):

@@ -50,6 +50,11 @@ def read_image(path: Path, *, max_pixels: int) -> Image.Image:
     return _to_rgb(upright)
 
 
+def read_image_array(path: Path, *, max_pixels: int) -> np.ndarray:
+    """:func:`read_image` as an (H, W, 3) uint8 array (cheap to send between processes)."""
+    return np.asarray(read_image(path, max_pixels=max_pixels))
+
+
 def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
     if width * height > max_pixels:

@@ -1,35 +1,32 @@
 """Sample frames from a video file the way the official LLaVA-Video example does.
 
-Frames are decoded with decord, uniformly over the whole video, in chunks, so that memory stays
-bounded by ``chunk_size`` full-resolution frames plus the sampled (optionally resized) frames,
-whatever the video's length or resolution.
+Frames are decoded uniformly over the whole video, in chunks, so that memory stays bounded by
+``chunk_size`` full-resolution frames plus the sampled (optionally resized) frames, whatever the
+video's length or resolution.
 
-Before decord sees a file, PyAV probes it with a demuxer allow-list. That check decides between
-"not a supported video" and "damaged video", and it keeps decord away from inputs it mishandles:
-decord happily reads a plain text file as a 25 fps video, and FFmpeg demuxers such as HLS or
-concat would open other files or URLs named inside the input.
+Before any decoder sees a file, :mod:`media.container` probes it with PyAV under a demuxer
+allow-list. That check decides between "not a supported video" and "damaged video", keeps
+decord away from inputs it mishandles (it reads a plain text file as a 25 fps video; FFmpeg
+demuxers such as HLS or concat would open other files or URLs named inside the input), and
+tells which decoder returns the right frames: decord, as the LLaVA-Video example uses, for most
+streams; PyAV for open-GOP streams, AV1 and streams whose timestamps are not presentation times.
+Frames come out upright as a player shows them (the stream's display matrix is applied).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from decord import DECORDError, VideoReader, cpu
 from PIL import Image
 
-from media.errors import UndecodableMedia, UnsupportedMedia
+from media.container import Orientation, VideoProbe, decode_frames, probe_video
+from media.errors import UndecodableMedia
 
-# FFmpeg demuxers we let through (matched against any of a demuxer's comma-separated names).
-# These are the containers for which decord 0.6.0 returned the right frames in our tests;
-# it returned wrong frames for MPEG-TS, MPEG-PS and some ASF/WMV files, so those are refused.
-_ALLOWED_DEMUXERS = "mov,matroska,avi,flv"
-_SUPPORTED_CONTAINERS = "MP4/MOV, MKV/WebM, AVI or FLV"
-# decord 0.6.0 bundles FFmpeg 4.1, which has no AV1 software decoder.
-_UNSUPPORTED_CODECS = frozenset({"av1"})
 # Average frame rates outside this range are treated as broken metadata.
 _MIN_FPS, _MAX_FPS = 0.01, 1000.0
 _FALLBACK_FPS = 1.0
@@ -76,16 +73,18 @@ def read_video(
     *,
     chunk_size: int = 8,
     frame_size: tuple[int, int] | None = None,
+    max_pixels: int | None = None,
 ) -> SampledVideo:
     """Decode ``min(num_frames, total_frames)`` uniformly sampled RGB frames from ``path``.
 
     ``frame_size=(width, height)`` resizes every frame with Pillow bicubic (what the SigLIP image
-    processor does) right after its chunk is decoded. The result is the same for any
-    ``chunk_size``. Frame times and duration use decord's average fps; when that is missing or
+    processor does) right after its chunk is decoded and turned upright. The result is the same
+    for any ``chunk_size``. Frame times and duration use the average fps; when that is missing or
     absurd (0, NaN, outside 0.01..1000) the container's stated rate is used, else 1.0 fps.
 
-    Raises UnsupportedMedia (not a supported video, no video stream, unsupported codec) or
-    UndecodableMedia (empty, damaged or truncated file, no decodable frames).
+    Raises UnsupportedMedia (not a supported video, no video stream), MediaTooLarge (frames over
+    ``max_pixels`` pixels) or UndecodableMedia (empty, damaged or truncated file, no decodable
+    frames).
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -93,14 +92,21 @@ def read_video(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if frame_size is not None and min(frame_size) < 1:
         raise ValueError(f"frame_size must be positive (width, height), got {frame_size}")
-    container_fps = _probe_video_container(path)
-    reader = _open_reader(path)
-    total_frames = len(reader)
+    probe = probe_video(path, max_pixels=max_pixels)
+    if probe.decoder == "decord":
+        reader = _open_reader(path)
+        total_frames = len(reader)
+        decoder_fps = reader.get_avg_fps()
+    else:
+        reader = None
+        total_frames = probe.frame_count
+        decoder_fps = probe.average_fps
     if total_frames < 1:
         raise UndecodableMedia("the video has no decodable frames; check that the file plays")
-    fps = _average_fps(reader.get_avg_fps(), container_fps)
+    fps = _average_fps(decoder_fps, probe.stated_fps)
     indices = sample_frame_indices(total_frames, num_frames)
-    frames = _decode_frames(reader, indices, chunk_size, frame_size)
+    chunks = _decord_chunks(reader, indices, chunk_size) if reader is not None else _pyav_chunks(path, probe, indices)
+    frames = _collect(chunks, len(indices), probe.orientation, frame_size)
     info = VideoInfo(
         frame_count=len(indices),
         video_duration=total_frames / fps,
@@ -115,60 +121,6 @@ def read_video(
     )
 
 
-def _probe_video_container(path: Path) -> float | None:
-    """Check that ``path`` is a supported video; return its stated frame rate, if any."""
-    if path.stat().st_size == 0:
-        raise UndecodableMedia("the video file is empty (0 bytes); send the complete file")
-    try:
-        # A file object rather than a path: FFmpeg then opens no protocol of its own.
-        with (
-            path.open("rb") as file,
-            av.open(
-                file,
-                container_options={"format_whitelist": _ALLOWED_DEMUXERS},
-                metadata_errors="ignore",  # odd tag encodings must not fail the probe
-            ) as container,
-        ):
-            return _first_video_stream_rate(container)
-    except av.error.FFmpegError as exc:
-        if _has_supported_container_signature(path):
-            raise UndecodableMedia(
-                "the video file is damaged or incomplete (its container could not be read); send the complete file"
-            ) from exc
-        raise UnsupportedMedia(
-            f"the file is not a video in a supported container ({_SUPPORTED_CONTAINERS}); "
-            "if it is an image, send it as an image"
-        ) from exc
-
-
-def _first_video_stream_rate(container: av.container.InputContainer) -> float | None:
-    if not container.streams:
-        # An MP4 cut short loses its index (moov box): the container opens with no streams.
-        raise UndecodableMedia(
-            "the video file is damaged or incomplete (no stream information found); send the complete file"
-        )
-    if not container.streams.video:
-        raise UnsupportedMedia("the file has no video stream (audio only?); send a video")
-    stream = container.streams.video[0]
-    codec = stream.codec.canonical_name
-    if codec in _UNSUPPORTED_CODECS:
-        raise UnsupportedMedia(f"{codec.upper()} video is not supported; re-encode it as H.264, HEVC or VP9")
-    rate = stream.average_rate or stream.guessed_rate
-    return float(rate) if rate else None
-
-
-def _has_supported_container_signature(path: Path) -> bool:
-    """Whether the file starts like one of the allowed containers (so failure means damage)."""
-    with path.open("rb") as file:
-        head = file.read(12)
-    return (
-        head[4:8] in {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"}  # MP4/QuickTime
-        or head.startswith(b"\x1a\x45\xdf\xa3")  # Matroska/WebM (EBML header)
-        or (head.startswith(b"RIFF") and head[8:12] == b"AVI ")
-        or head.startswith(b"FLV\x01")
-    )
-
-
 def _open_reader(path: Path) -> VideoReader:
     try:
         return VideoReader(str(path), ctx=cpu(0), num_threads=1)
@@ -178,45 +130,69 @@ def _open_reader(path: Path) -> VideoReader:
         ) from exc
 
 
-def _average_fps(decoder_fps: float, container_fps: float | None) -> float:
-    """decord's average fps if plausible, else the container's stated rate, else 1.0."""
+def _average_fps(decoder_fps: float | None, container_fps: float | None) -> float:
+    """The decoder's average fps if plausible, else the container's stated rate, else 1.0."""
     for fps in (decoder_fps, container_fps):
         if fps is not None and math.isfinite(fps) and _MIN_FPS <= fps <= _MAX_FPS:
             return float(fps)
     return _FALLBACK_FPS
 
 
-def _decode_frames(
-    reader: VideoReader,
-    indices: list[int],
-    chunk_size: int,
+def _collect(
+    chunks: Iterable[np.ndarray],
+    count: int,
+    orientation: Orientation,
     frame_size: tuple[int, int] | None,
 ) -> np.ndarray:
-    """Decode ``indices`` chunk by chunk into one preallocated (N, H, W, 3) array."""
+    """Turn each chunk upright, resize it and store it into one preallocated (N, H, W, 3) array."""
     frames: np.ndarray | None = None
-    for start in range(0, len(indices), chunk_size):
-        chunk = _decode_chunk(reader, indices[start : start + chunk_size])
+    stored = 0
+    for chunk in chunks:
         if frames is None:
-            width, height = frame_size or (chunk.shape[2], chunk.shape[1])
-            frames = np.empty((len(indices), height, width, 3), np.uint8)
-        _store_chunk(frames, start, chunk, frame_size)
+            height, width = _upright_shape(chunk.shape[1:3], orientation)
+            width, height = frame_size or (width, height)
+            frames = np.empty((count, height, width, 3), np.uint8)
+        stored += _store_chunk(frames, stored, chunk, orientation, frame_size)
         del chunk  # free the full-resolution chunk before the next one is decoded
-    assert frames is not None  # sample_frame_indices never returns an empty list
+    if frames is None or stored != count:
+        raise UndecodableMedia(
+            "some video frames could not be decoded; the file may be damaged or truncated, send the complete file"
+        )
     return frames
 
 
-def _store_chunk(frames: np.ndarray, start: int, chunk: np.ndarray, frame_size: tuple[int, int] | None) -> None:
+def _upright_shape(shape: tuple[int, int], orientation: Orientation) -> tuple[int, int]:
+    return (shape[1], shape[0]) if orientation.transpose else shape
+
+
+def _store_chunk(
+    frames: np.ndarray,
+    start: int,
+    chunk: np.ndarray,
+    orientation: Orientation,
+    frame_size: tuple[int, int] | None,
+) -> int:
+    # A function of its own so that no frame of the chunk stays referenced after it returns.
     for offset, frame in enumerate(chunk):
-        frames[start + offset] = _resize(frame, frame_size) if frame_size else frame
+        upright = frame if orientation.is_identity else orientation.apply(frame)
+        frames[start + offset] = _resize(upright, frame_size) if frame_size else upright
+    return len(chunk)
 
 
-def _decode_chunk(reader: VideoReader, indices: list[int]) -> np.ndarray:
-    try:
-        return reader.get_batch(indices).asnumpy()
-    except (DECORDError, RuntimeError) as exc:
-        raise UndecodableMedia(
-            "some video frames could not be decoded; the file may be damaged or truncated, send the complete file"
-        ) from exc
+def _decord_chunks(reader: VideoReader, indices: list[int], chunk_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(indices), chunk_size):
+        try:
+            yield reader.get_batch(indices[start : start + chunk_size]).asnumpy()
+        except (DECORDError, RuntimeError) as exc:
+            raise UndecodableMedia(
+                "some video frames could not be decoded; the file may be damaged or truncated, send the complete file"
+            ) from exc
+
+
+def _pyav_chunks(path: Path, probe: VideoProbe, indices: list[int]) -> Iterator[np.ndarray]:
+    # PyAV yields one frame at a time: chunks of one keep memory at a single full frame.
+    for frame in decode_frames(path, probe, indices):
+        yield frame[np.newaxis]
 
 
 def _resize(frame: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:

@@ -32,13 +32,19 @@ _CODEC_FOR_SUFFIX = {
 # Quality/GOP settings: high quality so blocks stay clean, short GOP so seeking crosses keyframes.
 _CODEC_OPTIONS = {
     "libx264": {"crf": "12", "g": "12"},
-    # Closed GOPs: decord 0.6.0 returns wrong frames after seeking in open-GOP streams.
+    # Closed GOPs by default; OPEN_GOP_OPTIONS below give x265's and x264's open-GOP streams.
     "libx265": {"crf": "12", "g": "12", "x265-params": "open-gop=0:log-level=error"},
     "libsvtav1": {"crf": "30", "g": "12"},
     "libvpx-vp9": {"crf": "20", "b": "0", "g": "12"},
     "libvpx": {"crf": "10", "b": "1M", "g": "12"},
 }
 _PIX_FMT_FOR_CODEC = {"mjpeg": "yuvj420p"}
+# Open GOPs (x265's default, x264's open-gop): leading B-frames reference the previous GOP.
+# decord 0.6.0 returns wrong frames after seeking in such streams; media.container routes them.
+OPEN_GOP_OPTIONS = {
+    "libx265": {"crf": "12", "g": "12", "x265-params": "log-level=error"},
+    "libx264": {"crf": "12", "g": "12", "x264-params": "open-gop=1"},
+}
 
 
 def has_encoder(codec: str) -> bool:
@@ -92,23 +98,31 @@ def write_video(
     codec: str | None = None,
     pix_fmt: str | None = None,
     frame_times: Sequence[float] | None = None,
+    options: dict[str, str] | None = None,
+    rotation: tuple[int, bool, bool] | None = None,
 ) -> Path:
     """Write ``frames`` coded frames at constant ``fps``; the container comes from the suffix.
 
     ``codec`` defaults to one the container holds (mp4/mkv: libx264, webm: VP9, avi: MJPEG).
     ``frame_times`` (seconds, increasing) gives a variable-frame-rate video instead; ``fps`` is
-    then only the nominal rate stored in the stream header.
+    then only the nominal rate stored in the stream header. ``options`` replace the codec's
+    default options. ``rotation=(degrees, hflip, vflip)`` stores a display matrix: a player
+    shows each frame turned ``degrees`` counter-clockwise, then mirrored (see :func:`upright`).
     """
     path = Path(path)
     codec = codec or _CODEC_FOR_SUFFIX[path.suffix.lower()]
     rate = Fraction(fps).limit_denominator(1001)
     time_base = Fraction(1, 1000) if frame_times is not None else 1 / rate
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, options=dict(_CODEC_OPTIONS.get(codec, {})))
+        default_options = _CODEC_OPTIONS.get(codec, {})
+        stream = container.add_stream(codec, rate=rate, options=dict(options or default_options))
         stream.width, stream.height = size
+        if rotation is not None:
+            degrees, hflip, vflip = rotation
+            stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
         stream.pix_fmt = pix_fmt or _PIX_FMT_FOR_CODEC.get(codec, "yuv420p")
         stream.codec_context.time_base = time_base
-        if codec not in _CODEC_OPTIONS:
+        if codec not in _CODEC_OPTIONS and options is None:
             stream.bit_rate = 2_000_000  # codecs without a CRF mode: plenty for 64x48 blocks
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(coded_frame(i, size), format="rgb24")
@@ -119,6 +133,26 @@ def write_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def upright(frame: np.ndarray, rotation: tuple[int, bool, bool]) -> np.ndarray:
+    """What a player shows for a stored ``frame`` under ``rotation`` (as in :func:`write_video`)."""
+    degrees, hflip, vflip = rotation
+    shown = np.rot90(frame, k=degrees // 90)  # counter-clockwise, as the display matrix says
+    if hflip:
+        shown = shown[:, ::-1]
+    if vflip:
+        shown = shown[::-1]
+    return shown
+
+
+def corrupt_file(path: Path, *, start: float = 0.4, length: float = 0.2, seed: int = 0) -> Path:
+    """Overwrite ``length`` of ``path``'s bytes from ``start`` (fractions) with random bytes."""
+    data = bytearray(Path(path).read_bytes())
+    first, count = int(len(data) * start), max(1, int(len(data) * length))
+    data[first : first + count] = np.random.default_rng(seed).integers(0, 256, count, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
 
 
 def write_audio_only(path: Path, seconds: float = 1.0) -> Path:

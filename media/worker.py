@@ -1,0 +1,255 @@
+"""Run media decoding in a child process under a wall-clock limit.
+
+Why a process and not a thread with a timeout: a decoder stuck inside C code (FFmpeg, decord,
+Pillow) cannot be interrupted from Python. A thread with a timeout answers the caller but keeps
+decoding, holding its memory and a core, one more thread for every bad file that follows. A
+child process can be killed, and the kernel then frees everything it held; a decoder crash
+(segfault, abort) also ends only the child, never the service.
+
+One long-lived child per :class:`DecodeWorker` keeps the cost per call to a socket round trip:
+the call goes down pickled (a function reference and its arguments, e.g. a file path), the
+result comes back pickled with its large buffers (the sampled frames, already resized) sent out
+of band and read straight into place. The child is replaced after a timeout, a crash or
+``max_jobs`` calls (decoders may leak memory); the replacement starts at once, so its start-up
+(about half a second of imports) overlaps the rest of the request.
+
+The child runs :func:`serve` on one end of a socket pair until the parent closes the other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from media import image, video
+from media.errors import DecodeTimeout, MediaError, UndecodableMedia
+from media.video import SampledVideo
+
+T = TypeVar("T")
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Extra seconds after which a child stops itself if its parent never collected it.
+_ALARM_GRACE = 5
+# How long close() waits for a child to exit on its own before killing it.
+_EXIT_WAIT = 2.0
+# The child's program (not `-m media.worker`: the package imports this module first).
+_CHILD_MAIN = "import sys; from media.worker import serve; serve(int(sys.argv[1]))"
+
+
+class WorkerFailure(RuntimeError):
+    """The function raised something other than a MediaError (a bug); carries the child's traceback."""
+
+
+class DecodeWorker:
+    """Decodes media in a child process, one call at a time, each under a wall-clock limit."""
+
+    def __init__(self, *, time_limit: float, max_jobs: int = 200) -> None:
+        if time_limit <= 0:
+            raise ValueError(f"time_limit must be positive, got {time_limit}")
+        self.time_limit = time_limit
+        self._max_jobs = max_jobs
+        self._lock = threading.Lock()
+        self._child: _Child | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id (None before the first start or after close)."""
+        child = self._child
+        return child.process.pid if child else None
+
+    def start(self) -> None:
+        """Start the child now, so that the first call does not wait for its imports."""
+        with self._lock:
+            self._running_child()
+
+    def read_video(self, path: Path, num_frames: int, **options: Any) -> SampledVideo:
+        """:func:`media.video.read_video` in the child."""
+        return self.run(video.read_video, path, num_frames, **options)
+
+    def read_image(self, path: Path, *, max_pixels: int) -> Image.Image:
+        """:func:`media.image.read_image` in the child."""
+        # Pixels travel as an array (sent without copies), not as a pickled Pillow image.
+        return Image.fromarray(self.run(image.read_image_array, path, max_pixels=max_pixels))
+
+    def run(self, function: Callable[..., T], /, *args: Any, time_limit: float | None = None, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` in the child; its MediaErrors are re-raised here.
+
+        ``function`` must be importable by name (a module-level function). Raises DecodeTimeout
+        when no result came within ``time_limit`` seconds (default: the worker's; the child is
+        killed), UndecodableMedia when the child died, WorkerFailure for other exceptions.
+        """
+        limit = time_limit or self.time_limit
+        with self._lock:
+            child = self._running_child()
+            try:
+                child.channel.send((function, args, kwargs, math.ceil(limit) + _ALARM_GRACE))
+                if not child.channel.poll(limit):
+                    self._replace()
+                    raise DecodeTimeout(
+                        f"decoding took longer than the {limit:g} s limit; the file may be damaged, "
+                        "or too long or large: send a shorter or smaller file"
+                    )
+                status, payload = child.channel.recv()
+            except (EOFError, OSError) as exc:
+                self._replace()
+                raise UndecodableMedia(
+                    "the decoder stopped unexpectedly on this file; it is probably damaged, send a re-encoded copy"
+                ) from exc
+            child.jobs += 1
+            if child.jobs >= self._max_jobs:
+                self._replace()
+        if status == "ok":
+            return payload
+        if status == "media-error":
+            raise payload
+        raise WorkerFailure(payload)
+
+    def close(self) -> None:
+        """Stop the child (it exits when its connection closes; killed if it does not)."""
+        with self._lock:
+            if self._child is not None:
+                self._child.stop(kill=False)
+                self._child = None
+
+    def _running_child(self) -> _Child:
+        if self._child is None or self._child.process.poll() is not None:
+            if self._child is not None:
+                self._child.stop(kill=True)
+            self._child = _Child.start()
+        return self._child
+
+    def _replace(self) -> None:
+        if self._child is not None:
+            self._child.stop(kill=True)
+        self._child = _Child.start()
+
+
+class _Child:
+    """One child process running :func:`serve`, and the parent's end of its socket."""
+
+    def __init__(self, process: subprocess.Popen, channel: _Channel) -> None:
+        self.process = process
+        self.channel = channel
+        self.jobs = 0
+
+    @classmethod
+    def start(cls) -> _Child:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # The child imports `media` by name, wherever the service was started from.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        return cls(process, _Channel(ours))
+
+    def stop(self, *, kill: bool) -> None:
+        self.channel.close()
+        if kill:
+            self.process.kill()
+        try:
+            self.process.wait(timeout=_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class _Channel:
+    """Pickled messages over a stream socket; out-of-band buffers are read into place, no copies.
+
+    A message is a count of parts, their lengths, then the parts: the pickle, then each buffer
+    that pickle protocol 5 handed out of band (contiguous numpy arrays).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+
+    def send(self, message: Any) -> None:
+        buffers: list[pickle.PickleBuffer] = []
+        parts = [memoryview(pickle.dumps(message, protocol=5, buffer_callback=buffers.append))]
+        parts += [buffer.raw() for buffer in buffers]
+        self._socket.sendall(struct.pack(f"<Q{len(parts)}Q", len(parts), *(part.nbytes for part in parts)))
+        for part in parts:
+            self._socket.sendall(part)
+
+    def poll(self, timeout: float) -> bool:
+        """Whether a message (or EOF) arrived within ``timeout`` seconds."""
+        poller = select.poll()  # not select.select: it fails for descriptors above 1023
+        poller.register(self._socket, select.POLLIN)
+        return bool(poller.poll(math.ceil(timeout * 1000)))
+
+    def recv(self) -> Any:
+        (count,) = struct.unpack("<Q", self._read(8))
+        lengths = struct.unpack(f"<{count}Q", self._read(8 * count))
+        parts = [self._read(length) for length in lengths]
+        return pickle.loads(parts[0], buffers=parts[1:])
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def _read(self, size: int) -> bytearray:
+        data = bytearray(size)
+        view = memoryview(data)
+        while view:
+            received = self._socket.recv_into(view)
+            if not received:
+                raise EOFError("the other end closed the connection")
+            view = view[received:]
+        return data
+
+
+def _serve(channel: _Channel) -> None:
+    """The child's loop: run each call received, send back its result or exception, until EOF."""
+    # Ctrl-C on `bentoml serve` reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            call = channel.recv()
+        except EOFError:
+            return
+        except Exception:  # a call that cannot be unpickled here (function not importable)
+            channel.send(("error", traceback.format_exc()))
+            continue
+        reply = _run_call(*call)
+        try:
+            channel.send(reply)  # pickles in full before writing, so a failure sends nothing
+        except Exception:  # an unpicklable result or exception
+            channel.send(("error", traceback.format_exc()))
+
+
+def _run_call(function: Callable[..., Any], args: tuple, kwargs: dict, alarm: int) -> tuple[str, Any]:
+    # If the parent dies mid-call nobody would kill a stuck decoder: SIGALRM ends the child.
+    signal.alarm(alarm)
+    try:
+        reply: tuple[str, Any] = ("ok", function(*args, **kwargs))
+    except MediaError as exc:
+        reply = ("media-error", exc)
+    except Exception:
+        reply = ("error", traceback.format_exc())
+    finally:
+        signal.alarm(0)
+    return reply
+
+
+def serve(fd: int) -> None:
+    """The child's entry point: serve calls on the socket ``fd`` until the parent closes it."""
+    _serve(_Channel(socket.socket(fileno=fd)))
