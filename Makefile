@@ -18,7 +18,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 serve: $(STAMP)
 	$(BIN)/bentoml serve service:LLaVAVideoService --port $(PORT)
 
-## demo: a tiny random-weight checkpoint on CPU, same code paths (answers are gibberish)
+## demo: a tiny random-weight checkpoint on CPU, same code paths (answers are gibberish).
+## Other LLAVA_* settings pass through from the environment, e.g. LLAVA_URL_ALLOWLIST=127.0.0.1 make demo
 demo: $(STAMP) $(DEMO_MODEL)/config.json
 	LLAVA_MODEL=$(DEMO_MODEL) LLAVA_LOAD_4BIT=false LLAVA_DEVICE=cpu LLAVA_DTYPE=float32 \
 	LLAVA_MAX_NEW_TOKENS=$${LLAVA_MAX_NEW_TOKENS:-32} \

@@ -4,13 +4,16 @@
 
 The only module that imports bentoml. Endpoints parse the request, hand plain values to the media
 package (files, URLs, frames) and to llava_custom (prompt, generation), and map every failure to
-``{"response": "", "status": "failed", "error": ...}`` with a fitting HTTP status.
+``{"response": "", "status": "failed", "error": ...}`` with a fitting HTTP status. Before BentoML
+parses a request, request_guard.RequestGuard checks its size and form and whether the worker is
+busy; media decoding runs in a child process under a time limit (media.DecodeWorker).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import media
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Answer, Engine, GenerationSettings
 from llava_custom.errors import LlavaError, PromptTooLong
+from request_guard import RequestGuard
 from schemas import Failure, ImageAnswer, Metadata, Usage, VideoAnswer
 from settings import Settings
 
@@ -65,7 +69,15 @@ class LLaVAVideoService:
             read_timeout=s.read_timeout,
             total_timeout=s.download_timeout,
             max_redirects=s.max_redirects,
+            max_data_url_bytes=s.max_data_url_bytes,
+            policy=media.AddressPolicy.from_allowlist(s.url_allowlist),
         )
+        self.decoder = media.DecodeWorker(time_limit=s.decode_timeout)
+        self.decoder.start()  # its imports overlap the rest of start-up
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.decoder.close()
 
     @bentoml.api(route="/analyze_video")
     def analyze_video(
@@ -109,14 +121,19 @@ class LLaVAVideoService:
         if upload is not None and url:
             raise RequestError(f"send either a '{kind}' file or a '{kind}_url', not both")
         if upload is not None:
-            size = upload.stat().st_size
+            # Under a name of our own: BentoML names the file after the client's file name, and
+            # decoders must judge the bytes, not an extension. Our work directory is removed
+            # after the request, whatever happens.
+            source = workdir / "upload"
+            shutil.move(upload, source)
+            size = source.stat().st_size
             if size == 0:
                 raise media.InvalidSource(f"the uploaded {kind} file is empty")
             if size > self.settings.max_upload_bytes:
                 raise media.MediaTooLarge(
                     f"the uploaded {kind} is {size} bytes, over the {self.settings.max_upload_bytes}-byte limit"
                 )
-            return upload
+            return source
         if url:
             return media.download_to_file(url, workdir, self.fetch_limits)
         raise RequestError(
@@ -138,8 +155,12 @@ class LLaVAVideoService:
         if num_frames > self.settings.max_frames:
             raise RequestError(f"num_frames may be at most {self.settings.max_frames}")
         generation = self._generation(meta)
-        sampled = media.read_video(
-            source, num_frames, chunk_size=self.settings.decode_chunk_size, frame_size=self.engine.frame_size
+        sampled = self.decoder.read_video(
+            source,
+            num_frames,
+            chunk_size=self.settings.decode_chunk_size,
+            frame_size=self.engine.frame_size,
+            max_pixels=self.settings.max_video_pixels,
         )
         info = sampled.info
         answer = self.engine.answer_video(
@@ -149,7 +170,7 @@ class LLaVAVideoService:
 
     def _answer_image(self, source: Path, meta: Metadata) -> ImageAnswer:
         generation = self._generation(meta)
-        image = media.read_image(source, max_pixels=self.settings.max_image_pixels)
+        image = self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
         answer = self.engine.answer_image(image, meta.prompt, generation)
         return ImageAnswer(response=answer.text, usage=usage(answer))
 
@@ -228,6 +249,8 @@ async def send_failure(send: Any, status: int, message: str, start: dict | None 
 
 
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
+# Added second, so it runs inside FailureBodyMiddleware (its answers already have our body).
+LLaVAVideoService.add_asgi_middleware(RequestGuard)
 
 
 def parse_metadata(raw: Any) -> Metadata:

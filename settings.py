@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -34,6 +34,26 @@ class Settings(BaseSettings):
     read_timeout: float = Field(30.0, gt=0)
     download_timeout: float = Field(300.0, gt=0, description="whole download, seconds")
     max_redirects: int = Field(5, ge=0)
+    url_allowlist: str = Field(
+        "", description="host names, IPs or CIDRs that URLs may reach although private, loopback, etc."
+    )
+    max_data_url_bytes: int = Field(16 * MiB, ge=1, description="largest decoded data: URL")
+    max_video_pixels: int = Field(7680 * 4320, ge=1, description="largest video frame, width x height")
+    decode_timeout: float = Field(120.0, gt=0, description="seconds one video or image may take to decode")
+    max_pending_requests: int = Field(8, ge=0, description="requests waiting behind the one being answered")
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        """JSON bodies carry a data: URL in base64 (4 characters per 3 bytes) plus the rest."""
+        return self.max_data_url_bytes * 4 // 3 + MiB
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _allowlist_parses(cls, value: str) -> str:
+        from media.fetch import AddressPolicy  # the parser lives with the policy it builds
+
+        AddressPolicy.from_allowlist(value)  # raises ValueError naming the bad entry
+        return value
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:

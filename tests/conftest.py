@@ -71,6 +71,14 @@ def service_env(checkpoint: Path) -> dict[str, str]:
         "LLAVA_CONNECT_TIMEOUT": "2",
         "LLAVA_READ_TIMEOUT": "2",
         "LLAVA_DOWNLOAD_TIMEOUT": "10",
+        # The tests' file servers listen on 127.0.0.1, which the service refuses by default.
+        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
+        # Small enough that a test can fill the queue: 1 answered + 2 waiting.
+        "LLAVA_MAX_PENDING_REQUESTS": "2",
+        "LLAVA_DECODE_TIMEOUT": "30",
+        # Small caps, so that tests can pass them cheaply (the test media are a few KB).
+        "LLAVA_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
+        "LLAVA_MAX_DATA_URL_BYTES": str(256 * 1024),
     }
 
 

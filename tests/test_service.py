@@ -217,3 +217,44 @@ def test_service_keeps_answering_after_errors(client, media_dir):
         response = client.post("/analyze_video", files={"video": ("junk.avi", junk)})
         assert 400 <= response.status_code < 500
     assert upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"num_frames": 2}).status_code == 200
+
+
+def test_url_to_a_loopback_address_the_allow_list_does_not_name(client):
+    # The tests allow 127.0.0.1 only; ::1 is refused before any connection is made.
+    response = client.post("/analyze_video", json={"video_url": "http://[::1]:9/clip.mp4"})
+    assert_failed(response, 400, "loopback", "LLAVA_URL_ALLOWLIST")
+
+
+def test_every_media_error_has_its_documented_status():
+    import media
+    from service import status_for
+
+    assert status_for(media.RefusedAddress("x")) == 400
+    assert status_for(media.InvalidSource("x")) == 400
+    assert status_for(media.MediaTooLarge("x")) == 413
+    assert status_for(media.UnsupportedMedia("x")) == 415
+    assert status_for(media.DecodeTimeout("x")) == 422
+    assert status_for(media.UndecodableMedia("x")) == 422
+    assert status_for(media.UpstreamError("x")) == 502
+    assert status_for(media.UpstreamTimeout("x")) == 504
+    assert status_for(RuntimeError("x")) == 500
+
+
+def test_rotated_video_upload(client, tmp_path):
+    from mediafiles import write_video
+
+    clip = write_video(tmp_path / "phone.mp4", frames=12, fps=6, size=(48, 64), rotation=(90, False, False))
+    response = upload(client, "/analyze_video", "video", clip, {"num_frames": 4})
+    assert response.status_code == 200, response.text
+    assert response.json()["video_info"]["video_duration"] == pytest.approx(2.0)
+
+
+def test_file_type_is_decided_by_decoding_not_by_name_or_content_type(client, media_dir):
+    video = (media_dir / "clip.mp4").read_bytes()
+    photo = (media_dir / "photo.jpg").read_bytes()
+
+    as_image = client.post("/analyze_video", files={"video": ("holiday.jpg", video, "image/jpeg")})
+    as_playlist = client.post("/analyze_image", files={"image": ("list.m3u8", photo, "application/x-mpegurl")})
+
+    assert as_image.status_code == 200, as_image.text
+    assert as_playlist.status_code == 200, as_playlist.text

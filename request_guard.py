@@ -1,0 +1,391 @@
+"""An ASGI guard in front of the analysis endpoints: body caps, input forms and admission.
+
+It looks at each request before BentoML parses it, on the bytes as they arrive, and answers with
+the service's failure body when something is wrong:
+
+- 415 unless the body is JSON (or has no Content-Type, which BentoML reads as JSON) or
+  multipart/form-data.
+- 413 when the body is too large: a declared Content-Length before any byte is read, otherwise
+  as soon as the bytes received pass the cap. In multipart bodies the file parts together may
+  hold ``max_upload_bytes`` and every other part 1 MiB (Starlette's own limit, which would
+  otherwise surface as a 500); JSON bodies may hold ``max_json_bytes``.
+- 400 where BentoML would download a URL by itself, bypassing media.fetch's limits and address
+  policy: a multipart file field (``video``/``image``) sent as a text part, which
+  ``MultipartSerde.ensure_file`` fetches, and a JSON body that is a bare URL string, which
+  ``JSONSerde.parse_request`` fetches. A multipart body is parsed with the parser Starlette uses
+  (python-multipart) and Starlette's rule (a part is a file iff its Content-Disposition has a
+  filename), so the guard sees the parts exactly as BentoML will. Malformed multipart bodies and
+  form values that BentoML's ``json.loads`` fails on with more than a JSONDecodeError (bytes in
+  no Unicode encoding, nesting too deep), which would be 500s, are answered 400 here.
+- 503 with Retry-After when the worker is busy: a request whose body has fully arrived waits for
+  the model until it is answered; when ``1 + max_pending`` requests do, one more is refused
+  instead of queueing behind them.
+
+The first MiB of a body is inspected before the app starts, so most refusals never reach it.
+After a later refusal the app is told that the client disconnected, and its response is dropped.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from schemas import Failure
+from settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MiB = 1024 * 1024
+# Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
+MAX_FIELD_BYTES = 1 * MiB
+MAX_PARTS = 1000
+# Room for the non-file parts and the multipart framing in a declared Content-Length.
+MULTIPART_OVERHEAD = 2 * MiB
+JSON_WHITESPACE = b" \t\r\n"
+# Body bytes inspected before the app starts (see _GuardedRequest._read_ahead).
+READ_AHEAD_BYTES = 1 * MiB
+RETRY_AFTER_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """The caps the guard enforces; ``file_fields`` are the form fields that must be files."""
+
+    max_upload_bytes: int
+    max_json_bytes: int
+    max_pending: int
+    file_fields: frozenset[str] = frozenset({"video", "image"})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GuardLimits:
+        return cls(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_json_bytes=settings.max_json_body_bytes,
+            max_pending=settings.max_pending_requests,
+        )
+
+
+class Refusal(Exception):
+    """A request the guard answers itself."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+class RequestGuard:
+    """ASGI middleware; ``LLaVAVideoService.add_asgi_middleware(RequestGuard)`` installs it."""
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        limits: GuardLimits | None = None,
+        paths: dict[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        self.limits = limits or GuardLimits.from_settings(Settings())
+        # Guarded path -> its upload field, the one part BentoML treats as a file.
+        self.paths = paths or {"/analyze_video": "video", "/analyze_image": "image"}
+        # Requests whose body has arrived and that are not answered yet. Only touched on the
+        # event loop, so a plain counter is safe.
+        self.pending = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        await _GuardedRequest(self, scope, receive, send).run()
+
+
+class _GuardedRequest:
+    """One request's pass through the guard."""
+
+    def __init__(self, guard: RequestGuard, scope: Scope, receive: Receive, send: Send) -> None:
+        self.guard = guard
+        self.limits = guard.limits
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.refused = False
+        self.body_complete = False
+        self.responding = False
+        self.counted = False
+        self.inspector: _JsonInspector | _MultipartInspector | None = None
+        self.early: list[Message] = []
+
+    async def run(self) -> None:
+        try:
+            try:
+                self.inspector = self._inspector()
+                early = await self._read_ahead()
+            except Refusal as refusal:
+                await self._refuse(refusal)
+                return
+            self.early = early
+            await self.guard.app(self.scope, self._receive, self._send)
+        finally:
+            if self.counted:
+                self.guard.pending -= 1
+
+    async def _read_ahead(self) -> list[Message]:
+        """The body's first messages, inspected before the app starts (up to READ_AHEAD_BYTES).
+
+        Most refusals (bare-URL JSON bodies, URL text parts, small bodies of a busy worker)
+        then happen before BentoML starts parsing, so it never logs the request as failed.
+        """
+        early: list[Message] = []
+        size = 0
+        while size < READ_AHEAD_BYTES:
+            message = await self._inspected(await self.receive())
+            early.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+            size += len(message.get("body", b""))
+        return early
+
+    def _inspector(self) -> _JsonInspector | _MultipartInspector:
+        content_type = _first_header(self.scope, b"content-type")
+        # BentoML picks its parser from this exact, case-sensitive value; so does the guard.
+        media_type = (content_type or "").split(";")[0].strip()
+        declared = _first_header(self.scope, b"content-length") or ""
+        if media_type == "multipart/form-data":
+            cap = self.limits.max_upload_bytes + MULTIPART_OVERHEAD
+            upload_field = self.guard.paths[self.scope["path"]]
+            inspector: _JsonInspector | _MultipartInspector = _MultipartInspector(
+                content_type or "", self.limits, upload_field
+            )
+        elif media_type in ("application/json", ""):
+            cap = self.limits.max_json_bytes
+            inspector = _JsonInspector(self.limits.max_json_bytes)
+        else:
+            raise Refusal(
+                415,
+                f"unsupported Content-Type {media_type!r}: send application/json (a URL) "
+                "or multipart/form-data (a file upload)",
+            )
+        if declared.isdigit() and int(declared) > cap:
+            raise Refusal(413, _too_large_message(media_type, self.limits))
+        return inspector
+
+    async def _receive(self) -> Message:
+        if self.early:
+            return self.early.pop(0)
+        if self.refused:
+            return {"type": "http.disconnect"}
+        try:
+            return await self._inspected(await self.receive())
+        except Refusal as refusal:
+            if self.responding:  # too late to answer differently; BentoML never gets here
+                raise
+            await self._refuse(refusal)
+            return {"type": "http.disconnect"}
+
+    async def _inspected(self, message: Message) -> Message:
+        """``message`` after checking it; raises Refusal."""
+        if message["type"] == "http.request":
+            more = bool(message.get("more_body", False))
+            assert self.inspector is not None
+            self.inspector.feed(message.get("body", b""), more)
+            if not more:
+                self.body_complete = True
+                self._admit()
+        return message
+
+    def _admit(self) -> None:
+        """Count the request as waiting for the model, or refuse it when too many already are."""
+        if self.counted:
+            return
+        if self.guard.pending > self.limits.max_pending:
+            raise Refusal(
+                503,
+                f"the service is busy ({self.guard.pending} requests in progress); retry in a few seconds",
+                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
+            )
+        self.guard.pending += 1
+        self.counted = True
+
+    async def _send(self, message: Message) -> None:
+        if not self.refused:  # after a refusal the client already has its answer
+            self.responding = True
+            await self.send(message)
+
+    async def _refuse(self, refusal: Refusal) -> None:
+        self.refused = True
+        body = Failure(error=refusal.message).model_dump_json().encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if not self.body_complete:
+            headers.append((b"connection", b"close"))  # the rest of the request body is not read
+        headers += refusal.headers
+        await self.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+class _JsonInspector:
+    """JSON bodies: a size cap, and the first value must be an object (not a bare URL)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.checked_start = False
+
+    def feed(self, chunk: bytes, more: bool) -> None:
+        self.received += len(chunk)
+        if self.received > self.max_bytes:
+            raise Refusal(413, f"the JSON body is larger than {_format_mib(self.max_bytes)}")
+        if not self.checked_start:
+            start = chunk.lstrip(JSON_WHITESPACE)[:1]
+            if start and start != b"{":
+                raise Refusal(400, 'the JSON body must be an object such as {"video_url": "https://..."}')
+            self.checked_start = bool(start)
+
+
+class _MultipartInspector:
+    """Multipart bodies, parsed as Starlette parses them: part kinds, part sizes, framing.
+
+    BentoML hands the endpoint's upload field on as a file and JSON-decodes every other part
+    (``json.loads`` on the text, or on the bytes of a file part). It catches only
+    JSONDecodeError there, so the guard refuses the values that make ``json.loads`` raise
+    anything else (undecodable bytes, nesting too deep), which would be 500s.
+    """
+
+    def __init__(self, content_type: str, limits: GuardLimits, upload_field: str) -> None:
+        self.limits = limits
+        self.upload_field = upload_field
+        _, params = parse_options_header(content_type)
+        self.charset = _charset(params)
+        boundary = params.get(b"boundary", b"")
+        if not boundary:
+            raise Refusal(400, "multipart/form-data request without a boundary; let the client set it")
+        self.upload_bytes = 0
+        self.files = 0
+        self.fields = 0
+        self.part_is_file = False
+        self.part_name = ""
+        self.part_data: bytearray | None = None  # kept for parts BentoML JSON-decodes
+        self.disposition = b""
+        self.header_name = b""
+        self.header_value = b""
+        callbacks = {
+            "on_part_begin": self._on_part_begin,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+        }
+        try:
+            self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except (FormParserError, ValueError) as exc:
+            raise Refusal(400, "the multipart boundary is invalid") from exc
+
+    def feed(self, chunk: bytes, more: bool) -> None:
+        try:
+            self.parser.write(chunk)
+            if not more:
+                self.parser.finalize()
+        except FormParserError as exc:
+            raise Refusal(400, "the multipart/form-data body is malformed") from exc
+
+    def _on_part_begin(self) -> None:
+        self.part_is_file = False
+        self.part_name = ""
+        self.part_data = None
+        self.disposition = b""
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = self.header_value  # the last one wins, as in Starlette
+        self.header_name = self.header_value = b""
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.disposition)
+        if b"name" not in options:
+            raise Refusal(400, 'every multipart part needs a Content-Disposition header with a name="..."')
+        self.part_name = _user_safe_decode(options[b"name"], self.charset)
+        self.part_is_file = b"filename" in options
+        self.files += self.part_is_file
+        self.fields += not self.part_is_file
+        if max(self.files, self.fields) > MAX_PARTS:
+            raise Refusal(400, f"the multipart body has more than {MAX_PARTS} files or fields")
+        if not self.part_is_file and self.part_name in self.limits.file_fields:
+            raise Refusal(
+                400,
+                f"the '{self.part_name}' part must be a file upload (curl -F '{self.part_name}=@file'); "
+                f'to send a URL, post JSON {{"{self.part_name}_url": "https://..."}}',
+            )
+        if not (self.part_is_file and self.part_name == self.upload_field):
+            self.part_data = bytearray()
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.part_is_file:
+            self.upload_bytes += end - start
+            if self.upload_bytes > self.limits.max_upload_bytes:
+                raise Refusal(413, _too_large_message("multipart/form-data", self.limits))
+        if self.part_data is not None:
+            self.part_data += data[start:end]
+            if len(self.part_data) > MAX_FIELD_BYTES:
+                raise Refusal(413, f"the '{self.part_name}' part is larger than {_format_mib(MAX_FIELD_BYTES)}")
+
+    def _on_part_end(self) -> None:
+        if self.part_data is None:
+            return
+        data = bytes(self.part_data)
+        value = data if self.part_is_file else _user_safe_decode(data, self.charset)
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            pass  # BentoML then passes the text on as it is
+        except (ValueError, RecursionError) as exc:  # undecodable bytes, nesting too deep
+            raise Refusal(400, f"the '{self.part_name}' part is neither text nor JSON that can be read") from exc
+
+
+def _too_large_message(media_type: str, limits: GuardLimits) -> str:
+    if media_type == "multipart/form-data":
+        return f"the upload is larger than the {_format_mib(limits.max_upload_bytes)} limit; send a smaller file"
+    return f"the JSON body is larger than {_format_mib(limits.max_json_bytes)}"
+
+
+def _format_mib(count: int) -> str:
+    return f"{count / MiB:g} MiB" if count >= MiB else f"{count} bytes"
+
+
+def _first_header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a header, as Starlette's ``Headers.get`` returns it."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _charset(params: dict[bytes, bytes]) -> str:
+    """The charset Starlette decodes part names with."""
+    charset = params.get(b"charset", b"utf-8")
+    try:
+        return codecs.lookup(charset.decode("latin-1")).name
+    except LookupError:
+        return "latin-1"
+
+
+def _user_safe_decode(value: bytes, codec: str) -> str:
+    try:
+        return value.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return value.decode("latin-1")
