@@ -7,11 +7,16 @@ videos encoded with PyAV, images with Pillow) so tests exercise the production c
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +29,7 @@ atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
 os.environ["HF_HUB_CACHE"] = HUB_CACHE
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 from mediafiles import write_image, write_video  # noqa: E402
 
@@ -117,3 +123,41 @@ def request_temp_dirs() -> set[str]:
     """Per-request work directories the service creates under the system temp dir."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     return {p.name for p in tmp.glob("llava-request-*")}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(command: list[str], env: dict[str, str], port: int, log_path: Path) -> Iterator[str]:
+    """Run ``command`` (a `bentoml serve` or `make demo`) in its own process group until /readyz
+    answers; yield its base URL; stop the whole group afterwards."""
+    repo = Path(__file__).resolve().parents[1]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 240
+            while not _ready(base):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{' '.join(command)} did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield base
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

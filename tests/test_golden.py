@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import service_env
+from conftest import free_port, running_service, service_env
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
@@ -176,49 +173,15 @@ def test_greedy_ids(our_runs, name):
 # --- one case over HTTP -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def golden_server(golden_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+def golden_server(golden_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`bentoml serve` on the served case's checkpoint (its vision tower is in this session's HF cache)."""
     checkpoint = golden_checkpoints[GOLDEN_CASES[SERVED_CASE]["variant"]]
     port = free_port()
     log_path = tmp_path_factory.mktemp("golden-served") / "serve.log"
     command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=os.environ | service_env(checkpoint),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while not ready(base):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"golden service did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_service(command, os.environ | service_env(checkpoint), port, log_path) as base:
         yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.mark.served

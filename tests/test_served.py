@@ -5,30 +5,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-from conftest import TEST_MAX_NEW_TOKENS
+from conftest import TEST_MAX_NEW_TOKENS, free_port, running_service
 from hypothesis import HealthCheck, given, reject, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.served
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readme_curl_commands() -> list[str]:
@@ -43,39 +35,15 @@ def readme_curl_commands() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> str:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`make demo PORT=...` in its own process group, using this interpreter's environment."""
     port = free_port()
     folder = tmp_path_factory.mktemp("served")
-    log = (folder / "serve.log").open("w")
     command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
     # make passes the environment through: the README's URL examples are served from 127.0.0.1.
     env = os.environ | {"LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS), "LLAVA_URL_ALLOWLIST": "127.0.0.1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"make demo exited with {process.returncode}:\n{(folder / 'serve.log').read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"service not ready in time:\n{(folder / 'serve.log').read_text()[-3000:]}")
+    with running_service(command, env, port, folder / "serve.log") as base:
         yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_readme_has_the_four_curl_forms():
