@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 import media
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Answer, Engine, GenerationSettings
-from llava_custom.errors import LlavaError, PromptTooLong
+from llava_custom.errors import InvalidPrompt, LlavaError, PromptTooLong
 from request_guard import RequestGuard
 from schemas import Failure, ImageAnswer, Metadata, Usage, VideoAnswer
 from settings import Settings
@@ -39,6 +40,7 @@ class RequestError(Exception):
 # Most specific classes first: the first match decides the status.
 ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (RequestError, 400),
+    (InvalidPrompt, 400),
     (media.InvalidSource, 400),
     (media.MediaTooLarge, 413),
     (PromptTooLong, 413),
@@ -101,7 +103,15 @@ class LLaVAVideoService:
         """Answer a question about an image: multipart ``image`` upload or JSON ``image_url``."""
         return self._respond(ctx, "image", image, image_url, metadata, self._answer_image)
 
-    def _respond(self, ctx, kind, upload, url, metadata, answer) -> dict[str, Any]:
+    def _respond(
+        self,
+        ctx: bentoml.Context,
+        kind: str,
+        upload: Path | None,
+        url: str | None,
+        metadata: Any,
+        answer: Callable[[Path, Metadata], VideoAnswer | ImageAnswer],
+    ) -> dict[str, Any]:
         """Run one request; every failure becomes the documented error body and status."""
         try:
             meta = parse_metadata(metadata)

@@ -23,7 +23,7 @@ from transformers import (
 
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
-from llava_custom.errors import PromptTooLong
+from llava_custom.errors import InvalidPrompt, PromptTooLong
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,13 @@ class Engine:
     def _expand_placeholder(self, prompt: str, token_id: int, count: int) -> torch.Tensor:
         """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        visual = {self.model.config.image_token_index, self.model.config.video_token_index}
+        if sum(token in visual for token in ids) != 1:
+            # A placeholder typed into the question would ask for features nobody provides.
+            raise InvalidPrompt(
+                f"the prompt may not contain {prompting.IMAGE_PLACEHOLDER} or {prompting.VIDEO_PLACEHOLDER}: "
+                "the service puts the picture into the prompt itself"
+            )
         at = ids.index(token_id)
         return torch.tensor([ids[:at] + [token_id] * count + ids[at + 1 :]])
 

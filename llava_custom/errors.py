@@ -11,3 +11,7 @@ class ModelLoadError(LlavaError):
 
 class PromptTooLong(LlavaError):
     """The prompt plus the visual tokens do not fit the model's context window."""
+
+
+class InvalidPrompt(LlavaError):
+    """The question contains text the prompt format reserves, such as a visual placeholder."""

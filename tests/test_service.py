@@ -258,3 +258,11 @@ def test_file_type_is_decided_by_decoding_not_by_name_or_content_type(client, me
 
     assert as_image.status_code == 200, as_image.text
     assert as_playlist.status_code == 200, as_playlist.text
+
+
+@pytest.mark.parametrize("question", ["what is <image> here?", "and <video>?"])
+def test_placeholder_in_the_question_is_refused(client, media_dir, question):
+    response = upload(client, "/analyze_image", "image", media_dir / "photo.jpg", {"prompt": question})
+    assert_failed(response, 400, "may not contain")
+    response = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"prompt": question})
+    assert_failed(response, 400, "may not contain")
