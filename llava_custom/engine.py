@@ -1,63 +1,57 @@
-"""Turn frames or an image plus a question into the model's answer.
+"""Turn frames or an image plus a question into a stream of the model's answer.
 
 Builds the inputs as the original LLaVA-Video code does (prompting.py), expands the visual
-placeholder to the number of tokens the model will put there, and generates. One generation runs
-at a time: a GPU serves one request faster than two interleaved ones and memory stays bounded.
+placeholder to the number of tokens the model will put there, and hands the request to the
+scheduler (scheduler.py), which batches it with every other request in flight and streams its
+tokens back (streaming.py). Preparing inputs (tokenising, pixel normalisation) runs on the
+caller's thread, so only model work happens on the scheduler's.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    SuppressTokensLogitsProcessor,
-)
 
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
-from llava_custom.errors import InvalidPrompt, PromptTooLong
+from llava_custom.errors import InvalidPrompt
+from llava_custom.sampling import GenerationSettings, TokenChooser
+from llava_custom.scheduler import EngineLimits, PreparedRequest, Scheduler
+from llava_custom.streaming import Answer, Delta, TokenStream
 
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to decode: ``temperature`` 0 means greedy, as in the original example."""
-
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    prompt_tokens: int
-    visual_tokens: int
-    token_ids: tuple[int, ...]  # the generated ids, end-of-turn included when generated
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
+__all__ = ["Answer", "Delta", "Engine", "EngineLimits", "GenerationSettings", "PreparedRequest", "TokenStream"]
 
 
 class Engine:
-    """Owns a loaded model; thread-safe, one generation at a time."""
+    """Owns a loaded model and its scheduler; every method may be called from any thread."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
-        self._lock = threading.Lock()
-        self._stop_ids = self._end_of_turn_ids()
-        self._never_generate = SuppressTokensLogitsProcessor(self._unused_token_ids(), device=loaded.device)
+        chooser = TokenChooser(self._unused_token_ids(), loaded.repetition_penalty, loaded.device)
+        self.scheduler = Scheduler(
+            self.model, self.tokenizer, loaded.device, chooser, self._end_of_turn_ids(), limits or EngineLimits()
+        )
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still in flight fail with EngineClosed."""
+        self.scheduler.close()
+
+    def check_capacity(self, max_frames: int, max_new_tokens: int) -> None:
+        """Refuse limits under which the largest allowed video request could never run."""
+        visual = self.model.video_layout.num_video_tokens(max_frames)
+        budget = self.scheduler.limits.kv_cache_tokens
+        if visual + max_new_tokens > budget:
+            raise ValueError(
+                f"LLAVA_KV_CACHE_TOKENS={budget} cannot hold a request of LLAVA_MAX_FRAMES={max_frames} frames "
+                f"({visual} visual tokens) and LLAVA_MAX_NEW_TOKENS_LIMIT={max_new_tokens} new tokens: "
+                "raise the budget or lower those limits"
+            )
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -67,7 +61,7 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
+        return self.scheduler.context_length
 
     def answer_video(
         self,
@@ -77,7 +71,41 @@ class Engine:
         question: str | None,
         settings: GenerationSettings,
     ) -> Answer:
-        """Answer about (N, H, W, 3) uint8 RGB frames sampled at ``frame_times`` seconds."""
+        """:meth:`submit_video`, waiting for the whole answer."""
+        return self.submit_video(frames, duration, frame_times, question, settings).result()
+
+    def answer_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> Answer:
+        """:meth:`submit_image`, waiting for the whole answer."""
+        return self.submit_image(image, question, settings).result()
+
+    def submit_video(
+        self,
+        frames: np.ndarray,
+        duration: float,
+        frame_times: Sequence[float],
+        question: str | None,
+        settings: GenerationSettings,
+    ) -> TokenStream:
+        """Queue a question about (N, H, W, 3) uint8 RGB frames sampled at ``frame_times`` seconds."""
+        return self.submit(self.prepare_video(frames, duration, frame_times, question, settings))
+
+    def submit_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> TokenStream:
+        """Queue a question about one RGB image, tiled as the checkpoint's anyres setting says."""
+        return self.submit(self.prepare_image(image, question, settings))
+
+    def submit(self, prepared: PreparedRequest) -> TokenStream:
+        """Queue prepared inputs; raises PromptTooLong or EngineBusy at once instead of queueing."""
+        return self.scheduler.submit(prepared)
+
+    def prepare_video(
+        self,
+        frames: np.ndarray,
+        duration: float,
+        frame_times: Sequence[float],
+        question: str | None,
+        settings: GenerationSettings,
+    ) -> PreparedRequest:
+        """The model's inputs for a question about a video: prompt ids and normalised pixels."""
         prompt = prompting.video_prompt(question, duration, frame_times)
         height, width = frames.shape[1:3]
         pixels = self.processor.video_processor(
@@ -88,22 +116,20 @@ class Engine:
         )["pixel_values_videos"]
         visual_tokens = self.model.video_layout.num_video_tokens(len(frames))
         input_ids = self._expand_placeholder(prompt, self.model.config.video_token_index, visual_tokens)
-        return self._generate(input_ids, visual_tokens, settings, pixel_values_videos=pixels)
+        return PreparedRequest("video", input_ids, visual_tokens, {"pixel_values_videos": pixels}, settings)
 
-    def answer_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> Answer:
-        """Answer about one RGB image, tiled as the checkpoint's anyres setting says."""
+    def prepare_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> PreparedRequest:
+        """The model's inputs for a question about an image: prompt ids and its tiles' pixels."""
         pixels = self.processor.image_processor(images=image, return_tensors="pt")
         visual_tokens = self.model.image_layout.num_image_tokens(image.height, image.width)
         prompt = prompting.image_prompt(question)
         input_ids = self._expand_placeholder(prompt, self.model.config.image_token_index, visual_tokens)
-        return self._generate(
-            input_ids,
-            visual_tokens,
-            settings,
-            pixel_values=pixels["pixel_values"],
-            image_sizes=pixels["image_sizes"],
-            batch_num_images=pixels.get("batch_num_images"),
-        )
+        pixel_inputs = {
+            "pixel_values": pixels["pixel_values"],
+            "image_sizes": pixels["image_sizes"],
+            "batch_num_images": pixels.get("batch_num_images"),
+        }
+        return PreparedRequest("image", input_ids, visual_tokens, pixel_inputs, settings)
 
     def _expand_placeholder(self, prompt: str, token_id: int, count: int) -> torch.Tensor:
         """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times."""
@@ -117,61 +143,6 @@ class Engine:
             )
         at = ids.index(token_id)
         return torch.tensor([ids[:at] + [token_id] * count + ids[at + 1 :]])
-
-    def _check_length(self, prompt_tokens: int, settings: GenerationSettings) -> None:
-        if prompt_tokens + settings.max_new_tokens > self.context_length:
-            raise PromptTooLong(
-                f"the prompt takes {prompt_tokens} tokens and {settings.max_new_tokens} new tokens were asked for, "
-                f"more than the model's context of {self.context_length}: use fewer frames, a smaller image "
-                "or a lower max_new_tokens"
-            )
-
-    def _generate(
-        self, input_ids: torch.Tensor, visual_tokens: int, settings: GenerationSettings, **pixel_inputs
-    ) -> Answer:
-        self._check_length(input_ids.shape[1], settings)
-        device = self.loaded.device
-        inputs = {
-            name: value.to(device, self.loaded.vision_dtype) if name.startswith("pixel_values") else value.to(device)
-            for name, value in pixel_inputs.items()
-            if value is not None
-        }
-        prompt_length = input_ids.shape[1]
-        with self._lock, torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=torch.ones_like(input_ids, device=device),
-                generation_config=self._generation_config(settings),
-                logits_processor=self._logits_processors(prompt_length),
-                **inputs,
-            )
-        new_tokens = output[0, prompt_length:]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        token_ids = tuple(new_tokens.tolist())
-        return Answer(text, int(input_ids.shape[1]), visual_tokens, token_ids)
-
-    def _generation_config(self, settings: GenerationSettings) -> GenerationConfig:
-        """Decoding settings of this request only: the checkpoint's sampling defaults (LLaVA-Video
-        ships do_sample=true, temperature 0.7) do not apply; the original example decodes greedily."""
-        sampling = settings.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=sampling,
-            temperature=settings.temperature if sampling else None,
-            top_p=settings.top_p if sampling else None,
-            top_k=None,
-            eos_token_id=self._stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-
-    def _logits_processors(self, prompt_length: int) -> LogitsProcessorList:
-        processors = LogitsProcessorList([self._never_generate])
-        penalty = self.loaded.repetition_penalty
-        if penalty != 1.0:
-            # The original generates from inputs_embeds, so the checkpoint's repetition_penalty
-            # (1.05 for LLaVA-Video) only ever sees generated tokens, never the prompt.
-            processors.append(RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=prompt_length))
-        return processors
 
     def _unused_token_ids(self) -> list[int]:
         """Ids the original can never produce: the visual placeholders we add to the tokenizer and the

@@ -15,3 +15,19 @@ class PromptTooLong(LlavaError):
 
 class InvalidPrompt(LlavaError):
     """The question contains text the prompt format reserves, such as a visual placeholder."""
+
+
+class EngineBusy(LlavaError):
+    """Too many requests already wait for the model; the caller should retry later."""
+
+
+class RequestTimeout(LlavaError):
+    """The request was not answered within the engine's time limit."""
+
+
+class RequestCancelled(LlavaError):
+    """The request was cancelled (its client went away) before it finished."""
+
+
+class EngineClosed(LlavaError):
+    """The engine was shut down before the request finished."""

@@ -7,10 +7,13 @@ next to it. Here the same checkpoints are rewritten (their fingerprint must matc
 one) and run through media.read_video / read_image and Engine, in float32 on CPU: prompt text,
 token counts, first-step logits (1e-4) and greedy ids (up to the first step whose reference
 top-1/top-2 gap is below 1e-3, where rounding may legitimately pick the other token) must agree.
+They must also agree when every case of a checkpoint is in flight at once, twice, sharing the
+engine's batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -25,7 +28,7 @@ from conftest import free_port, running_service, service_env
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
-from llava_custom.engine import Answer, Engine, GenerationSettings
+from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, PreparedRequest
 from llava_custom.modeling import ImageLayout
 from llava_custom.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
 from media import read_image, read_video
@@ -80,35 +83,80 @@ def our_runs(golden_checkpoints: dict[str, Path]) -> dict[str, OurRun]:
     for variant, checkpoint in golden_checkpoints.items():
         engine = Engine(load_pretrained_model(str(checkpoint), load_4bit=False, device="cpu"))
         assert engine.loaded.dtype == torch.float32
-        for case in GOLDEN["cases"]:
-            if case["variant"] == variant:
-                runs[case["name"]] = run_case(engine, case)
+        try:
+            for case in GOLDEN["cases"]:
+                if case["variant"] == variant:
+                    runs[case["name"]] = run_case(engine, case)
+        finally:
+            engine.close()
     return runs
 
 
-def run_case(engine: Engine, case: dict) -> OurRun:
-    settings = GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"])
-    path = GOLDEN_DIR / case["media"]
-    first_logits = []
+@contextlib.contextmanager
+def prefill_logits(engine: Engine) -> Iterator[list[torch.Tensor]]:
+    """The first-step logits of every prefill, in the order the engine runs them.
 
-    def capture(_module, _inputs, output):
-        if not first_logits:
-            first_logits.append(output.logits[0, -1].detach().clone())
+    The scheduler calls the model with ``inputs_embeds`` for a prompt's last chunk and with
+    ``input_ids`` for decode steps, so the hook can tell them apart.
+    """
+    logits: list[torch.Tensor] = []
 
-    handle = engine.model.register_forward_hook(capture)
+    def capture(_module, _args, kwargs, output):
+        if kwargs.get("inputs_embeds") is not None:
+            logits.append(output.logits[0, -1].detach().clone())
+
+    handle = engine.model.register_forward_hook(capture, with_kwargs=True)
     try:
-        if case["modality"] == "video":
-            video = read_video(path, case["num_frames"], frame_size=engine.frame_size)
-            timing = (video.info.video_duration, video.info.frame_times)
-            prompt = video_prompt(case["question"], *timing)
-            answer = engine.answer_video(video.frames, *timing, case["question"], settings)
-        else:
-            image = read_image(path, max_pixels=10**8)
-            prompt = image_prompt(case["question"])
-            answer = engine.answer_image(image, case["question"], settings)
+        yield logits
     finally:
         handle.remove()
-    return OurRun(prompt, answer, first_logits[0])
+
+
+def prepare_case(engine: Engine, case: dict) -> tuple[str, PreparedRequest]:
+    """The prompt our pipeline builds for ``case`` and the model inputs ready to submit."""
+    settings = GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"])
+    path = GOLDEN_DIR / case["media"]
+    if case["modality"] == "video":
+        video = read_video(path, case["num_frames"], frame_size=engine.frame_size)
+        timing = (video.info.video_duration, video.info.frame_times)
+        prompt = video_prompt(case["question"], *timing)
+        return prompt, engine.prepare_video(video.frames, *timing, case["question"], settings)
+    image = read_image(path, max_pixels=10**8)
+    return image_prompt(case["question"]), engine.prepare_image(image, case["question"], settings)
+
+
+def run_case(engine: Engine, case: dict) -> OurRun:
+    prompt, prepared = prepare_case(engine, case)
+    with prefill_logits(engine) as logits:
+        answer = engine.submit(prepared).result()
+    return OurRun(prompt, answer, logits[0])
+
+
+@pytest.fixture(scope="module")
+def batched_runs(golden_checkpoints: dict[str, Path]) -> dict[str, list[OurRun]]:
+    """Every case of each checkpoint submitted twice at once, all sharing one engine's batch.
+
+    Prompts are prefilled whole here (the runs alone prefill in the default chunks), so that every
+    request has joined the batch before the first one finishes.
+    """
+    runs: dict[str, list[OurRun]] = {}
+    for variant, checkpoint in golden_checkpoints.items():
+        cases = [case for case in GOLDEN["cases"] if case["variant"] == variant] * 2
+        loaded = load_pretrained_model(str(checkpoint), load_4bit=False, device="cpu")
+        limits = EngineLimits(max_batch_size=len(cases), kv_cache_tokens=65536, prefill_chunk_tokens=8192)
+        engine = Engine(loaded, limits)
+        try:
+            prepared = [prepare_case(engine, case) for case in cases]
+            with prefill_logits(engine) as logits:
+                streams = [engine.submit(inputs) for _, inputs in prepared]
+                answers = [stream.result() for stream in streams]
+            # Prefills run one at a time in submission order, and all were decoded together.
+            assert engine.scheduler.stats.largest_batch == len(cases)
+        finally:
+            engine.close()
+        for case, (prompt, _), answer, first in zip(cases, prepared, answers, logits, strict=True):
+            runs.setdefault(case["name"], []).append(OurRun(prompt, answer, first))
+    return runs
 
 
 def test_golden_data_covers_the_required_cases():
@@ -139,9 +187,23 @@ def test_the_two_images_take_different_anyres_branches(golden_checkpoints):
     assert branches["image-tall"][1:] == ((False, True), True)
 
 
+def runs_of(request: pytest.FixtureRequest, mode: str, name: str) -> list[OurRun]:
+    if mode == "alone":
+        return [request.getfixturevalue("our_runs")[name]]
+    return request.getfixturevalue("batched_runs")[name]
+
+
+MODES = pytest.mark.parametrize("mode", ["alone", "batched"])
+
+
+@MODES
 @pytest.mark.parametrize("name", list(GOLDEN_CASES))
-def test_prompt_and_token_counts(our_runs, name):
-    case, ours = GOLDEN_CASES[name], our_runs[name]
+def test_prompt_and_token_counts(request, mode, name):
+    for ours in runs_of(request, mode, name):
+        check_prompt_and_counts(GOLDEN_CASES[name], ours)
+
+
+def check_prompt_and_counts(case: dict, ours: OurRun) -> None:
     expected_prompt = case["prompt"]
     if case["modality"] == "video":  # the original marks a video with <image> too
         expected_prompt = expected_prompt.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
@@ -151,11 +213,16 @@ def test_prompt_and_token_counts(our_runs, name):
     assert ours.answer.prompt_tokens - ours.answer.visual_tokens == case["text_tokens"]
 
 
+@MODES
 @pytest.mark.parametrize("name", list(GOLDEN_CASES))
-def test_first_step_logits(our_runs, name):
+def test_first_step_logits(request, mode, name):
     """Top-5 of the original's first step, compared on its vocabulary (it trims the embedding to the tokenizer)."""
-    case = GOLDEN_CASES[name]
-    ours = our_runs[name].first_logits[: case["vocabulary"]].double()
+    for run in runs_of(request, mode, name):
+        check_first_step_logits(GOLDEN_CASES[name], run.first_logits)
+
+
+def check_first_step_logits(case: dict, first_logits: torch.Tensor) -> None:
+    ours = first_logits[: case["vocabulary"]].double()
     reference = case["first_step_top5"]
     expected = torch.tensor(reference["values"], dtype=torch.float64)
     torch.testing.assert_close(ours[reference["ids"]], expected, rtol=0, atol=LOGIT_TOLERANCE)
@@ -164,10 +231,14 @@ def test_first_step_logits(our_runs, name):
     assert lse == pytest.approx(case["first_step_logsumexp"], abs=LOGIT_TOLERANCE)
 
 
+@MODES
 @pytest.mark.parametrize("name", list(GOLDEN_CASES))
-def test_greedy_ids(our_runs, name):
+def test_greedy_ids(request, mode, name):
     expected = trusted_ids(GOLDEN_CASES[name])
-    assert list(our_runs[name].answer.token_ids[: len(expected)]) == expected
+    runs = runs_of(request, mode, name)
+    assert len(runs) == (1 if mode == "alone" else 2)
+    for run in runs:
+        assert list(run.answer.token_ids[: len(expected)]) == expected
 
 
 # --- one case over HTTP -------------------------------------------------------------------------

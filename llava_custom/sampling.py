@@ -1,0 +1,83 @@
+"""Choose the next token of every running request at once, each with its own settings.
+
+One call handles a whole batch of logits: ids the model may never produce are masked, the
+checkpoint's repetition penalty applies to each row's generated tokens only (as the original,
+which generates from ``inputs_embeds``, never sees prompt ids), greedy rows take the argmax and
+sampling rows draw with their own temperature, top-p and random generator, so a seeded request
+draws the same tokens whatever else is in the batch. The arithmetic is transformers' own
+(``SuppressTokensLogitsProcessor``, ``RepetitionPenaltyLogitsProcessor``,
+``TemperatureLogitsWarper``, ``TopPLogitsWarper``), applied per row.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode one request: ``temperature`` 0 means greedy, as in the original example."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None  # makes a sampled answer reproducible; ignored when greedy
+    stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn ids
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (load tests, as vLLM's)
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+def row_generator(settings: GenerationSettings, device: torch.device) -> torch.Generator | None:
+    """The random source of one sampling request: seeded as asked, or from the OS."""
+    if not settings.sampling:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(settings.seed if settings.seed is not None else secrets.randbits(63))
+    return generator
+
+
+class TokenChooser:
+    """Picks next tokens for a batch of rows (``logits`` is (rows, vocabulary))."""
+
+    def __init__(self, never_generate: Sequence[int], repetition_penalty: float, device: torch.device) -> None:
+        self.never_generate = torch.tensor(sorted(set(never_generate)), dtype=torch.long, device=device)
+        self.repetition_penalty = float(repetition_penalty)
+
+    def choose(
+        self,
+        logits: torch.Tensor,
+        generated: torch.Tensor,
+        settings: Sequence[GenerationSettings],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Next token per row; ``generated`` is a (rows, vocabulary) bool mask of ids each row produced."""
+        scores = logits.float()
+        scores.index_fill_(1, self.never_generate, -float("inf"))
+        if self.repetition_penalty != 1.0:
+            penalty = self.repetition_penalty
+            penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+            scores = torch.where(generated, penalised, scores)
+        tokens = scores.argmax(dim=-1)
+        for row, (setting, generator) in enumerate(zip(settings, generators, strict=True)):
+            if setting.sampling:
+                tokens[row] = _sample(scores[row], setting, generator)
+        return tokens
+
+
+def _sample(scores: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    scores = scores / settings.temperature
+    if settings.top_p < 1.0:
+        # TopPLogitsWarper: drop the least likely tokens whose total probability is <= 1 - top_p,
+        # always keeping the most likely one.
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - settings.top_p)
+        drop[-1] = False
+        scores = scores.masked_fill(drop.scatter(0, order, drop), -float("inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[0]

@@ -1,0 +1,451 @@
+"""The scheduler: one thread that owns the model and serves every request through it.
+
+Continuous batching over the model's own forward and transformers' ``DynamicCache``:
+
+- Requests wait in a FIFO queue. The head of the queue starts when the running batch has a free
+  row (``max_batch_size``) and the KV budget allows it (``kv_cache_tokens``, counted for the
+  padded batch, see :meth:`Scheduler._fits`); past ``max_waiting`` queued requests, a new one is
+  refused with :class:`EngineBusy` instead of queueing.
+- A request is prefilled on its own, exactly as ``generate()`` would: vision features scattered
+  into the prompt's embeddings, then the language model over the prompt in chunks of
+  ``prefill_chunk_tokens``. One unit of prefill work (the vision encoding, or one chunk) runs
+  between two decode steps, so a long video delays the running batch by one chunk at a time, not
+  by its whole prefill.
+- Its first token comes from the prefill's logits; then its cache joins the batch. The batch
+  cache holds every row right-aligned (left padding, as batched ``generate()`` uses): joining
+  pads the shorter side, leaving drops the row and the columns nobody needs any more. Each decode
+  step feeds every row its last token with its own position id and a padding mask, so a row's
+  answer is what it would be alone, up to float rounding.
+- A request that finishes (end-of-turn, a stop id, ``max_new_tokens``), is cancelled or passes its
+  deadline leaves the batch before the next step, and its cache rows are freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from llava_custom.errors import EngineBusy, EngineClosed, PromptTooLong, RequestCancelled, RequestTimeout
+from llava_custom.sampling import GenerationSettings, TokenChooser, row_generator
+from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Limits of the scheduler, all settings of the service (README, Configuration)."""
+
+    max_batch_size: int = 8  # sequences decoded together
+    max_waiting: int = 8  # requests queued beyond those; more are refused (EngineBusy)
+    kv_cache_tokens: int = 32768  # KV cache of the whole padded batch, in tokens
+    prefill_chunk_tokens: int = 2048  # prompt tokens prefilled between two decode steps
+    request_timeout: float = 600.0  # seconds from submission to the last token
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "kv_cache_tokens", "prefill_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_waiting < 0 or self.request_timeout <= 0:
+            raise ValueError("max_waiting must be >= 0 and request_timeout > 0")
+
+
+@dataclass
+class PreparedRequest:
+    """A prompt ready for the model: ids with the visual placeholder expanded, and its pixels."""
+
+    modality: Literal["video", "image"]
+    input_ids: torch.Tensor  # (1, prompt_tokens)
+    visual_tokens: int
+    pixel_inputs: dict[str, torch.Tensor]
+    settings: GenerationSettings
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def final_length(self) -> int:
+        """Tokens its KV cache holds at most: the prompt and every new token."""
+        return self.prompt_tokens + self.settings.max_new_tokens
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for tests, benchmarks and logs."""
+
+    decode_steps: int = 0
+    prefill_chunks: int = 0
+    largest_batch: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+    failed: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request inside the scheduler."""
+
+    prepared: PreparedRequest
+    stream: TokenStream
+    deadline: float
+    stop_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    length: int = 0  # tokens in its KV cache
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.prepared.settings
+
+    def accept(self, token: int) -> bool:
+        """Record a generated token and stream it; True when the request is finished."""
+        self.token_ids.append(token)
+        text = self.detokenizer.add(token)
+        reason: FinishReason | None = None
+        if token in self.stop_ids:
+            reason = "stop"
+        elif len(self.token_ids) >= self.settings.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            self.stream.push(Delta(text, (token,)))
+            return False
+        text += self.detokenizer.finish()
+        answer = Answer(
+            self.detokenizer.text,
+            self.prepared.prompt_tokens,
+            self.prepared.visual_tokens,
+            tuple(self.token_ids),
+            reason,
+        )
+        self.stream.finish(Delta(text, (token,), reason, answer))
+        return True
+
+
+@dataclass(eq=False)
+class _Prefill:
+    request: _Request
+    steps: Generator[None, None, tuple[DynamicCache, torch.Tensor]]
+
+
+class _Batch:
+    """The running rows: their requests, one padded KV cache, their last tokens and what each generated."""
+
+    def __init__(self) -> None:
+        self.requests: list[_Request] = []
+        self.cache: DynamicCache | None = None
+        self.next_tokens: torch.Tensor | None = None  # (rows,) fed at the next step
+        self.generated: torch.Tensor | None = None  # (rows, vocabulary) bool
+
+    @property
+    def width(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def add(self, request: _Request, cache: DynamicCache, token: torch.Tensor, generated: torch.Tensor) -> None:
+        """Join a prefilled request; both caches are left-padded to the longer one."""
+        if self.cache is None:
+            self.requests, self.cache, self.next_tokens, self.generated = [request], cache, token, generated
+            return
+        width = max(self.width, cache.get_seq_length())
+        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
+            layer.keys = torch.cat((_left_pad(layer.keys, width), _left_pad(new.keys, width)))
+            layer.values = torch.cat((_left_pad(layer.values, width), _left_pad(new.values, width)))
+        self.requests.append(request)
+        self.next_tokens = torch.cat((self.next_tokens, token))
+        self.generated = torch.cat((self.generated, generated))
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``; drop the leading columns that are padding for every remaining row."""
+        if not rows:
+            self.requests, self.cache, self.next_tokens, self.generated = [], None, None, None
+            return
+        index = torch.tensor(rows, device=self.next_tokens.device)
+        self.requests = [self.requests[i] for i in rows]
+        drop = self.width - max(request.length for request in self.requests)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, drop:]
+            layer.values = layer.values[index, :, drop:]
+        self.next_tokens = self.next_tokens[index]
+        self.generated = self.generated[index]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, heads, length, dim) -> (batch, heads, width, dim), zeros in front."""
+    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
+class Scheduler:
+    """Owns the model: queue, prefill, batched decode steps, one :class:`TokenStream` per request."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        chooser: TokenChooser,
+        stop_ids: list[int],
+        limits: EngineLimits,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.chooser = chooser
+        self.stop_ids = frozenset(stop_ids)
+        self.limits = limits
+        self.stats = SchedulerStats()
+        self.context_length = model.config.text_config.max_position_embeddings
+        self._check_cache_layout()
+        self._condition = threading.Condition()
+        self._waiting: deque[_Request] = deque()  # guarded by _condition
+        self._closing = False
+        self._prefill: _Prefill | None = None  # the rest is touched by the scheduler thread only
+        self._batch = _Batch()
+        self._thread = threading.Thread(target=self._run, name="llava-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- any thread -----------------------------------------------------------------------------
+
+    def submit(self, prepared: PreparedRequest) -> TokenStream:
+        """Queue a request; raises PromptTooLong or EngineBusy at once instead of queueing."""
+        settings = prepared.settings
+        if prepared.final_length > self.context_length:
+            raise PromptTooLong(
+                f"the prompt takes {prepared.prompt_tokens} tokens and {settings.max_new_tokens} new tokens were "
+                f"asked for, more than the model's context of {self.context_length}: use fewer frames, a smaller "
+                "image or a lower max_new_tokens"
+            )
+        if prepared.final_length > self.limits.kv_cache_tokens:
+            raise PromptTooLong(
+                f"the prompt takes {prepared.prompt_tokens} tokens and {settings.max_new_tokens} new tokens were "
+                f"asked for, more than the KV cache budget of {self.limits.kv_cache_tokens} tokens "
+                "(LLAVA_KV_CACHE_TOKENS): use fewer frames, a smaller image or a lower max_new_tokens"
+            )
+        request = _Request(
+            prepared,
+            TokenStream(),
+            deadline=time.monotonic() + self.limits.request_timeout,
+            stop_ids=frozenset(settings.stop_token_ids) | (frozenset() if settings.ignore_eos else self.stop_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            generator=row_generator(settings, self.device),
+        )
+        with self._condition:
+            if self._closing:
+                raise EngineClosed("the engine is shutting down")
+            if len(self._waiting) >= self.limits.max_waiting + self._free_rows():
+                raise EngineBusy(
+                    f"the service is busy ({len(self._waiting)} requests wait for the model); retry in a few seconds"
+                )
+            self._waiting.append(request)
+            self._condition.notify()
+        return request.stream
+
+    def close(self) -> None:
+        """Stop the scheduler thread; unfinished requests fail with EngineClosed."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        self._thread.join()
+
+    @property
+    def running(self) -> int:
+        """Requests being prefilled or decoded."""
+        return len(self._batch.requests) + (self._prefill is not None)
+
+    def _free_rows(self) -> int:
+        # Requests that will start at once do not count as waiting.
+        return max(0, self.limits.max_batch_size - self.running)
+
+    # --- the scheduler thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._next_round():
+                try:
+                    if self._prefill is not None:
+                        self._advance_prefill()
+                    if self._batch.requests:
+                        self._decode_step()
+                except Exception as error:  # a fault of the model or the device: fail who was affected
+                    logger.exception("decode step failed; failing the %d running requests", len(self._batch.requests))
+                    self._fail_batch(error)
+        closed = EngineClosed("the engine was shut down")
+        self._fail_batch(closed)
+        with self._condition:
+            ended = list(self._waiting) + ([self._prefill.request] if self._prefill else [])
+            self._waiting.clear()
+            self._prefill = None
+        for request in ended:
+            request.stream.fail(closed)
+
+    def _next_round(self) -> bool:
+        """Wait for work, drop requests nobody waits for, start the next prefill. False when closing."""
+        with self._condition:
+            while not (self._closing or self._waiting or self._prefill or self._batch.requests):
+                self._condition.wait()
+            if self._closing:
+                return False
+            for request in list(self._waiting):
+                if self._ended_early(request):
+                    self._waiting.remove(request)
+            if self._prefill is None and self._waiting and self._fits(self._waiting[0]):
+                request = self._waiting.popleft()
+                self._prefill = _Prefill(request, self._prefill_steps(request.prepared))
+        return True
+
+    def _fits(self, request: _Request) -> bool:
+        """Whether the batch can take ``request`` now. The padded cache of n rows can grow to
+        n x the longest final length among them, so that product must stay within the budget."""
+        rows = self._batch.requests
+        if len(rows) >= self.limits.max_batch_size:
+            return False
+        longest = max([r.prepared.final_length for r in rows] + [request.prepared.final_length])
+        return (len(rows) + 1) * longest <= self.limits.kv_cache_tokens
+
+    def _ended_early(self, request: _Request) -> bool:
+        """End a request that was cancelled or ran out of time; True if it ended."""
+        if request.stream.cancelled:
+            request.stream.fail(RequestCancelled("the request was cancelled"))
+            self.stats.cancelled += 1
+            return True
+        if time.monotonic() > request.deadline:
+            request.stream.fail(
+                RequestTimeout(
+                    f"the answer took longer than the {self.limits.request_timeout:g} s time limit "
+                    "(LLAVA_REQUEST_TIMEOUT); the service is overloaded or the answer too long, retry later"
+                )
+            )
+            self.stats.timed_out += 1
+            return True
+        return False
+
+    def _advance_prefill(self) -> None:
+        prefill = self._prefill
+        assert prefill is not None
+        if self._ended_early(prefill.request):
+            self._prefill = None
+            return
+        try:
+            next(prefill.steps)
+            self.stats.prefill_chunks += 1
+            return
+        except StopIteration as done:
+            cache, logits = done.value
+        except Exception as error:
+            logger.exception("prefill failed")
+            self._prefill = None
+            self.stats.failed += 1
+            prefill.request.stream.fail(error)
+            return
+        self._prefill = None
+        request = prefill.request
+        request.length = request.prepared.prompt_tokens
+        generated = torch.zeros_like(logits, dtype=torch.bool)
+        token = self.chooser.choose(logits, generated, [request.settings], [request.generator])
+        if request.accept(int(token[0])):
+            self.stats.completed += 1
+            return
+        generated[0, token[0]] = True
+        self._batch.add(request, cache, token, generated)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._batch.requests))
+
+    def _prefill_steps(self, prepared: PreparedRequest) -> Generator[None, None, tuple[DynamicCache, torch.Tensor]]:
+        """Prefill one request, yielding between units of work; returns its cache and last logits."""
+        embeds = self._embed(prepared)
+        yield
+        cache = DynamicCache(config=self.model.config)
+        total, chunk = embeds.shape[1], self.limits.prefill_chunk_tokens
+        start = 0
+        while total - start > chunk:
+            positions = torch.arange(start, start + chunk, device=self.device)[None]
+            # The language model alone: no logits are needed before the last chunk.
+            self.model.model.language_model(
+                inputs_embeds=embeds[:, start : start + chunk], position_ids=positions, cache=cache, use_cache=True
+            )
+            start += chunk
+            yield
+        positions = torch.arange(start, total, device=self.device)[None]
+        output = self.model(
+            inputs_embeds=embeds[:, start:], position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        return cache, output.logits[:, -1]
+
+    def _embed(self, prepared: PreparedRequest) -> torch.Tensor:
+        """The prompt's embeddings with the visual features in the placeholders' places, as
+        LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
+        inner = self.model.model
+        input_ids = prepared.input_ids.to(self.device)
+        embeds = inner.get_input_embeddings()(input_ids)
+        vision_dtype = inner.vision_tower.dtype
+        pixels = {
+            name: value.to(self.device, vision_dtype) if name.startswith("pixel_values") else value.to(self.device)
+            for name, value in prepared.pixel_inputs.items()
+            if value is not None
+        }
+        if prepared.modality == "video":
+            features = inner.get_video_features(**pixels, return_dict=True).pooler_output.flatten(0, 1)
+            _, mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
+        else:
+            features = torch.cat(inner.get_image_features(**pixels, return_dict=True).pooler_output, dim=0)
+            mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+
+    def _decode_step(self) -> None:
+        """One token for every running row."""
+        batch = self._batch
+        survivors = [i for i, request in enumerate(batch.requests) if not self._ended_early(request)]
+        if len(survivors) < len(batch.requests):
+            batch.keep(survivors)
+            if not batch.requests:
+                return
+        width = batch.width
+        lengths = torch.tensor([request.length for request in batch.requests], device=self.device)
+        # Row i's cache is right-aligned: its real tokens are the last lengths[i] columns, plus the new one.
+        mask = torch.arange(width + 1, device=self.device)[None, :] >= (width - lengths)[:, None]
+        output = self.model(
+            input_ids=batch.next_tokens[:, None],
+            attention_mask=mask,
+            position_ids=lengths[:, None],
+            cache=batch.cache,
+            use_cache=True,
+        )
+        tokens = self.chooser.choose(
+            output.logits[:, -1],
+            batch.generated,
+            [request.settings for request in batch.requests],
+            [request.generator for request in batch.requests],
+        )
+        self.stats.decode_steps += 1
+        batch.generated[torch.arange(len(tokens), device=self.device), tokens] = True
+        batch.next_tokens = tokens
+        keep = []
+        for row, (request, token) in enumerate(zip(batch.requests, tokens.tolist(), strict=True)):
+            request.length += 1
+            if request.accept(token):
+                self.stats.completed += 1
+            else:
+                keep.append(row)
+        if len(keep) < len(batch.requests):
+            batch.keep(keep)
+
+    def _fail_batch(self, error: BaseException) -> None:
+        for request in self._batch.requests:
+            request.stream.fail(error)
+        self.stats.failed += len(self._batch.requests)
+        self._batch = _Batch()
+
+    def _check_cache_layout(self) -> None:
+        """The batch cache pads and slices plain full-attention layers; refuse anything else."""
+        cache = DynamicCache(config=self.model.config)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise ValueError("the scheduler supports full-attention language models only (no sliding window)")

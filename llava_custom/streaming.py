@@ -1,0 +1,231 @@
+"""What a request gets back from the engine: a stream of text pieces, then the whole answer.
+
+The scheduler thread pushes items into a :class:`TokenStream`; the request's side reads them
+with a plain ``for`` loop (a thread), ``async for`` (an event loop), or waits for the whole
+:class:`Answer` with :meth:`TokenStream.result` / :meth:`TokenStream.result_async` (which wake only
+once, at the end, not once per token). :class:`IncrementalDetokenizer` turns ids into pieces that
+join to exactly the answer text, however characters are split across byte-level tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+# Byte-level BPE decodes an incomplete UTF-8 sequence to this replacement character.
+_INCOMPLETE = "\ufffd"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A finished generation."""
+
+    text: str
+    prompt_tokens: int
+    visual_tokens: int
+    token_ids: tuple[int, ...]  # the generated ids, end-of-turn included when generated
+    finish_reason: FinishReason = "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One decode step of one request: its new text (may be empty while a character is incomplete)
+    and the id it generated. The last delta carries the finish reason and the whole answer."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    answer: Answer | None = None
+
+
+class _End:
+    """Marks the end of a stream; ``error`` is raised to the reader instead of ending quietly."""
+
+    def __init__(self, answer: Answer | None = None, error: BaseException | None = None) -> None:
+        self.answer = answer
+        self.error = error
+
+
+class TokenStream:
+    """Thread-safe stream of :class:`Delta` for one request; readable from threads and event loops."""
+
+    def __init__(self) -> None:
+        self._items: deque[Delta] = deque()
+        self._end: _End | None = None
+        self._condition = threading.Condition()
+        self._item_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._end_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._cancelled = threading.Event()
+
+    # --- the scheduler's side ---------------------------------------------------------------
+
+    def push(self, delta: Delta) -> None:
+        self._put(delta, None)
+
+    def finish(self, last: Delta) -> None:
+        """Push the last delta (which carries the answer) and end the stream."""
+        self._put(last, _End(answer=last.answer))
+
+    def fail(self, error: BaseException) -> None:
+        self._put(None, _End(error=error))
+
+    def _put(self, delta: Delta | None, end: _End | None) -> None:
+        with self._condition:
+            if self._end is not None:
+                return
+            if delta is not None:
+                self._items.append(delta)
+            if end is not None:
+                self._end = end
+            self._condition.notify_all()
+            waiters, self._item_waiters = self._item_waiters, []
+            if end is not None:
+                waiters += self._end_waiters
+                self._end_waiters = []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_wake, future)
+
+    # --- the request's side -----------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._end is not None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (a no-op once it has finished)."""
+        if self._end is None:
+            self._cancelled.set()
+
+    def __iter__(self) -> Iterator[Delta]:
+        while True:
+            with self._condition:
+                while not self._items and self._end is None:
+                    self._condition.wait()
+                item = self._next_item()
+            if item is None:
+                return
+            yield item
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._condition:
+                ready = bool(self._items) or self._end is not None
+                if ready:
+                    item = self._next_item()
+                else:
+                    future = loop.create_future()
+                    self._item_waiters.append((loop, future))
+            if not ready:
+                await future
+                continue
+            if item is None:
+                return
+            yield item
+
+    def result(self) -> Answer:
+        """Wait for the end and return the whole answer (raises what the generation raised)."""
+        with self._condition:
+            while self._end is None:
+                self._condition.wait()
+        return self._final()
+
+    async def result_async(self) -> Answer:
+        """:meth:`result` for event loops; the loop is woken once, at the end."""
+        loop = asyncio.get_running_loop()
+        with self._condition:
+            if self._end is None:
+                future = loop.create_future()
+                self._end_waiters.append((loop, future))
+            else:
+                future = None
+        if future is not None:
+            await future
+        return self._final()
+
+    def _next_item(self) -> Delta | None:
+        """The next delta, or None at the end (raising the generation's error). Caller holds the lock."""
+        if self._items:
+            return self._items.popleft()
+        self._final()
+        return None
+
+    def _final(self) -> Answer:
+        assert self._end is not None
+        if self._end.error is not None:
+            raise self._end.error
+        assert self._end.answer is not None
+        return self._end.answer
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():  # the reader may have been cancelled meanwhile
+        future.set_result(None)
+
+
+class IncrementalDetokenizer:
+    """Text pieces whose concatenation is ``tokenizer.decode(ids, skip_special_tokens=True).strip()``.
+
+    Decodes a short window of recent ids (as vLLM's ``detokenize_incrementally``) and holds a piece
+    back while it ends in an incomplete UTF-8 character; leading whitespace is dropped and trailing
+    whitespace held until something follows it, because the final answer is stripped (as the
+    original LLaVA code strips it).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix_offset = 0  # window start: text before it is final
+        self._read_offset = 0  # ids up to here have been turned into text
+        self._held = ""  # trailing whitespace not yet emitted
+        self.text = ""  # everything emitted so far
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; return the new visible text (often '')."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self.ids[self._prefix_offset :])
+        if len(after) <= len(before) or after.endswith(_INCOMPLETE):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        return self._emit(after[len(before) :])
+
+    def finish(self) -> str:
+        """The rest of the answer: held text and any final incomplete character. Afterwards
+        ``text`` is the answer as the original code decodes it, whatever was streamed."""
+        final = self._decode(self.ids).strip()
+        if not final.startswith(self.text):  # not seen with byte-level BPE (tested); fidelity first
+            logger.error("streamed text %r is not a prefix of the decoded answer %r", self.text, final)
+            self.text = final
+            return ""
+        rest = final[len(self.text) :]
+        self.text = final
+        return rest
+
+    def _emit(self, piece: str) -> str:
+        text = self._held + piece
+        if not self.text:
+            text = text.lstrip()
+        visible = text.rstrip()
+        self._held = text[len(visible) :]
+        self.text += visible
+        return visible
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
