@@ -17,9 +17,10 @@ the service's failure body when something is wrong:
   filename), so the guard sees the parts exactly as BentoML will. Malformed multipart bodies and
   form values that BentoML's ``json.loads`` fails on with more than a JSONDecodeError (bytes in
   no Unicode encoding, nesting too deep), which would be 500s, are answered 400 here.
-- 503 with Retry-After when the worker is busy: a request whose body has fully arrived waits for
-  the model until it is answered; when ``1 + max_pending`` requests do, one more is refused
-  instead of queueing behind them.
+- 503 with Retry-After when the worker is busy: a request whose body has fully arrived counts as
+  in flight until it is answered; when ``max_in_flight`` requests are (the running batch plus the
+  requests allowed to wait, LLAVA_MAX_BATCH_SIZE + LLAVA_MAX_PENDING_REQUESTS), one more is
+  refused instead of queueing behind them.
 
 The first MiB of a body is inspected before the app starts, so most refusals never reach it.
 After a later refusal the app is told that the client disconnected, and its response is dropped.
@@ -62,7 +63,7 @@ class GuardLimits:
 
     max_upload_bytes: int
     max_json_bytes: int
-    max_pending: int
+    max_in_flight: int
     file_fields: frozenset[str] = frozenset({"video", "image"})
 
     @classmethod
@@ -70,7 +71,7 @@ class GuardLimits:
         return cls(
             max_upload_bytes=settings.max_upload_bytes,
             max_json_bytes=settings.max_json_body_bytes,
-            max_pending=settings.max_pending_requests,
+            max_in_flight=settings.max_batch_size + settings.max_pending_requests,
         )
 
 
@@ -99,7 +100,7 @@ class RequestGuard:
         self.paths = paths or {"/analyze_video": "video", "/analyze_image": "image"}
         # Requests whose body has arrived and that are not answered yet. Only touched on the
         # event loop, so a plain counter is safe.
-        self.pending = 0
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -136,7 +137,7 @@ class _GuardedRequest:
             await self.guard.app(self.scope, self._receive, self._send)
         finally:
             if self.counted:
-                self.guard.pending -= 1
+                self.guard.in_flight -= 1
 
     async def _read_ahead(self) -> list[Message]:
         """The body's first messages, inspected before the app starts (up to READ_AHEAD_BYTES).
@@ -206,13 +207,13 @@ class _GuardedRequest:
         """Count the request as waiting for the model, or refuse it when too many already are."""
         if self.counted:
             return
-        if self.guard.pending > self.limits.max_pending:
+        if self.guard.in_flight >= self.limits.max_in_flight:
             raise Refusal(
                 503,
-                f"the service is busy ({self.guard.pending} requests in progress); retry in a few seconds",
+                f"the service is busy ({self.guard.in_flight} requests in progress); retry in a few seconds",
                 [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
             )
-        self.guard.pending += 1
+        self.guard.in_flight += 1
         self.counted = True
 
     async def _send(self, message: Message) -> None:

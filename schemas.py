@@ -17,6 +17,10 @@ class Metadata(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens (server limit applies)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, used when temperature > 0")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="makes a sampled answer (temperature > 0) reproducible")
+    ignore_eos: bool = Field(
+        False, description="generate exactly max_new_tokens, past the end of the answer (load tests)"
+    )
 
 
 class Usage(BaseModel):

@@ -7,26 +7,32 @@ package (files, URLs, frames) and to llava_custom (prompt, generation), and map 
 ``{"response": "", "status": "failed", "error": ...}`` with a fitting HTTP status. Before BentoML
 parses a request, request_guard.RequestGuard checks its size and form and whether the worker is
 busy; media decoding runs in a child process under a time limit (media.DecodeWorker).
+
+Endpoints are coroutines: blocking work (downloads, decoding, input preparation) runs in worker
+threads and the answer is awaited from the engine's stream, so every request in flight can be in
+the engine's batch at once, and a client that disconnects is noticed and its request cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import bentoml
+from anyio import to_thread
 from pydantic import ValidationError
 
 import media
 from llava_custom.builder import load_pretrained_model
-from llava_custom.engine import Answer, Engine, GenerationSettings
-from llava_custom.errors import InvalidPrompt, LlavaError, PromptTooLong
-from request_guard import RequestGuard
+from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, TokenStream
+from llava_custom.errors import EngineBusy, InvalidPrompt, LlavaError, PromptTooLong, RequestTimeout
+from request_guard import RETRY_AFTER_SECONDS, RequestGuard
 from schemas import Failure, ImageAnswer, Metadata, Usage, VideoAnswer
 from settings import Settings
 
@@ -48,7 +54,11 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (media.UndecodableMedia, 422),
     (media.UpstreamTimeout, 504),
     (media.UpstreamError, 502),
+    (EngineBusy, 503),
+    (RequestTimeout, 503),
 ]
+# How often a request waiting for its answer checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 def status_for(error: Exception) -> int:
@@ -64,7 +74,15 @@ class LLaVAVideoService:
         s = self.settings
         logger.info("loading %s (4-bit=%s, device=%s)", s.model, s.load_4bit, s.device)
         loaded = load_pretrained_model(s.model, load_4bit=s.load_4bit, device=s.device, dtype=s.dtype, attn=s.attn)
-        self.engine = Engine(loaded)
+        limits = EngineLimits(
+            max_batch_size=s.max_batch_size,
+            max_waiting=s.max_pending_requests,
+            kv_cache_tokens=s.kv_cache_tokens,
+            prefill_chunk_tokens=s.prefill_chunk_tokens,
+            request_timeout=s.request_timeout,
+        )
+        self.engine = Engine(loaded, limits)
+        self.engine.check_capacity(s.max_frames, s.max_new_tokens_limit)
         self.fetch_limits = media.FetchLimits(
             max_bytes=s.max_download_bytes,
             connect_timeout=s.connect_timeout,
@@ -80,9 +98,10 @@ class LLaVAVideoService:
     @bentoml.on_shutdown
     def close(self) -> None:
         self.decoder.close()
+        self.engine.close()
 
     @bentoml.api(route="/analyze_video")
-    def analyze_video(
+    async def analyze_video(
         self,
         ctx: bentoml.Context,
         video: Path = None,  # BentoML 1.4 needs this form for an optional upload (not Optional[Path])
@@ -90,10 +109,10 @@ class LLaVAVideoService:
         metadata: Any = None,
     ) -> dict[str, Any]:
         """Answer a question about a video: multipart ``video`` upload or JSON ``video_url``."""
-        return self._respond(ctx, "video", video, video_url, metadata, self._answer_video)
+        return await self._respond(ctx, "video", video, video_url, metadata, self._answer_video)
 
     @bentoml.api(route="/analyze_image")
-    def analyze_image(
+    async def analyze_image(
         self,
         ctx: bentoml.Context,
         image: Path = None,
@@ -101,25 +120,27 @@ class LLaVAVideoService:
         metadata: Any = None,
     ) -> dict[str, Any]:
         """Answer a question about an image: multipart ``image`` upload or JSON ``image_url``."""
-        return self._respond(ctx, "image", image, image_url, metadata, self._answer_image)
+        return await self._respond(ctx, "image", image, image_url, metadata, self._answer_image)
 
-    def _respond(
+    async def _respond(
         self,
         ctx: bentoml.Context,
         kind: str,
         upload: Path | None,
         url: str | None,
         metadata: Any,
-        answer: Callable[[Path, Metadata], VideoAnswer | ImageAnswer],
+        answer: Callable[[bentoml.Context, Path, Metadata], Awaitable[VideoAnswer | ImageAnswer]],
     ) -> dict[str, Any]:
         """Run one request; every failure becomes the documented error body and status."""
         try:
             meta = parse_metadata(metadata)
             with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
-                source = self._source_file(kind, upload, url, Path(workdir))
-                return answer(source, meta).model_dump()
+                source = await to_thread.run_sync(self._source_file, kind, upload, url, Path(workdir))
+                return (await answer(ctx, source, meta)).model_dump()
         except (RequestError, media.MediaError, LlavaError) as error:
             ctx.response.status_code = status_for(error)
+            if ctx.response.status_code == 503:
+                ctx.response.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
             return Failure(error=str(error)).model_dump()
         except Exception:  # a bug or a device failure: log it, tell the caller without internals
             logger.exception("%s request failed", kind)
@@ -157,32 +178,59 @@ class LLaVAVideoService:
         if max_new_tokens > s.max_new_tokens_limit:
             raise RequestError(f"max_new_tokens may be at most {s.max_new_tokens_limit}")
         return GenerationSettings(
-            max_new_tokens=max_new_tokens, temperature=meta.temperature or 0.0, top_p=meta.top_p or 1.0
+            max_new_tokens=max_new_tokens,
+            temperature=meta.temperature or 0.0,
+            top_p=meta.top_p or 1.0,
+            seed=meta.seed,
+            ignore_eos=meta.ignore_eos,
         )
 
-    def _answer_video(self, source: Path, meta: Metadata) -> VideoAnswer:
+    async def _answer_video(self, ctx: bentoml.Context, source: Path, meta: Metadata) -> VideoAnswer:
         num_frames = meta.num_frames or self.settings.num_frames
         if num_frames > self.settings.max_frames:
             raise RequestError(f"num_frames may be at most {self.settings.max_frames}")
         generation = self._generation(meta)
-        sampled = self.decoder.read_video(
-            source,
-            num_frames,
-            chunk_size=self.settings.decode_chunk_size,
-            frame_size=self.engine.frame_size,
-            max_pixels=self.settings.max_video_pixels,
+        sampled = await to_thread.run_sync(
+            lambda: self.decoder.read_video(
+                source,
+                num_frames,
+                chunk_size=self.settings.decode_chunk_size,
+                frame_size=self.engine.frame_size,
+                max_pixels=self.settings.max_video_pixels,
+            )
         )
         info = sampled.info
-        answer = self.engine.answer_video(
-            sampled.frames, info.video_duration, info.frame_times, meta.prompt, generation
+        stream = await to_thread.run_sync(
+            self.engine.submit_video, sampled.frames, info.video_duration, info.frame_times, meta.prompt, generation
         )
+        answer = await until_answered(ctx, stream)
         return VideoAnswer(response=answer.text, video_info=info, usage=usage(answer))
 
-    def _answer_image(self, source: Path, meta: Metadata) -> ImageAnswer:
+    async def _answer_image(self, ctx: bentoml.Context, source: Path, meta: Metadata) -> ImageAnswer:
         generation = self._generation(meta)
-        image = self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
-        answer = self.engine.answer_image(image, meta.prompt, generation)
+        image = await to_thread.run_sync(
+            lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
+        )
+        stream = await to_thread.run_sync(self.engine.submit_image, image, meta.prompt, generation)
+        answer = await until_answered(ctx, stream)
         return ImageAnswer(response=answer.text, usage=usage(answer))
+
+
+async def until_answered(ctx: bentoml.Context, stream: TokenStream) -> Answer:
+    """The stream's whole answer; if the client disconnects first, the request is cancelled."""
+
+    async def cancel_on_disconnect() -> None:
+        while not await ctx.request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        logger.info("client disconnected; cancelling its request")
+        stream.cancel()
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        return await stream.result_async()
+    finally:
+        watcher.cancel()
+        stream.cancel()  # a no-op once finished; frees the batch row if this task was cancelled
 
 
 class FailureBodyMiddleware:

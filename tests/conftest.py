@@ -37,6 +37,9 @@ from llava_custom.tiny import write_tiny_checkpoint  # noqa: E402
 
 # Short answers keep the suite fast; a test that needs the default asks explicitly.
 TEST_MAX_NEW_TOKENS = 6
+# Small enough that a test can fill the service: 4 generating together + 2 waiting.
+TEST_MAX_BATCH_SIZE = 4
+TEST_MAX_PENDING_REQUESTS = 2
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +82,8 @@ def service_env(checkpoint: Path) -> dict[str, str]:
         "LLAVA_DOWNLOAD_TIMEOUT": "10",
         # The tests' file servers listen on 127.0.0.1, which the service refuses by default.
         "LLAVA_URL_ALLOWLIST": "127.0.0.1",
-        # Small enough that a test can fill the queue: 1 answered + 2 waiting.
-        "LLAVA_MAX_PENDING_REQUESTS": "2",
+        "LLAVA_MAX_BATCH_SIZE": str(TEST_MAX_BATCH_SIZE),
+        "LLAVA_MAX_PENDING_REQUESTS": str(TEST_MAX_PENDING_REQUESTS),
         "LLAVA_DECODE_TIMEOUT": "30",
         # Small caps, so that tests can pass them cheaply (the test media are a few KB).
         "LLAVA_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import request_temp_dirs
+from conftest import TEST_MAX_BATCH_SIZE, TEST_MAX_PENDING_REQUESTS, request_temp_dirs
 from test_service import assert_failed, upload
 
 MiB = 1024 * 1024
@@ -208,21 +208,22 @@ def test_data_url_over_its_cap_and_malformed_data_urls(client) -> None:
 
 
 def test_busy_worker_answers_503_then_recovers(client, media_dir, recorder) -> None:
-    # Four requests wait on a download that the test holds open. One is being answered and two
-    # may wait (LLAVA_MAX_PENDING_REQUESTS=2): whichever arrives last must get 503 at once,
-    # while the gate is still closed, instead of queueing.
+    # Requests wait on a download that the test holds open. LLAVA_MAX_BATCH_SIZE (4) may be
+    # answered and LLAVA_MAX_PENDING_REQUESTS (2) may wait: one more must get 503 at once, while
+    # the gate is still closed, instead of queueing.
+    capacity = TEST_MAX_BATCH_SIZE + TEST_MAX_PENDING_REQUESTS
     responses: list = []
 
     def slow_request() -> None:
         responses.append(client.post("/analyze_video", json={"video_url": f"{recorder.url}/gate"}))
 
-    threads = [threading.Thread(target=slow_request) for _ in range(4)]
-    threads[0].start()
-    deadline = time.monotonic() + 10
-    while not recorder.hits and time.monotonic() < deadline:
-        time.sleep(0.01)  # the first one is downloading, the worker's only thread is busy
-    for thread in threads[1:]:
+    threads = [threading.Thread(target=slow_request) for _ in range(capacity + 1)]
+    for thread in threads[:capacity]:
         thread.start()
+    deadline = time.monotonic() + 10
+    while len(recorder.hits) < capacity and time.monotonic() < deadline:
+        time.sleep(0.01)  # all of them are downloading at once
+    threads[-1].start()
     try:
         while not responses and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -233,7 +234,7 @@ def test_busy_worker_answers_503_then_recovers(client, media_dir, recorder) -> N
         recorder.gate.set()
         for thread in threads:
             thread.join(timeout=30)
-    assert sorted(r.status_code for r in responses[1:]) == [502, 502, 502]  # the gate answers 404
+    assert [r.status_code for r in responses[1:]] == [502] * capacity  # the gate answers 404
     ok = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"num_frames": 2})
     assert ok.status_code == 200, ok.text
 
