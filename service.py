@@ -72,6 +72,9 @@ class LLaVAVideoService:
     def __init__(self) -> None:
         self.settings = Settings()
         s = self.settings
+        # BentoML's server logging shows WARNING and up from other loggers; ours say more.
+        for name in (logger.name, "llava_custom", "media"):
+            logging.getLogger(name).setLevel(s.log_level)
         logger.info("loading %s (4-bit=%s, device=%s)", s.model, s.load_4bit, s.device)
         loaded = load_pretrained_model(s.model, load_4bit=s.load_4bit, device=s.device, dtype=s.dtype, attn=s.attn)
         limits = EngineLimits(

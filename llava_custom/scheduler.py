@@ -317,8 +317,12 @@ class Scheduler:
         if request.stream.cancelled:
             request.stream.fail(RequestCancelled("the request was cancelled"))
             self.stats.cancelled += 1
+            logger.info("request cancelled after %d new tokens; its cache is freed", len(request.token_ids))
             return True
         if time.monotonic() > request.deadline:
+            logger.warning(
+                "request timed out after %g s with %d new tokens", self.limits.request_timeout, len(request.token_ids)
+            )
             request.stream.fail(
                 RequestTimeout(
                     f"the answer took longer than the {self.limits.request_timeout:g} s time limit "

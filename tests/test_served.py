@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -35,13 +37,25 @@ def readme_curl_commands() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the served instance keeps its checkpoint and its log (serve.log)."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def served(served_folder: Path) -> Iterator[str]:
     """`make demo PORT=...` in its own process group, using this interpreter's environment."""
     port = free_port()
-    folder = tmp_path_factory.mktemp("served")
+    folder = served_folder
     command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
     # make passes the environment through: the README's URL examples are served from 127.0.0.1.
-    env = os.environ | {"LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS), "LLAVA_URL_ALLOWLIST": "127.0.0.1"}
+    # The demo's own batch and queue sizes, whatever the in-process tests set in this environment.
+    env = os.environ | {
+        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
+        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
+        "LLAVA_MAX_BATCH_SIZE": "8",
+        "LLAVA_MAX_PENDING_REQUESTS": "8",
+    }
     with running_service(command, env, port, folder / "serve.log") as base:
         yield base
 
@@ -111,6 +125,46 @@ def test_url_in_a_file_field_is_refused_without_fetching(served):
     finally:
         recorder.shutdown()
         recorder.server_close()
+
+
+def post_upload(base: str, path: Path, metadata: dict, timeout: httpx.Timeout | float = 120) -> httpx.Response:
+    endpoint, field = ("analyze_image", "image") if path.suffix in (".jpg", ".png") else ("analyze_video", "video")
+    with path.open("rb") as file:
+        return httpx.post(
+            f"{base}/{endpoint}",
+            files={field: (path.name, file)},
+            data={"metadata": json.dumps(metadata)},
+            timeout=timeout,
+        )
+
+
+def test_concurrent_clients_get_the_answers_they_get_alone(served, media_dir):
+    """Eight clients at once share the batch of the served process; each gets its own answer."""
+    requests = [
+        (media_dir / name, {"prompt": f"Question {i}?", "max_new_tokens": 16 + i, **extra})
+        for i, (name, extra) in enumerate(
+            [("clip.mp4", {"num_frames": 2}), ("clip.webm", {"num_frames": 4}), ("photo.jpg", {}), ("wide.png", {})] * 2
+        )
+    ]
+    alone = [post_upload(served, path, metadata).json() for path, metadata in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = [response.json() for response in pool.map(lambda r: post_upload(served, *r), requests)]
+    assert all(body["status"] == "success" for body in alone)
+    assert together == alone
+
+
+def test_a_client_that_disconnects_has_its_request_cancelled(served, served_folder, media_dir):
+    metadata = {"num_frames": 2, "max_new_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        post_upload(served, media_dir / "clip.mp4", metadata, timeout=httpx.Timeout(30, read=1.5))
+    log = served_folder / "serve.log"
+    deadline = time.monotonic() + 15
+    while not (found := re.search(r"request cancelled after (\d+) new tokens", log.read_text())):
+        assert time.monotonic() < deadline, "the service did not cancel the abandoned request"
+        time.sleep(0.2)
+    assert 0 < int(found.group(1)) < 4000
+    answer = post_upload(served, media_dir / "clip.mp4", {"num_frames": 2})
+    assert answer.status_code == 200, answer.text
 
 
 # schemathesis: cases generated from the service's own OpenAPI schema, over real HTTP. (Its

@@ -7,6 +7,9 @@ real generation; nothing is mocked.
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -164,6 +167,8 @@ def test_bad_metadata(client, media_dir):
     assert_failed(upload(client, "/analyze_video", "video", clip, {"num_frames": 65}), 400, "at most 64")
     assert_failed(upload(client, "/analyze_video", "video", clip, {"promt": "typo"}), 400, "promt")
     assert_failed(upload(client, "/analyze_video", "video", clip, {"max_new_tokens": 10**6}), 400, "max_new_tokens")
+    assert_failed(upload(client, "/analyze_video", "video", clip, {"seed": -1}), 400, "seed")
+    assert_failed(upload(client, "/analyze_video", "video", clip, {"ignore_eos": "maybe"}), 400, "ignore_eos")
     response = client.post("/analyze_image", json={"image_url": "http://127.0.0.1/x.png", "metadata": [1]})
     assert_failed(response, 400, "metadata must be a JSON object")
 
@@ -240,6 +245,16 @@ def test_every_media_error_has_its_documented_status():
     assert status_for(RuntimeError("x")) == 500
 
 
+def test_engine_errors_have_their_documented_status():
+    from llava_custom import errors
+    from service import status_for
+
+    assert status_for(errors.InvalidPrompt("x")) == 400
+    assert status_for(errors.PromptTooLong("x")) == 413
+    assert status_for(errors.EngineBusy("x")) == 503
+    assert status_for(errors.RequestTimeout("x")) == 503
+
+
 def test_rotated_video_upload(client, tmp_path):
     from mediafiles import write_video
 
@@ -266,3 +281,53 @@ def test_placeholder_in_the_question_is_refused(client, media_dir, question):
     assert_failed(response, 400, "may not contain")
     response = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", {"prompt": question})
     assert_failed(response, 400, "may not contain")
+
+
+# --- many clients at once -----------------------------------------------------------------------
+
+
+def test_a_short_request_is_answered_while_a_long_one_generates(client, media_dir):
+    """The long request holds a row of the batch; the short one takes another and does not wait."""
+    long_metadata = {"num_frames": 2, "max_new_tokens": 3000, "ignore_eos": True}
+    results: dict = {}
+    long_request = threading.Thread(
+        target=lambda: results.update(
+            long=upload(client, "/analyze_video", "video", media_dir / "clip.mp4", long_metadata)
+        )
+    )
+    long_request.start()
+    time.sleep(0.5)  # it is generating by now
+    short = upload(client, "/analyze_image", "image", media_dir / "photo.jpg", {"max_new_tokens": 2})
+    assert short.status_code == 200, short.text
+    assert long_request.is_alive(), "the short request should not have waited for the long one"
+    long_request.join(timeout=120)
+    assert results["long"].status_code == 200
+    assert results["long"].json()["usage"]["completion_tokens"] == 3000
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone(client, media_dir):
+    requests = [
+        ("/analyze_video", "video", "clip.mp4", {"num_frames": 2, "max_new_tokens": 20, "prompt": "One?"}),
+        ("/analyze_video", "video", "clip.webm", {"num_frames": 8, "max_new_tokens": 20, "prompt": "Two?"}),
+        ("/analyze_image", "image", "photo.jpg", {"max_new_tokens": 20, "prompt": "Three?"}),
+        ("/analyze_image", "image", "wide.png", {"max_new_tokens": 12, "prompt": "Four?"}),
+    ]
+
+    def send(request):
+        endpoint, field, name, metadata = request
+        return upload(client, endpoint, field, media_dir / name, metadata)
+
+    alone = [send(request).json() for request in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = [response.json() for response in pool.map(send, requests)]
+    assert all(body["status"] == "success" for body in alone)
+    assert together == alone
+
+
+def test_seed_makes_a_sampled_answer_reproducible(client, media_dir):
+    photo = media_dir / "photo.jpg"
+    metadata = {"temperature": 1.0, "top_p": 0.95, "seed": 7, "max_new_tokens": 16, "ignore_eos": True}
+    first, again = (upload(client, "/analyze_image", "image", photo, metadata).json() for _ in range(2))
+    other = upload(client, "/analyze_image", "image", photo, {**metadata, "seed": 8}).json()
+    assert first["usage"]["completion_tokens"] == 16
+    assert first["response"] == again["response"] != other["response"]
