@@ -26,12 +26,20 @@ from typing import Any
 
 import bentoml
 from anyio import to_thread
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 import media
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, TokenStream
-from llava_custom.errors import EngineBusy, InvalidPrompt, LlavaError, PromptTooLong, RequestTimeout
+from llava_custom.errors import (
+    EngineBusy,
+    EngineClosed,
+    InvalidPrompt,
+    LlavaError,
+    PromptTooLong,
+    RequestCancelled,
+    RequestTimeout,
+)
 from request_guard import RETRY_AFTER_SECONDS, RequestGuard
 from schemas import Failure, ImageAnswer, Metadata, Usage, VideoAnswer
 from settings import Settings
@@ -56,6 +64,8 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (media.UpstreamError, 502),
     (EngineBusy, 503),
     (RequestTimeout, 503),
+    (EngineClosed, 503),
+    (RequestCancelled, 499),  # nginx's "client closed request": only the access log sees it
 ]
 # How often a request waiting for its answer checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
@@ -112,7 +122,7 @@ class LLaVAVideoService:
         metadata: Any = None,
     ) -> dict[str, Any]:
         """Answer a question about a video: multipart ``video`` upload or JSON ``video_url``."""
-        return await self._respond(ctx, "video", video, video_url, metadata, self._answer_video)
+        return await self._respond(ctx, "video", video, video_url, metadata, self._start_video)
 
     @bentoml.api(route="/analyze_image")
     async def analyze_image(
@@ -123,7 +133,7 @@ class LLaVAVideoService:
         metadata: Any = None,
     ) -> dict[str, Any]:
         """Answer a question about an image: multipart ``image`` upload or JSON ``image_url``."""
-        return await self._respond(ctx, "image", image, image_url, metadata, self._answer_image)
+        return await self._respond(ctx, "image", image, image_url, metadata, self._start_image)
 
     async def _respond(
         self,
@@ -132,14 +142,16 @@ class LLaVAVideoService:
         upload: Path | None,
         url: str | None,
         metadata: Any,
-        answer: Callable[[bentoml.Context, Path, Metadata], Awaitable[VideoAnswer | ImageAnswer]],
+        start: Callable[[Path, Metadata], Awaitable[tuple[TokenStream, Callable[[Answer], BaseModel]]]],
     ) -> dict[str, Any]:
         """Run one request; every failure becomes the documented error body and status."""
         try:
             meta = parse_metadata(metadata)
+            # The input file is gone once decoded, before the answer is generated.
             with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
                 source = await to_thread.run_sync(self._source_file, kind, upload, url, Path(workdir))
-                return (await answer(ctx, source, meta)).model_dump()
+                stream, shape = await start(source, meta)
+            return shape(await until_answered(ctx, stream)).model_dump()
         except (RequestError, media.MediaError, LlavaError) as error:
             ctx.response.status_code = status_for(error)
             if ctx.response.status_code == 503:
@@ -188,7 +200,8 @@ class LLaVAVideoService:
             ignore_eos=meta.ignore_eos,
         )
 
-    async def _answer_video(self, ctx: bentoml.Context, source: Path, meta: Metadata) -> VideoAnswer:
+    async def _start_video(self, source: Path, meta: Metadata) -> tuple[TokenStream, Callable[[Answer], VideoAnswer]]:
+        """Decode the video and queue the question; returns the stream and how to shape its answer."""
         num_frames = meta.num_frames or self.settings.num_frames
         if num_frames > self.settings.max_frames:
             raise RequestError(f"num_frames may be at most {self.settings.max_frames}")
@@ -206,17 +219,16 @@ class LLaVAVideoService:
         stream = await to_thread.run_sync(
             self.engine.submit_video, sampled.frames, info.video_duration, info.frame_times, meta.prompt, generation
         )
-        answer = await until_answered(ctx, stream)
-        return VideoAnswer(response=answer.text, video_info=info, usage=usage(answer))
+        return stream, lambda answer: VideoAnswer(response=answer.text, video_info=info, usage=usage(answer))
 
-    async def _answer_image(self, ctx: bentoml.Context, source: Path, meta: Metadata) -> ImageAnswer:
+    async def _start_image(self, source: Path, meta: Metadata) -> tuple[TokenStream, Callable[[Answer], ImageAnswer]]:
+        """Read the image and queue the question; returns the stream and how to shape its answer."""
         generation = self._generation(meta)
         image = await to_thread.run_sync(
             lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
         )
         stream = await to_thread.run_sync(self.engine.submit_image, image, meta.prompt, generation)
-        answer = await until_answered(ctx, stream)
-        return ImageAnswer(response=answer.text, usage=usage(answer))
+        return stream, lambda answer: ImageAnswer(response=answer.text, usage=usage(answer))
 
 
 async def until_answered(ctx: bentoml.Context, stream: TokenStream) -> Answer:

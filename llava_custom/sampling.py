@@ -58,8 +58,7 @@ class TokenChooser:
         generators: Sequence[torch.Generator | None],
     ) -> torch.Tensor:
         """Next token per row; ``generated`` is a (rows, vocabulary) bool mask of ids each row produced."""
-        scores = logits.float()
-        scores.index_fill_(1, self.never_generate, -float("inf"))
+        scores = logits.float().index_fill(1, self.never_generate, -float("inf"))
         if self.repetition_penalty != 1.0:
             penalty = self.repetition_penalty
             penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
