@@ -1,0 +1,255 @@
+"""Load benchmark of the served demo: continuous batching against one request at a time.
+
+    python -m bench.load [--tokens 192] [--frames 2] [--out results.json]
+
+Starts `bentoml serve` on a tiny checkpoint (CPU, loopback only) twice, one after the other: the
+service as configured (LLAVA_MAX_BATCH_SIZE=8) and the baseline that decodes one request at a
+time (LLAVA_MAX_BATCH_SIZE=1, the old engine's behaviour). Against each it measures, over real
+HTTP with a bounded number of requests:
+
+- 8 different videos sent one after another, then all 8 at once;
+- closed-loop concurrency 1/4/8/16: requests/s, generated tokens/s, p50/p99 latency;
+- how long a 1-token request (its time to first token, over HTTP) takes while 7 others generate,
+  against the same request on an idle service;
+- the 8-videos comparison again with 16 frames per video (prefill-heavy).
+
+Every request asks for exactly ``--tokens`` new tokens (``ignore_eos``) so that token counts are
+the same in every run. Results are printed as Markdown and optionally written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+VIDEOS = 8
+
+
+def machine() -> str:
+    """CPU model and the cores this process may use."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served(checkpoint: Path, batch_size: int, log: Path) -> Iterator[str]:
+    """`bentoml serve` on ``checkpoint`` until the block ends; yields its base URL."""
+    port = free_port()
+    env = os.environ | {
+        "LLAVA_MODEL": str(checkpoint),
+        "LLAVA_LOAD_4BIT": "false",
+        "LLAVA_DEVICE": "cpu",
+        "LLAVA_DTYPE": "float32",
+        "LLAVA_MAX_BATCH_SIZE": str(batch_size),
+        "LLAVA_MAX_PENDING_REQUESTS": "32",
+        "LLAVA_LOG_LEVEL": "WARNING",
+    }
+    command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+class Client:
+    """Sends video questions and records latency and generated tokens."""
+
+    def __init__(self, base: str, videos: list[Path], frames: int, tokens: int) -> None:
+        self.base, self.videos, self.frames, self.tokens = base, videos, frames, tokens
+        self.local = threading.local()
+
+    def ask(self, index: int, tokens: int | None = None) -> tuple[float, int]:
+        """(seconds, completion tokens) of one question about video ``index``."""
+        client = getattr(self.local, "client", None) or httpx.Client(timeout=600)
+        self.local.client = client
+        metadata = {
+            "prompt": f"What happens in video {index}?",
+            "num_frames": self.frames,
+            "max_new_tokens": tokens or self.tokens,
+            "ignore_eos": True,
+        }
+        video = self.videos[index % len(self.videos)]
+        started = time.perf_counter()
+        response = client.post(
+            f"{self.base}/analyze_video",
+            files={"video": (video.name, video.read_bytes(), "video/mp4")},
+            data={"metadata": json.dumps(metadata)},
+        )
+        elapsed = time.perf_counter() - started
+        body = response.json()
+        if response.status_code != 200:
+            raise RuntimeError(f"request failed: {response.status_code} {body}")
+        return elapsed, body["usage"]["completion_tokens"]
+
+    def run(self, count: int, concurrency: int) -> dict:
+        """``count`` requests from ``concurrency`` clients, each sending its next as soon as one returns."""
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(self.ask, range(count)))
+        wall = time.perf_counter() - started
+        latencies = sorted(seconds for seconds, _ in results)
+        tokens = sum(count for _, count in results)
+        return {
+            "requests": count,
+            "concurrency": concurrency,
+            "wall_s": wall,
+            "requests_per_s": count / wall,
+            "tokens_per_s": tokens / wall,
+            "p50_s": statistics.median(latencies),
+            "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        }
+
+    def late_first_token(self, others: int = 7) -> dict:
+        """Latency of a 1-token request on an idle service, and while ``others`` requests generate."""
+        idle = min(self.ask(0, tokens=1)[0] for _ in range(3))
+        with ThreadPoolExecutor(others) as pool:
+            running = [pool.submit(self.ask, 1 + i) for i in range(others)]
+            time.sleep(0.2 * others**0.5)  # let them all start generating
+            busy, _ = self.ask(0, tokens=1)
+            still_running = sum(not future.done() for future in running)
+            for future in running:
+                future.result()
+        return {"idle_s": idle, "while_busy_s": busy, "others_still_running": still_running}
+
+
+def bench_service(base: str, videos: list[Path], frames: int, tokens: int) -> dict:
+    client = Client(base, videos, frames, tokens)
+    client.ask(0)  # warm-up
+    sequential = client.run(VIDEOS, 1)
+    together = client.run(VIDEOS, VIDEOS)
+    sweep = [client.run(max(8, 2 * c), c) for c in (1, 4, 8, 16)]
+    heavy = Client(base, videos, 16, tokens)
+    heavy_sequential = heavy.run(VIDEOS, 1)
+    heavy_together = heavy.run(VIDEOS, VIDEOS)
+    return {
+        "eight_sequential": sequential,
+        "eight_at_once": together,
+        "sweep": sweep,
+        "late_request": client.late_first_token(),
+        "sixteen_frames_sequential": heavy_sequential,
+        "sixteen_frames_at_once": heavy_together,
+    }
+
+
+def write_inputs(folder: Path) -> tuple[Path, list[Path]]:
+    """A tiny checkpoint and 8 different short videos (320x240, 3 s and a bit more each)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from mediafiles import write_video
+
+    from llava_custom.tiny import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
+    videos = [write_video(folder / f"video{i}.mp4", frames=30 + i, fps=10, size=(320, 240)) for i in range(VIDEOS)]
+    return checkpoint, videos
+
+
+def report(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}", f"Workload: {results['workload']}", ""]
+    header = "| | batch 1 (baseline) | continuous batching | ratio |\n|---|---|---|---|"
+    base, ours = results["baseline"], results["batched"]
+
+    def row(name: str, a: float, b: float, unit: str, higher_better: bool = True) -> str:
+        ratio = b / a if higher_better else a / b
+        return f"| {name} | {a:.2f} {unit} | {b:.2f} {unit} | x{ratio:.2f} |"
+
+    lines.append(header)
+    for label, key in (("8 videos one after another", "eight_sequential"), ("8 videos at once", "eight_at_once")):
+        lines.append(row(f"{label}: requests/s", base[key]["requests_per_s"], ours[key]["requests_per_s"], "req/s"))
+        lines.append(row(f"{label}: tokens/s", base[key]["tokens_per_s"], ours[key]["tokens_per_s"], "tok/s"))
+    for key, label in (
+        ("sixteen_frames_sequential", "16 frames, one after another"),
+        ("sixteen_frames_at_once", "16 frames, 8 at once"),
+    ):
+        lines.append(row(f"{label}: tokens/s", base[key]["tokens_per_s"], ours[key]["tokens_per_s"], "tok/s"))
+    late_base, late_ours = base["late_request"], ours["late_request"]
+    lines.append(row("1-token request, idle service", late_base["idle_s"], late_ours["idle_s"], "s", False))
+    lines.append(
+        row("1-token request while 7 generate", late_base["while_busy_s"], late_ours["while_busy_s"], "s", False)
+    )
+    lines += ["", "Concurrency sweep (closed loop):", ""]
+    columns = ["concurrency", "requests"]
+    for name in ("batch 1", "batching"):
+        columns += [f"{name} req/s", f"{name} tok/s", f"{name} p50 / p99 s"]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|---" * len(columns) + "|")
+    for a, b in zip(base["sweep"], ours["sweep"], strict=True):
+        lines.append(
+            f"| {a['concurrency']} | {a['requests']} | {a['requests_per_s']:.2f} | {a['tokens_per_s']:.0f} | "
+            f"{a['p50_s']:.2f} / {a['p99_s']:.2f} | {b['requests_per_s']:.2f} | {b['tokens_per_s']:.0f} | "
+            f"{b['p50_s']:.2f} / {b['p99_s']:.2f} |"
+        )
+    for name, data in (("batched", ours), ("baseline", base)):
+        speedup = data["eight_at_once"]["requests_per_s"] / data["eight_sequential"]["requests_per_s"]
+        lines.append(f"\n{name}: 8 at once / 8 one after another = x{speedup:.2f} requests/s")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=192, help="new tokens per request")
+    parser.add_argument("--frames", type=int, default=2, help="frames per video (the headline workload)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
+        folder = Path(tmp)
+        checkpoint, videos = write_inputs(folder)
+        results = {
+            "machine": machine(),
+            "workload": f"{args.frames} frames and {args.tokens} new tokens per request; 16-frame rows likewise",
+        }
+        for name, batch in (("baseline", 1), ("batched", 8)):
+            with served(checkpoint, batch, folder / f"{name}.log") as base:
+                results[name] = bench_service(base, videos, args.frames, args.tokens)
+    print(report(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
