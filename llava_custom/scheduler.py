@@ -219,18 +219,16 @@ class Scheduler:
     def submit(self, prepared: PreparedRequest) -> TokenStream:
         """Queue a request; raises PromptTooLong or EngineBusy at once instead of queueing."""
         settings = prepared.settings
-        if prepared.final_length > self.context_length:
-            raise PromptTooLong(
-                f"the prompt takes {prepared.prompt_tokens} tokens and {settings.max_new_tokens} new tokens were "
-                f"asked for, more than the model's context of {self.context_length}: use fewer frames, a smaller "
-                "image or a lower max_new_tokens"
-            )
-        if prepared.final_length > self.limits.kv_cache_tokens:
-            raise PromptTooLong(
-                f"the prompt takes {prepared.prompt_tokens} tokens and {settings.max_new_tokens} new tokens were "
-                f"asked for, more than the KV cache budget of {self.limits.kv_cache_tokens} tokens "
-                "(LLAVA_KV_CACHE_TOKENS): use fewer frames, a smaller image or a lower max_new_tokens"
-            )
+        for limit, name in (
+            (self.context_length, "the model's context"),
+            (self.limits.kv_cache_tokens, "the KV cache budget (LLAVA_KV_CACHE_TOKENS)"),
+        ):
+            if prepared.final_length > limit:
+                raise PromptTooLong(
+                    f"the prompt takes {prepared.prompt_tokens} tokens and {settings.max_new_tokens} new tokens "
+                    f"were asked for, more than {name} of {limit} tokens: use fewer frames, a smaller image or a "
+                    "lower max_new_tokens"
+                )
         request = _Request(
             prepared,
             TokenStream(),

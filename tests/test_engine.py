@@ -259,6 +259,19 @@ def test_the_kv_budget_limits_the_batch_and_refuses_what_never_fits(loaded):
         assert engine.scheduler.stats.largest_batch == 2
         with pytest.raises(PromptTooLong, match="LLAVA_KV_CACHE_TOKENS"):
             submit_video(engine, 75, GenerationSettings(max_new_tokens=2 * final_length))
+    context = loaded.model.config.text_config.max_position_embeddings
+    with engine_with(loaded, kv_cache_tokens=2 * context) as engine:
+        with pytest.raises(PromptTooLong, match="model's context"):
+            submit_video(engine, 76, GenerationSettings(max_new_tokens=context))
+
+
+def test_limits_that_could_never_serve_the_largest_request_are_refused_at_start(loaded):
+    with engine_with(loaded, kv_cache_tokens=4096) as engine:
+        engine.check_capacity(max_frames=16, max_new_tokens=512)  # 16 x 210 visual tokens + 512 fit
+        with pytest.raises(ValueError, match="LLAVA_KV_CACHE_TOKENS=4096 cannot hold .* LLAVA_MAX_FRAMES=64"):
+            engine.check_capacity(max_frames=64, max_new_tokens=512)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EngineLimits(max_batch_size=0)
 
 
 def test_a_prompt_is_prefilled_in_chunks_between_decode_steps(loaded):
