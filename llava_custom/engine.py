@@ -63,21 +63,6 @@ class Engine:
     def context_length(self) -> int:
         return self.scheduler.context_length
 
-    def answer_video(
-        self,
-        frames: np.ndarray,
-        duration: float,
-        frame_times: Sequence[float],
-        question: str | None,
-        settings: GenerationSettings,
-    ) -> Answer:
-        """:meth:`submit_video`, waiting for the whole answer."""
-        return self.submit_video(frames, duration, frame_times, question, settings).result()
-
-    def answer_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> Answer:
-        """:meth:`submit_image`, waiting for the whole answer."""
-        return self.submit_image(image, question, settings).result()
-
     def submit_video(
         self,
         frames: np.ndarray,

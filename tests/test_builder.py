@@ -59,7 +59,7 @@ def test_four_bit_model_is_smaller(float_model, four_bit_model):
 @pytest.mark.parametrize("fixture", ["float_model", "four_bit_model"])
 def test_both_loads_generate(fixture, request):
     engine = Engine(request.getfixturevalue(fixture))
-    answer = engine.answer_video(FRAMES, 3.0, [0.0, 1.0, 2.0], "What?", GenerationSettings(max_new_tokens=4))
+    answer = engine.submit_video(FRAMES, 3.0, [0.0, 1.0, 2.0], "What?", GenerationSettings(max_new_tokens=4)).result()
     assert 1 <= answer.completion_tokens <= 4
     assert answer.visual_tokens == 3 * 210
 

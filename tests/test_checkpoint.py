@@ -91,8 +91,8 @@ def first_step_logits(engine: Engine, **answer_kwargs) -> torch.Tensor:
 
     handle = engine.model.register_forward_hook(hook)
     try:
-        method = engine.answer_video if "frames" in answer_kwargs else engine.answer_image
-        answer = method(**answer_kwargs, settings=GenerationSettings(max_new_tokens=8))
+        submit = engine.submit_video if "frames" in answer_kwargs else engine.submit_image
+        answer = submit(**answer_kwargs, settings=GenerationSettings(max_new_tokens=8)).result()
     finally:
         handle.remove()
     return captured[0], answer
@@ -129,7 +129,7 @@ def test_packed_image_features_match_the_count(both_layouts, size):
     """The model really produces as many features as the prompt has placeholders (else generate fails)."""
     engine = Engine(both_layouts[1])
     image = Image.fromarray(np.zeros((size[1], size[0], 3), dtype=np.uint8))
-    answer = engine.answer_image(image, "Q", GenerationSettings(max_new_tokens=1))
+    answer = engine.submit_image(image, "Q", GenerationSettings(max_new_tokens=1)).result()
     assert answer.visual_tokens == engine.model.image_layout.num_image_tokens(size[1], size[0])
 
 

@@ -65,7 +65,7 @@ def test_answer_depends_on_frames_and_question(engine):
     settings = GenerationSettings(max_new_tokens=6)
 
     def answer(frames, question):
-        return engine.answer_video(frames, 2.0, [0.0, 1.0], question, settings).text
+        return engine.submit_video(frames, 2.0, [0.0, 1.0], question, settings).result().text
 
     assert answer(clips[0], "Q") == answer(clips[0], "Q")
     answers = {answer(frames, "Q") for frames in clips} | {answer(clips[0], q) for q in ("A?", "B?")}

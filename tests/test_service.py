@@ -70,13 +70,13 @@ def test_video_answer_is_the_models_answer(client, media_dir, engine):
     clip = media_dir / "clip.webm"
     body = upload(client, "/analyze_video", "video", clip, {"prompt": "Describe it.", "num_frames": 8}).json()
     sampled = read_video(clip, 8, frame_size=engine.frame_size)
-    expected = engine.answer_video(
+    expected = engine.submit_video(
         sampled.frames,
         sampled.info.video_duration,
         sampled.info.frame_times,
         "Describe it.",
         GenerationSettings(max_new_tokens=TEST_MAX_NEW_TOKENS),
-    )
+    ).result()
     assert body["response"] == expected.text
     assert body["usage"] == {
         "prompt_tokens": expected.prompt_tokens,
@@ -91,9 +91,9 @@ def test_image_answer_is_the_models_answer(client, media_dir, engine):
     image = media_dir / "wide.png"
     body = upload(client, "/analyze_image", "image", image, {"prompt": "What colour?"}).json()
     assert set(body) == IMAGE_KEYS and body["status"] == "success"
-    expected = engine.answer_image(
+    expected = engine.submit_image(
         read_image(image, max_pixels=10**8), "What colour?", GenerationSettings(max_new_tokens=TEST_MAX_NEW_TOKENS)
-    )
+    ).result()
     assert body["response"] == expected.text
     assert body["usage"]["visual_tokens"] == expected.visual_tokens > 729
 
