@@ -95,7 +95,10 @@ class TokenStream:
                 waiters += self._end_waiters
                 self._end_waiters = []
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_wake, future)
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # that loop has closed: its reader is gone; others must not suffer
+                pass
 
     # --- the request's side -----------------------------------------------------------------
 

@@ -295,3 +295,20 @@ def test_a_prompt_is_prefilled_in_chunks_between_decode_steps(loaded):
     # The running request took a decode step after every unit of the other's prefill (the
     # vision encoding and each chunk but the last, which gives the first token).
     assert steps_before_first >= chunks
+
+
+def test_a_reader_whose_event_loop_closed_does_not_disturb_the_batch(loaded):
+    """An async reader that gave up and whose loop is gone leaves a waiter behind; waking it when
+    its request ends must not fail the requests still in the batch."""
+    with engine_with(loaded) as engine:
+        neighbour = submit_video(engine, 91, long_settings(120))
+        abandoned = submit_video(engine, 92, long_settings(30))
+
+        async def give_up() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(abandoned.result_async(), timeout=0.01)
+
+        asyncio.run(give_up())  # closes its loop with the waiter still registered
+        assert abandoned.result().completion_tokens == 30
+        assert neighbour.result().completion_tokens == 120
+        assert engine.scheduler.stats.failed == 0
