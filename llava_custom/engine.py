@@ -18,24 +18,44 @@ from PIL import Image
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
 from llava_custom.errors import InvalidPrompt
+from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
 from llava_custom.scheduler import EngineLimits, PreparedRequest, Scheduler
 from llava_custom.streaming import Answer, Delta, TokenStream
 
-__all__ = ["Answer", "Delta", "Engine", "EngineLimits", "GenerationSettings", "PreparedRequest", "TokenStream"]
+__all__ = [
+    "Answer",
+    "Delta",
+    "Engine",
+    "EngineLimits",
+    "GenerationSettings",
+    "MediaRef",
+    "PreparedRequest",
+    "ReuseCache",
+    "TokenStream",
+]
 
 
 class Engine:
     """Owns a loaded model and its scheduler; every method may be called from any thread."""
 
-    def __init__(self, loaded: LoadedModel, limits: EngineLimits | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, limits: EngineLimits | None = None, reuse: ReuseCache | None = None
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         chooser = TokenChooser(self._unused_token_ids(), loaded.repetition_penalty, loaded.device)
+        self.reuse = reuse or ReuseCache()  # disabled unless sized
         self.scheduler = Scheduler(
-            self.model, self.tokenizer, loaded.device, chooser, self._end_of_turn_ids(), limits or EngineLimits()
+            self.model,
+            self.tokenizer,
+            loaded.device,
+            chooser,
+            self._end_of_turn_ids(),
+            limits or EngineLimits(),
+            self.reuse,
         )
 
     def close(self) -> None:
@@ -53,6 +73,11 @@ class Engine:
                 "raise the budget or lower those limits"
             )
 
+    def recall(self, key: str) -> MediaRef | None:
+        """The media under ``key`` (reuse.video_key / image_key) with its features, if cached:
+        then pass it as ``media`` with no frames or image, and nothing is decoded or encoded."""
+        return self.reuse.recall(key)
+
     @property
     def frame_size(self) -> tuple[int, int]:
         """(width, height) the vision tower takes, so frames can be resized while decoding."""
@@ -65,18 +90,25 @@ class Engine:
 
     def submit_video(
         self,
-        frames: np.ndarray,
+        frames: np.ndarray | None,
         duration: float,
         frame_times: Sequence[float],
         question: str | None,
         settings: GenerationSettings,
+        media: MediaRef | None = None,
     ) -> TokenStream:
         """Queue a question about (N, H, W, 3) uint8 RGB frames sampled at ``frame_times`` seconds."""
-        return self.submit(self.prepare_video(frames, duration, frame_times, question, settings))
+        return self.submit(self.prepare_video(frames, duration, frame_times, question, settings, media))
 
-    def submit_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> TokenStream:
+    def submit_image(
+        self,
+        image: Image.Image | None,
+        question: str | None,
+        settings: GenerationSettings,
+        media: MediaRef | None = None,
+    ) -> TokenStream:
         """Queue a question about one RGB image, tiled as the checkpoint's anyres setting says."""
-        return self.submit(self.prepare_image(image, question, settings))
+        return self.submit(self.prepare_image(image, question, settings, media))
 
     def submit(self, prepared: PreparedRequest) -> TokenStream:
         """Queue prepared inputs; raises PromptTooLong or EngineBusy at once instead of queueing."""
@@ -84,37 +116,61 @@ class Engine:
 
     def prepare_video(
         self,
-        frames: np.ndarray,
+        frames: np.ndarray | None,
         duration: float,
         frame_times: Sequence[float],
         question: str | None,
         settings: GenerationSettings,
+        media: MediaRef | None = None,
     ) -> PreparedRequest:
-        """The model's inputs for a question about a video: prompt ids and normalised pixels."""
-        prompt = prompting.video_prompt(question, duration, frame_times)
-        height, width = frames.shape[1:3]
-        pixels = self.processor.video_processor(
-            videos=[frames],
-            return_tensors="pt",
-            # Frames already resized with the same bicubic filter while decoding need no second pass.
-            do_resize=(width, height) != self.frame_size,
-        )["pixel_values_videos"]
-        visual_tokens = self.model.video_layout.num_video_tokens(len(frames))
-        input_ids = self._expand_placeholder(prompt, self.model.config.video_token_index, visual_tokens)
-        return PreparedRequest("video", input_ids, visual_tokens, {"pixel_values_videos": pixels}, settings)
+        """The model's inputs for a question about a video: prompt ids and normalised pixels.
 
-    def prepare_image(self, image: Image.Image, question: str | None, settings: GenerationSettings) -> PreparedRequest:
-        """The model's inputs for a question about an image: prompt ids and its tiles' pixels."""
-        pixels = self.processor.image_processor(images=image, return_tensors="pt")
-        visual_tokens = self.model.image_layout.num_image_tokens(image.height, image.width)
+        ``media`` names the video for reuse; with recalled features, ``frames`` is None."""
+        prompt = prompting.video_prompt(question, duration, frame_times)
+        if frames is None:
+            visual_tokens, pixel_inputs = self._recalled_tokens(media), {}
+        else:
+            height, width = frames.shape[1:3]
+            pixels = self.processor.video_processor(
+                videos=[frames],
+                return_tensors="pt",
+                # Frames already resized with the same bicubic filter while decoding need no second pass.
+                do_resize=(width, height) != self.frame_size,
+            )["pixel_values_videos"]
+            visual_tokens = self.model.video_layout.num_video_tokens(len(frames))
+            pixel_inputs = {"pixel_values_videos": pixels}
+        input_ids = self._expand_placeholder(prompt, self.model.config.video_token_index, visual_tokens)
+        return PreparedRequest("video", input_ids, visual_tokens, pixel_inputs, settings, media)
+
+    def prepare_image(
+        self,
+        image: Image.Image | None,
+        question: str | None,
+        settings: GenerationSettings,
+        media: MediaRef | None = None,
+    ) -> PreparedRequest:
+        """The model's inputs for a question about an image: prompt ids and its tiles' pixels.
+
+        ``media`` names the image for reuse; with recalled features, ``image`` is None."""
+        if image is None:
+            visual_tokens, pixel_inputs = self._recalled_tokens(media), {}
+        else:
+            pixels = self.processor.image_processor(images=image, return_tensors="pt")
+            visual_tokens = self.model.image_layout.num_image_tokens(image.height, image.width)
+            pixel_inputs = {
+                "pixel_values": pixels["pixel_values"],
+                "image_sizes": pixels["image_sizes"],
+                "batch_num_images": pixels.get("batch_num_images"),
+            }
         prompt = prompting.image_prompt(question)
         input_ids = self._expand_placeholder(prompt, self.model.config.image_token_index, visual_tokens)
-        pixel_inputs = {
-            "pixel_values": pixels["pixel_values"],
-            "image_sizes": pixels["image_sizes"],
-            "batch_num_images": pixels.get("batch_num_images"),
-        }
-        return PreparedRequest("image", input_ids, visual_tokens, pixel_inputs, settings)
+        return PreparedRequest("image", input_ids, visual_tokens, pixel_inputs, settings, media)
+
+    @staticmethod
+    def _recalled_tokens(media: MediaRef | None) -> int:
+        if media is None or media.features is None:
+            raise ValueError("without frames or an image, media must carry recalled features (Engine.recall)")
+        return int(media.features.shape[0])
 
     def _expand_placeholder(self, prompt: str, token_id: int, count: int) -> torch.Tensor:
         """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times."""

@@ -224,24 +224,33 @@ class LlavaVideoModel(LlavaOnevisionModel):
         pixel_values_videos: torch.Tensor,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        frames_per_chunk: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        """Encode (batch, frames, 3, H, W) videos; ``pooler_output`` is (batch, tokens, dim)."""
+        """Encode (batch, frames, 3, H, W) videos; ``pooler_output`` is (batch, tokens, dim).
+
+        Frames go through the vision tower ``frames_per_chunk`` at a time (all at once when None),
+        so activation memory does not grow with the frame count; every frame is encoded on its
+        own either way, so the features are the same.
+        """
         batch, frames = pixel_values_videos.shape[:2]
-        vision_outputs = self.vision_tower(pixel_values_videos.flatten(0, 1), return_dict=True, **kwargs)
-        if isinstance(vision_feature_layer, int):
-            selected = vision_outputs.hidden_states[vision_feature_layer]
-        else:
-            selected = torch.cat([vision_outputs.hidden_states[i] for i in vision_feature_layer], dim=-1)
-        if vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]
-        # The original projects first and pools the projected features (encode_images, then get_2dPool).
-        projected = self.multi_modal_projector(selected)
-        pooled = pool_frames(projected, self.video_layout).unflatten(0, (batch, frames))
-        vision_outputs.pooler_output = torch.stack(
-            [add_video_newlines(video, self.image_newline, self.video_layout) for video in pooled]
-        )
-        return vision_outputs
+        flat = pixel_values_videos.flatten(0, 1)
+        step = frames_per_chunk or len(flat)
+        pooled_chunks = []
+        for start in range(0, len(flat), step):
+            vision_outputs = self.vision_tower(flat[start : start + step], return_dict=True, **kwargs)
+            if isinstance(vision_feature_layer, int):
+                selected = vision_outputs.hidden_states[vision_feature_layer]
+            else:
+                selected = torch.cat([vision_outputs.hidden_states[i] for i in vision_feature_layer], dim=-1)
+            if vision_feature_select_strategy == "default":
+                selected = selected[:, 1:]
+            # The original projects first and pools the projected features (encode_images, then get_2dPool).
+            pooled_chunks.append(pool_frames(self.multi_modal_projector(selected), self.video_layout))
+            del vision_outputs, selected  # free this chunk's activations before the next
+        pooled = torch.cat(pooled_chunks).unflatten(0, (batch, frames))
+        tokens = torch.stack([add_video_newlines(video, self.image_newline, self.video_layout) for video in pooled])
+        return BaseModelOutputWithPooling(pooler_output=tokens)
 
 
 class LlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration):

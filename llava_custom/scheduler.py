@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llava_custom.errors import EngineBusy, EngineClosed, PromptTooLong, RequestCancelled, RequestTimeout
+from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser, row_generator
 from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenStream
 
@@ -50,9 +51,10 @@ class EngineLimits:
     kv_cache_tokens: int = 32768  # KV cache of the whole padded batch, in tokens
     prefill_chunk_tokens: int = 2048  # prompt tokens prefilled between two decode steps
     request_timeout: float = 600.0  # seconds from submission to the last token
+    vision_chunk_frames: int = 8  # video frames through the vision tower at once
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "kv_cache_tokens", "prefill_chunk_tokens"):
+        for name in ("max_batch_size", "kv_cache_tokens", "prefill_chunk_tokens", "vision_chunk_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_waiting < 0 or self.request_timeout <= 0:
@@ -66,8 +68,9 @@ class PreparedRequest:
     modality: Literal["video", "image"]
     input_ids: torch.Tensor  # (1, prompt_tokens)
     visual_tokens: int
-    pixel_inputs: dict[str, torch.Tensor]
+    pixel_inputs: dict[str, torch.Tensor]  # empty when media.features holds the visual tokens
     settings: GenerationSettings
+    media: MediaRef | None = None  # set: its features and prompt KV are reused and stored for reuse
 
     @property
     def prompt_tokens(self) -> int:
@@ -85,6 +88,8 @@ class SchedulerStats:
 
     decode_steps: int = 0
     prefill_chunks: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through the model (reused ones are not)
+    vision_encodings: int = 0  # videos or images run through the vision tower
     largest_batch: int = 0
     completed: int = 0
     cancelled: int = 0
@@ -196,6 +201,7 @@ class Scheduler:
         chooser: TokenChooser,
         stop_ids: list[int],
         limits: EngineLimits,
+        reuse: ReuseCache | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -203,6 +209,7 @@ class Scheduler:
         self.chooser = chooser
         self.stop_ids = frozenset(stop_ids)
         self.limits = limits
+        self.reuse = reuse or ReuseCache()
         self.stats = SchedulerStats()
         self.context_length = model.config.text_config.max_position_embeddings
         self._check_cache_layout()
@@ -362,32 +369,80 @@ class Scheduler:
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._batch.requests))
 
     def _prefill_steps(self, prepared: PreparedRequest) -> Generator[None, None, tuple[DynamicCache, torch.Tensor]]:
-        """Prefill one request, yielding between units of work; returns its cache and last logits."""
-        embeds = self._embed(prepared)
-        yield
-        cache = DynamicCache(config=self.model.config)
+        """Prefill one request, yielding between units of work; returns its cache and last logits.
+
+        With a cached prefix of the same media, only the tokens after the common prefix are
+        prefilled (text only: the visual tokens are inside the prefix)."""
+        input_ids = prepared.input_ids.to(self.device)
+        reused, cache = self._reused_prefix(prepared)
+        if prepared.media is not None:
+            recalled = prepared.media.features is not None
+            logger.info(
+                "reuse %s: features %s, KV of %d of %d prompt tokens reused (%s)",
+                prepared.media.key,
+                "recalled" if recalled else "not needed" if reused else "computed",
+                reused,
+                prepared.prompt_tokens,
+                self.reuse.summary(),
+            )
+        if reused:
+            embeds = self.model.model.get_input_embeddings()(input_ids[:, reused:])
+        else:
+            embeds = self._embed(prepared, input_ids)
+            yield
+            cache = DynamicCache(config=self.model.config)
         total, chunk = embeds.shape[1], self.limits.prefill_chunk_tokens
+        self.stats.prefill_tokens += total
         start = 0
         while total - start > chunk:
-            positions = torch.arange(start, start + chunk, device=self.device)[None]
+            positions = torch.arange(reused + start, reused + start + chunk, device=self.device)[None]
             # The language model alone: no logits are needed before the last chunk.
             self.model.model.language_model(
                 inputs_embeds=embeds[:, start : start + chunk], position_ids=positions, cache=cache, use_cache=True
             )
             start += chunk
             yield
-        positions = torch.arange(start, total, device=self.device)[None]
+        positions = torch.arange(reused + start, reused + total, device=self.device)[None]
         output = self.model(
             inputs_embeds=embeds[:, start:], position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
+        if prepared.media is not None:
+            self.reuse.store_prefix(prepared.media.key, prepared.input_ids, cache)
         return cache, output.logits[:, -1]
 
-    def _embed(self, prepared: PreparedRequest) -> torch.Tensor:
+    def _reused_prefix(self, prepared: PreparedRequest) -> tuple[int, DynamicCache | None]:
+        """Tokens of the prompt whose KV a cached prefix of the same media holds, and that KV."""
+        if prepared.media is None or not self.reuse.prefixes.enabled:
+            return 0, None
+        prefix = self.reuse.prefix(prepared.media.key)
+        config = self.model.config
+        placeholder = config.video_token_index if prepared.modality == "video" else config.image_token_index
+        visual_end = int((prepared.input_ids[0] == placeholder).nonzero()[-1]) + 1
+        reused = prefix.usable_length(prepared.input_ids, visual_end) if prefix is not None else 0
+        return reused, prefix.to_cache(reused, config) if reused else None
+
+    def _embed(self, prepared: PreparedRequest, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt's embeddings with the visual features in the placeholders' places, as
         LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
         inner = self.model.model
-        input_ids = prepared.input_ids.to(self.device)
         embeds = inner.get_input_embeddings()(input_ids)
+        media = prepared.media
+        if media is not None and media.features is not None:
+            features = media.features.to(self.device)
+        else:
+            features = self._visual_features(prepared)
+            if media is not None:
+                self.reuse.store_features(media, features)
+        if prepared.modality == "video":
+            _, mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
+        else:
+            mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+
+    def _visual_features(self, prepared: PreparedRequest) -> torch.Tensor:
+        """(visual tokens, hidden): the vision tower and projector over the request's pixels."""
+        self.stats.vision_encodings += 1
+        inner = self.model.model
         vision_dtype = inner.vision_tower.dtype
         pixels = {
             name: value.to(self.device, vision_dtype) if name.startswith("pixel_values") else value.to(self.device)
@@ -395,12 +450,11 @@ class Scheduler:
             if value is not None
         }
         if prepared.modality == "video":
-            features = inner.get_video_features(**pixels, return_dict=True).pooler_output.flatten(0, 1)
-            _, mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
-        else:
-            features = torch.cat(inner.get_image_features(**pixels, return_dict=True).pooler_output, dim=0)
-            mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+            output = inner.get_video_features(
+                **pixels, frames_per_chunk=self.limits.vision_chunk_frames, return_dict=True
+            )
+            return output.pooler_output.flatten(0, 1)
+        return torch.cat(inner.get_image_features(**pixels, return_dict=True).pooler_output, dim=0)
 
     def _decode_step(self) -> None:
         """One token for every running row."""

@@ -8,7 +8,8 @@ one) and run through media.read_video / read_image and Engine, in float32 on CPU
 token counts, first-step logits (1e-4) and greedy ids (up to the first step whose reference
 top-1/top-2 gap is below 1e-3, where rounding may legitimately pick the other token) must agree.
 They must also agree when every case of a checkpoint is in flight at once, twice, sharing the
-engine's batch.
+engine's batch, and when a case is a follow-up that reuses the features and prompt KV cache of an
+earlier question about the same media (or its features alone).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from conftest import free_port, running_service, service_env
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
-from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, PreparedRequest
+from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, MediaRef, PreparedRequest, ReuseCache
 from llava_custom.modeling import ImageLayout
 from llava_custom.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
+from llava_custom.reuse import image_key, video_key
 from media import read_image, read_video
 from tools.golden_cases import CASES, GOLDEN_DIR, GOLDEN_FILE, REGENERATE, VARIANTS, checkpoint_fingerprint
 
@@ -41,6 +43,8 @@ LOGIT_TOLERANCE = 1e-4
 # Below this top-1/top-2 gap the reference's choice is within float rounding of the runner-up.
 DECISIVE_GAP = 1e-3
 SERVED_CASE = "video-16"
+# Asked first about a case's media, so that the case itself is a follow-up.
+WARM_UP_QUESTION = "Is anything moving?"
 
 
 @dataclass
@@ -112,17 +116,32 @@ def prefill_logits(engine: Engine) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def prepare_case(engine: Engine, case: dict) -> tuple[str, PreparedRequest]:
-    """The prompt our pipeline builds for ``case`` and the model inputs ready to submit."""
+def prepare_case(
+    engine: Engine, case: dict, question: str | None = None, reuse: bool = False
+) -> tuple[str, PreparedRequest]:
+    """The prompt our pipeline builds for ``case`` and the model inputs ready to submit.
+
+    With ``reuse``, as the service does: media already seen is recalled instead of read again."""
     settings = GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"])
+    question = question or case["question"]
     path = GOLDEN_DIR / case["media"]
     if case["modality"] == "video":
-        video = read_video(path, case["num_frames"], frame_size=engine.frame_size)
-        timing = (video.info.video_duration, video.info.frame_times)
-        prompt = video_prompt(case["question"], *timing)
-        return prompt, engine.prepare_video(video.frames, *timing, case["question"], settings)
-    image = read_image(path, max_pixels=10**8)
-    return image_prompt(case["question"]), engine.prepare_image(image, case["question"], settings)
+        key = video_key(case["media"], case["num_frames"])
+        media = engine.recall(key) if reuse else None
+        if media is None:
+            video = read_video(path, case["num_frames"], frame_size=engine.frame_size)
+            timing = (video.info.video_duration, video.info.frame_times)
+            frames, media = video.frames, MediaRef(key, timing) if reuse else None
+        else:
+            frames, timing = None, media.info
+        prompt = video_prompt(question, *timing)
+        return prompt, engine.prepare_video(frames, *timing, question, settings, media)
+    key = image_key(case["media"])
+    media = engine.recall(key) if reuse else None
+    image = None if media is not None else read_image(path, max_pixels=10**8)
+    if reuse and media is None:
+        media = MediaRef(key)
+    return image_prompt(question), engine.prepare_image(image, question, settings, media)
 
 
 def run_case(engine: Engine, case: dict) -> OurRun:
@@ -130,6 +149,34 @@ def run_case(engine: Engine, case: dict) -> OurRun:
     with prefill_logits(engine) as logits:
         answer = engine.submit(prepared).result()
     return OurRun(prompt, answer, logits[0])
+
+
+@pytest.fixture(scope="module")
+def reused_runs(golden_checkpoints: dict[str, Path]) -> dict[str, list[OurRun]]:
+    """Every case as a follow-up to another question about its media: once reusing features and
+    the prompt's KV cache, once (prefix cache off) reusing the features alone."""
+    runs: dict[str, list[OurRun]] = {}
+    for variant, checkpoint in golden_checkpoints.items():
+        loaded = load_pretrained_model(str(checkpoint), load_4bit=False, device="cpu")
+        for caches in (ReuseCache(2**30, 2**30), ReuseCache(2**30, 0)):
+            engine = Engine(loaded, reuse=caches)
+            try:
+                for case in GOLDEN["cases"]:
+                    if case["variant"] != variant:
+                        continue
+                    engine.submit(prepare_case(engine, case, WARM_UP_QUESTION, reuse=True)[1]).result()
+                    prompt, prepared = prepare_case(engine, case, reuse=True)
+                    assert prepared.media is not None and prepared.media.features is not None
+                    tokens = engine.scheduler.stats.prefill_tokens
+                    with prefill_logits(engine) as logits:
+                        answer = engine.submit(prepared).result()
+                    prefilled = engine.scheduler.stats.prefill_tokens - tokens
+                    # With the prefix cache, only what follows the common prefix is prefilled.
+                    assert (prefilled < answer.prompt_tokens - answer.visual_tokens) == caches.prefixes.enabled
+                    runs.setdefault(case["name"], []).append(OurRun(prompt, answer, logits[0]))
+            finally:
+                engine.close()
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +237,10 @@ def test_the_two_images_take_different_anyres_branches(golden_checkpoints):
 def runs_of(request: pytest.FixtureRequest, mode: str, name: str) -> list[OurRun]:
     if mode == "alone":
         return [request.getfixturevalue("our_runs")[name]]
-    return request.getfixturevalue("batched_runs")[name]
+    return request.getfixturevalue(f"{mode}_runs")[name]
 
 
-MODES = pytest.mark.parametrize("mode", ["alone", "batched"])
+MODES = pytest.mark.parametrize("mode", ["alone", "batched", "reused"])
 
 
 @MODES
@@ -236,7 +283,7 @@ def check_first_step_logits(case: dict, first_logits: torch.Tensor) -> None:
 def test_greedy_ids(request, mode, name):
     expected = trusted_ids(GOLDEN_CASES[name])
     runs = runs_of(request, mode, name)
-    assert len(runs) == (1 if mode == "alone" else 2)
+    assert len(runs) == (1 if mode == "alone" else 2)  # batched: twice at once; reused: two cache set-ups
     for run in runs:
         assert list(run.answer.token_ids[: len(expected)]) == expected
 
