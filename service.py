@@ -11,6 +11,8 @@ busy; media decoding runs in a child process under a time limit (media.DecodeWor
 Endpoints are coroutines: blocking work (downloads, decoding, input preparation) runs in worker
 threads and the answer is awaited from the engine's stream, so every request in flight can be in
 the engine's batch at once, and a client that disconnects is noticed and its request cancelled.
+Media is identified by a hash of its bytes: media seen before is not decoded again (the engine
+keeps its features and prompt KV cache, llava_custom/reuse.py).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from anyio import to_thread
 from pydantic import BaseModel, ValidationError
 
 import media
+from llava_custom import reuse
 from llava_custom.builder import load_pretrained_model
-from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, TokenStream
+from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, MediaRef, ReuseCache, TokenStream
 from llava_custom.errors import (
     EngineBusy,
     EngineClosed,
@@ -93,8 +96,9 @@ class LLaVAVideoService:
             kv_cache_tokens=s.kv_cache_tokens,
             prefill_chunk_tokens=s.prefill_chunk_tokens,
             request_timeout=s.request_timeout,
+            vision_chunk_frames=s.vision_chunk_frames,
         )
-        self.engine = Engine(loaded, limits)
+        self.engine = Engine(loaded, limits, ReuseCache(s.feature_cache_bytes, s.prefix_cache_bytes))
         self.engine.check_capacity(s.max_frames, s.max_new_tokens_limit)
         self.fetch_limits = media.FetchLimits(
             max_bytes=s.max_download_bytes,
@@ -201,33 +205,45 @@ class LLaVAVideoService:
         )
 
     async def _start_video(self, source: Path, meta: Metadata) -> tuple[TokenStream, Callable[[Answer], VideoAnswer]]:
-        """Decode the video and queue the question; returns the stream and how to shape its answer."""
+        """Decode the video (unless seen before) and queue the question; returns the stream and
+        how to shape its answer."""
         num_frames = meta.num_frames or self.settings.num_frames
         if num_frames > self.settings.max_frames:
             raise RequestError(f"num_frames may be at most {self.settings.max_frames}")
         generation = self._generation(meta)
-        sampled = await to_thread.run_sync(
-            lambda: self.decoder.read_video(
-                source,
-                num_frames,
-                chunk_size=self.settings.decode_chunk_size,
-                frame_size=self.engine.frame_size,
-                max_pixels=self.settings.max_video_pixels,
+        key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames)
+        recalled = self.engine.recall(key)
+        if recalled is not None:
+            frames, info, ref = None, recalled.info, recalled
+        else:
+            sampled = await to_thread.run_sync(
+                lambda: self.decoder.read_video(
+                    source,
+                    num_frames,
+                    chunk_size=self.settings.decode_chunk_size,
+                    frame_size=self.engine.frame_size,
+                    max_pixels=self.settings.max_video_pixels,
+                )
             )
-        )
-        info = sampled.info
+            frames, info, ref = sampled.frames, sampled.info, MediaRef(key, sampled.info)
         stream = await to_thread.run_sync(
-            self.engine.submit_video, sampled.frames, info.video_duration, info.frame_times, meta.prompt, generation
+            self.engine.submit_video, frames, info.video_duration, info.frame_times, meta.prompt, generation, ref
         )
         return stream, lambda answer: VideoAnswer(response=answer.text, video_info=info, usage=usage(answer))
 
     async def _start_image(self, source: Path, meta: Metadata) -> tuple[TokenStream, Callable[[Answer], ImageAnswer]]:
-        """Read the image and queue the question; returns the stream and how to shape its answer."""
+        """Read the image (unless seen before) and queue the question; returns the stream and how
+        to shape its answer."""
         generation = self._generation(meta)
-        image = await to_thread.run_sync(
-            lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
-        )
-        stream = await to_thread.run_sync(self.engine.submit_image, image, meta.prompt, generation)
+        key = reuse.image_key(await to_thread.run_sync(media.file_digest, source))
+        ref = self.engine.recall(key)
+        image = None
+        if ref is None:
+            image = await to_thread.run_sync(
+                lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
+            )
+            ref = MediaRef(key)
+        stream = await to_thread.run_sync(self.engine.submit_image, image, meta.prompt, generation, ref)
         return stream, lambda answer: ImageAnswer(response=answer.text, usage=usage(answer))
 
 

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(32768, ge=1, description="KV cache budget of the whole padded batch, in tokens")
     prefill_chunk_tokens: int = Field(2048, ge=16, description="prompt tokens prefilled between two decode steps")
     request_timeout: float = Field(600.0, gt=0, description="seconds a request may wait and generate")
+    vision_chunk_frames: int = Field(8, ge=1, description="video frames through the vision tower at once")
+    feature_cache_bytes: int = Field(
+        2048 * MiB, ge=0, description="host memory for visual features of media seen before; 0 disables"
+    )
+    prefix_cache_bytes: int = Field(
+        2048 * MiB, ge=0, description="device memory for the KV cache of prompts about media seen before; 0 disables"
+    )
 
     @property
     def max_json_body_bytes(self) -> int:

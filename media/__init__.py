@@ -4,6 +4,7 @@ Imports neither bentoml, torch nor transformers; every failure is a :class:`Medi
 :class:`DecodeWorker` runs the readers in a child process under a time limit.
 """
 
+from media.digest import file_digest
 from media.errors import (
     DecodeTimeout,
     InvalidSource,
@@ -37,6 +38,7 @@ __all__ = [
     "VideoInfo",
     "address_refusal",
     "download_to_file",
+    "file_digest",
     "read_image",
     "read_video",
     "sample_frame_indices",

@@ -6,7 +6,10 @@ real generation; nothing is mocked.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import TEST_MAX_NEW_TOKENS, request_temp_dirs
+from mediafiles import write_image, write_video
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Engine, GenerationSettings
@@ -332,3 +336,63 @@ def test_seed_makes_a_sampled_answer_reproducible(client, media_dir):
     other = upload(client, "/analyze_image", "image", photo, {**metadata, "seed": 8}).json()
     assert first["usage"]["completion_tokens"] == 16
     assert first["response"] == again["response"] != other["response"]
+
+
+def reuse_lines(records: list[logging.LogRecord], digest: str) -> list[str]:
+    return [r.getMessage() for r in records if r.getMessage().startswith("reuse ") and digest in r.getMessage()]
+
+
+@pytest.mark.parametrize("modality", ["video", "image"])
+def test_follow_ups_by_upload_url_and_data_url_reuse_the_first_request(
+    client, media_dir, file_server, engine, caplog, modality
+):
+    """The same bytes sent three ways are one medium: decoded and encoded once, then each follow-up
+    prefills only its question; the answers are the model's answers without reuse."""
+    name = f"follow-up.{'mp4' if modality == 'video' else 'png'}"
+    path = media_dir / name  # new bytes of this test's own, so no earlier request has seen them
+    if modality == "video":
+        write_video(path, frames=12, fps=6, size=(80, 64))
+    else:
+        write_image(path, size=(90, 70), mode="RGB", fmt="PNG")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    questions = ["What is shown?", "What colour dominates?", "Is there text?"]
+    data_url = f"data:{'video/mp4' if modality == 'video' else 'image/png'};base64,{base64.b64encode(data).decode()}"
+    endpoint, url_field = f"/analyze_{modality}", f"{modality}_url"
+    with caplog.at_level(logging.INFO, logger="llava_custom"):
+        bodies = [
+            upload(client, endpoint, modality, path, {"prompt": questions[0]}).json(),
+            client.post(
+                endpoint, json={url_field: f"{file_server}/{name}", "metadata": {"prompt": questions[1]}}
+            ).json(),
+            client.post(endpoint, json={url_field: data_url, "metadata": {"prompt": questions[2]}}).json(),
+        ]
+    lines = reuse_lines(caplog.records, digest)
+    assert len(lines) == 3, lines
+    assert "features computed, KV of 0 of" in lines[0]
+    for line in lines[1:]:
+        assert "features recalled" in line and "KV of 0 of" not in line, line
+    generation = GenerationSettings(max_new_tokens=TEST_MAX_NEW_TOKENS)
+    if modality == "video":
+        sampled = read_video(path, 16, frame_size=engine.frame_size)
+        timing = (sampled.info.video_duration, sampled.info.frame_times)
+        expected = [engine.submit_video(sampled.frames, *timing, q, generation).result() for q in questions]
+        assert all(body["video_info"] == bodies[0]["video_info"] for body in bodies)
+    else:
+        image = read_image(path, max_pixels=10**8)
+        expected = [engine.submit_image(image, q, generation).result() for q in questions]
+    assert [body["response"] for body in bodies] == [answer.text for answer in expected]
+    assert [body["usage"]["prompt_tokens"] for body in bodies] == [answer.prompt_tokens for answer in expected]
+
+
+def test_different_bytes_are_never_reused(client, media_dir, caplog):
+    """Two videos of the same length and frame count have the same prompt tokens; the key is their bytes."""
+    first, second = media_dir / "same-shape-1.mp4", media_dir / "same-shape-2.mp4"
+    write_video(first, frames=10, fps=5, size=(64, 48))
+    write_video(second, frames=10, fps=5, size=(64, 48), codec="mpeg4")
+    with caplog.at_level(logging.INFO, logger="llava_custom"):
+        for path in (first, second):
+            assert upload(client, "/analyze_video", "video", path, {"prompt": "Same?"}).status_code == 200
+    for path in (first, second):
+        (line,) = reuse_lines(caplog.records, hashlib.sha256(path.read_bytes()).hexdigest())
+        assert "features computed, KV of 0 of" in line
