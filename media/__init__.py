@@ -1,7 +1,8 @@
 """Input side of the service: fetch URLs, read images, sample video frames.
 
 Imports neither bentoml, torch nor transformers; every failure is a :class:`MediaError`.
-:class:`DecodeWorker` runs the readers in a child process under a time limit.
+:class:`DecodeWorker` runs the readers in a child process under a time limit; :class:`DecodePool`
+runs several of them, so that requests decode in parallel.
 """
 
 from media.digest import file_digest
@@ -19,10 +20,11 @@ from media.errors import (
 from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
 from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices
-from media.worker import DecodeWorker
+from media.worker import DecodePool, DecodeWorker
 
 __all__ = [
     "AddressPolicy",
+    "DecodePool",
     "DecodeTimeout",
     "DecodeWorker",
     "FetchLimits",

@@ -13,6 +13,11 @@ of band and read straight into place. The child is replaced after a timeout, a c
 ``max_jobs`` calls (decoders may leak memory); the replacement starts at once, so its start-up
 (about half a second of imports) overlaps the rest of the request.
 
+:class:`DecodePool` holds several DecodeWorkers so that requests decode in parallel: each call
+takes an idle worker (waiting for one when all are busy) and hands it back afterwards; each
+worker keeps its own limit, crash isolation and replacement, so one stuck or crashed decoder
+costs only its own call.
+
 The child runs :func:`serve` on one end of a socket pair until the parent closes the other.
 """
 
@@ -29,7 +34,8 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,6 +141,85 @@ class DecodeWorker:
         if self._child is not None:
             self._child.stop(kill=True)
         self._child = _Child.start()
+
+
+class DecodePool:
+    """A pool of ``workers`` DecodeWorkers, so that up to that many calls decode at once."""
+
+    def __init__(self, workers: int, *, time_limit: float, max_jobs: int = 200) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self._workers = [DecodeWorker(time_limit=time_limit, max_jobs=max_jobs) for _ in range(workers)]
+        # A condition rather than a queue.Queue: close() must both wake the callers waiting for a
+        # worker and wait for the busy ones to come back; a queue needs sentinels for the first.
+        self._available = threading.Condition()
+        self._idle = list(self._workers)
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """The number of workers (children), busy or idle."""
+        return len(self._workers)
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the children started so far, in worker order."""
+        return [pid for worker in self._workers if (pid := worker.pid) is not None]
+
+    def start(self) -> None:
+        """Start every child now, so that the first calls do not wait for their imports."""
+        # Under the condition so that close() cannot run in between and leave children behind.
+        with self._available:
+            self._check_open()
+            for worker in self._workers:
+                worker.start()  # only spawns the process; the imports run in the child meanwhile
+
+    def read_video(self, path: Path, num_frames: int, **options: Any) -> SampledVideo:
+        """:func:`media.video.read_video` in an idle child."""
+        with self._worker() as worker:
+            return worker.read_video(path, num_frames, **options)
+
+    def read_image(self, path: Path, *, max_pixels: int) -> Image.Image:
+        """:func:`media.image.read_image` in an idle child."""
+        with self._worker() as worker:
+            return worker.read_image(path, max_pixels=max_pixels)
+
+    def run(self, function: Callable[..., T], /, *args: Any, time_limit: float | None = None, **kwargs: Any) -> T:
+        """:meth:`DecodeWorker.run` on an idle worker; waits for one while all are busy.
+
+        The time limit counts from when a worker takes the call, not while it waits.
+        """
+        with self._worker() as worker:
+            return worker.run(function, *args, time_limit=time_limit, **kwargs)
+
+    def close(self) -> None:
+        """Refuse new calls, wait for those in flight (each ends within its limit), stop every child."""
+        with self._available:
+            self._closed = True
+            self._available.notify_all()  # callers waiting for a worker raise instead of hanging
+            self._available.wait_for(lambda: len(self._idle) == len(self._workers))
+            # Every worker is idle and no call can take one any more: nothing restarts a child.
+            for worker in self._workers:
+                worker.close()
+
+    @contextmanager
+    def _worker(self) -> Iterator[DecodeWorker]:
+        """An idle worker, handed back afterwards whatever the call did."""
+        with self._available:
+            self._available.wait_for(lambda: self._idle or self._closed)
+            self._check_open()
+            worker = self._idle.pop()
+        try:
+            yield worker
+        finally:
+            with self._available:
+                self._idle.append(worker)
+                # notify_all, not notify: close() may be waiting on the same condition.
+                self._available.notify_all()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the decode pool is closed (the service is shutting down)")
 
 
 class _Child:

@@ -1,18 +1,29 @@
-"""DecodeWorker: calls in a child process, a wall-clock limit that really stops them."""
+"""DecodeWorker: calls in a child process, a wall-clock limit that really stops them; DecodePool: several at once."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mediafiles import write_image, write_video
+from mediafiles import frame_index_from_pixels, write_image, write_video
 
-from media import DecodeTimeout, DecodeWorker, UndecodableMedia, UnsupportedMedia, read_image, read_video
+from media import (
+    DecodePool,
+    DecodeTimeout,
+    DecodeWorker,
+    UndecodableMedia,
+    UnsupportedMedia,
+    read_image,
+    read_video,
+)
 from media.worker import WorkerFailure
 
 
@@ -134,3 +145,142 @@ def test_close_stops_the_child() -> None:
 def test_time_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         DecodeWorker(time_limit=0)
+
+
+# --- DecodePool ---
+#
+# The function a call runs must be importable in the child, which does not see the tests'
+# modules: `sh` run by the child reports the child's pid as its $PPID, after sleeping.
+
+
+def sleep_then_child_pid(seconds: float) -> list[str]:
+    """A command for ``pool.run(subprocess.check_output, ...)``: prints the child's pid."""
+    return ["sh", "-c", f"sleep {seconds}; echo $PPID"]
+
+
+@pytest.fixture
+def make_pool() -> Iterator[Callable[..., DecodePool]]:
+    pools: list[DecodePool] = []
+
+    def make(workers: int, *, time_limit: float = 20, **options: int) -> DecodePool:
+        pool = DecodePool(workers, time_limit=time_limit, **options)
+        pools.append(pool)
+        pool.start()
+        # One overlapping call per worker, so that each child has finished its imports.
+        with ThreadPoolExecutor(workers) as threads:
+            list(threads.map(lambda _: pool.run(time.sleep, 0.3), range(workers)))
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+def test_pool_calls_run_in_parallel_in_different_children(make_pool: Callable[..., DecodePool]) -> None:
+    pool = make_pool(3)
+    started = time.monotonic()
+
+    with ThreadPoolExecutor(3) as threads:
+        outputs = list(threads.map(lambda _: pool.run(subprocess.check_output, sleep_then_child_pid(1.0)), range(3)))
+
+    assert time.monotonic() - started < 2.5  # one after the other would take 3 s
+    assert sorted(int(output) for output in outputs) == sorted(pool.pids)
+    assert len(set(pool.pids)) == pool.size == 3
+
+
+def test_pool_a_timeout_does_not_disturb_a_concurrent_call(
+    make_pool: Callable[..., DecodePool], tmp_path: Path
+) -> None:
+    pool = make_pool(2)
+    clip = write_video(tmp_path / "clip.mp4", frames=20, fps=10)
+    before = pool.pids
+    decoded = threading.Event()
+
+    def stuck() -> None:
+        with pytest.raises(DecodeTimeout):
+            pool.run(time.sleep, 30, time_limit=0.5)
+        assert decoded.is_set()  # the other call finished while this one was still stuck
+
+    with ThreadPoolExecutor(2) as threads:
+        stuck_call = threads.submit(stuck)
+        time.sleep(0.1)  # the stuck call holds its worker: the decode gets the other one
+        video = threads.submit(pool.read_video, clip, 4).result()
+        decoded.set()
+        stuck_call.result()
+
+    assert [frame_index_from_pixels(frame) for frame in video.frames] == video.frame_indices == [0, 6, 12, 19]
+    after = pool.pids
+    assert len(after) == 2 and len(set(before) & set(after)) == 1  # only the stuck child was replaced
+    (killed,) = set(before) - set(after)
+    assert not alive(killed)
+    assert all(alive(pid) for pid in after)
+
+
+def test_pool_a_crash_costs_only_its_own_call(make_pool: Callable[..., DecodePool], tmp_path: Path) -> None:
+    pool = make_pool(2)
+    clip = write_video(tmp_path / "clip.mp4", frames=10, fps=10)
+    before = pool.pids
+
+    with ThreadPoolExecutor(2) as threads:
+        # SIGKILL raised by the child on itself, as a segfault would end it (and no core file).
+        crash = threads.submit(pool.run, signal.raise_signal, signal.SIGKILL)
+        decode = threads.submit(pool.read_video, clip, 2)
+        with pytest.raises(UndecodableMedia, match="stopped unexpectedly"):
+            crash.result()
+        assert decode.result().frame_indices == [0, 9]
+
+    after = pool.pids
+    assert len(after) == pool.size == 2 and all(alive(pid) for pid in after)
+    assert len(set(before) & set(after)) == 1
+    # Both workers still decode.
+    with ThreadPoolExecutor(2) as threads:
+        videos = list(threads.map(lambda _: pool.read_video(clip, 1), range(2)))
+    assert [video.frame_indices for video in videos] == [[0], [0]]
+
+
+def test_pool_more_calls_than_workers_wait_and_all_complete(make_pool: Callable[..., DecodePool]) -> None:
+    pool = make_pool(2)
+    started = time.monotonic()
+
+    with ThreadPoolExecutor(6) as threads:
+        outputs = list(threads.map(lambda _: pool.run(subprocess.check_output, sleep_then_child_pid(0.3)), range(6)))
+
+    # Six calls, two at a time: at least three rounds of 0.3 s.
+    assert time.monotonic() - started >= 0.9
+    assert {int(output) for output in outputs} == set(pool.pids)
+
+
+def test_pool_close_stops_the_children_and_refuses_calls(make_pool: Callable[..., DecodePool]) -> None:
+    pool = make_pool(2)
+    pids = pool.pids
+    pool.close()
+
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.run(divmod, 1, 1)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.start()
+    assert pool.pids == []
+
+
+def test_pool_close_waits_for_calls_in_flight_and_wakes_waiting_ones(
+    make_pool: Callable[..., DecodePool],
+) -> None:
+    pool = make_pool(1)
+    (pid,) = pool.pids
+
+    with ThreadPoolExecutor(2) as threads:
+        busy = threads.submit(pool.run, time.sleep, 0.5)
+        time.sleep(0.1)
+        waiting = threads.submit(pool.run, divmod, 1, 1)  # no idle worker: waits
+        time.sleep(0.1)
+        pool.close()
+        assert busy.done() and busy.exception() is None  # close() let it finish
+        with pytest.raises(RuntimeError, match="closed"):
+            waiting.result(timeout=5)
+    assert not alive(pid)
+
+
+def test_pool_needs_a_worker() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        DecodePool(0, time_limit=10)
