@@ -6,7 +6,8 @@ The only module that imports bentoml. Endpoints parse the request, hand plain va
 package (files, URLs, frames) and to llava_custom (prompt, generation), and map every failure to
 ``{"response": "", "status": "failed", "error": ...}`` with a fitting HTTP status. Before BentoML
 parses a request, request_guard.RequestGuard checks its size and form and whether the worker is
-busy; media decoding runs in a child process under a time limit (media.DecodeWorker).
+busy; media decoding runs in child processes under a time limit (media.DecodePool), several
+requests at once.
 
 Endpoints are coroutines: blocking work (downloads, decoding, input preparation) runs in worker
 threads and the answer is awaited from the engine's stream, so every request in flight can be in
@@ -109,8 +110,8 @@ class LLaVAVideoService:
             max_data_url_bytes=s.max_data_url_bytes,
             policy=media.AddressPolicy.from_allowlist(s.url_allowlist),
         )
-        self.decoder = media.DecodeWorker(time_limit=s.decode_timeout)
-        self.decoder.start()  # its imports overlap the rest of start-up
+        self.decoder = media.DecodePool(s.decode_workers, time_limit=s.decode_timeout)
+        self.decoder.start()  # their imports overlap the rest of start-up
 
     @bentoml.on_shutdown
     def close(self) -> None:

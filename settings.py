@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     max_data_url_bytes: int = Field(16 * MiB, ge=1, description="largest decoded data: URL")
     max_video_pixels: int = Field(7680 * 4320, ge=1, description="largest video frame, width x height")
     decode_timeout: float = Field(120.0, gt=0, description="seconds one video or image may take to decode")
+    decode_workers: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="decode child processes"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_pending_requests: int = Field(8, ge=0, description="requests waiting beyond the running batch")
     max_batch_size: int = Field(8, ge=1, description="requests generating together (continuous batching)")
