@@ -62,18 +62,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(checkpoint: Path, batch_size: int, log: Path) -> Iterator[str]:
-    """`bentoml serve` on ``checkpoint`` until the block ends; yields its base URL."""
+def served(checkpoint: Path, log: Path, **settings: str) -> Iterator[str]:
+    """`bentoml serve` on ``checkpoint`` with LLAVA_<NAME> ``settings`` until the block ends; yields its base URL."""
     port = free_port()
     env = os.environ | {
         "LLAVA_MODEL": str(checkpoint),
         "LLAVA_LOAD_4BIT": "false",
         "LLAVA_DEVICE": "cpu",
         "LLAVA_DTYPE": "float32",
-        "LLAVA_MAX_BATCH_SIZE": str(batch_size),
         "LLAVA_MAX_PENDING_REQUESTS": "32",
         "LLAVA_LOG_LEVEL": "WARNING",
     }
+    env |= {f"LLAVA_{name.upper()}": value for name, value in settings.items()}
     command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -250,7 +250,7 @@ def main() -> None:
             "workload": f"{args.frames} frames and {args.tokens} new tokens per request; 16-frame rows likewise",
         }
         for name, batch in (("baseline", 1), ("batched", 8)):
-            with served(checkpoint, batch, folder / f"{name}.log") as base:
+            with served(checkpoint, folder / f"{name}.log", max_batch_size=str(batch)) as base:
                 results[name] = bench_service(base, videos, args.frames, args.tokens, args.repeats)
     print(report(results))
     if args.out:
