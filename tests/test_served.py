@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 import schemathesis
 from conftest import TEST_MAX_NEW_TOKENS, free_port, running_service
 from hypothesis import HealthCheck, given, reject, settings
+from mediafiles import write_video
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
@@ -151,6 +153,24 @@ def test_concurrent_clients_get_the_answers_they_get_alone(served, media_dir):
         together = [response.json() for response in pool.map(lambda r: post_upload(served, *r), requests)]
     assert all(body["status"] == "success" for body in alone)
     assert together == alone
+
+
+def test_a_follow_up_by_url_reuses_the_uploaded_video(served, served_folder, media_dir, file_server):
+    """The served process recognises the same bytes by URL: no decoding, no vision tower, the
+    prompt's KV reused; its answer is the one the first request's question gets again."""
+    name = "served-follow-up.mp4"
+    write_video(media_dir / name, frames=14, fps=7, size=(96, 64))
+    digest = hashlib.sha256((media_dir / name).read_bytes()).hexdigest()
+    first = post_upload(served, media_dir / name, {"prompt": "What is it?", "num_frames": 4}).json()
+    by_url = {"video_url": f"{file_server}/{name}", "metadata": {"prompt": "What is it?", "num_frames": 4}}
+    again = httpx.post(f"{served}/analyze_video", json=by_url, timeout=120).json()
+    assert again == first and first["status"] == "success"
+    lines = [
+        line for line in (served_folder / "serve.log").read_text().splitlines() if f"reuse video/4/{digest}" in line
+    ]
+    assert len(lines) == 2, lines
+    assert "features computed, KV of 0 of" in lines[0]
+    assert "features recalled" in lines[1] and "KV of 0 of" not in lines[1]
 
 
 def test_a_client_that_disconnects_has_its_request_cancelled(served, served_folder, media_dir):
