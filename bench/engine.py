@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.load import machine
+from bench.machine import machine
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Engine, EngineLimits, GenerationSettings, PreparedRequest
 from llava_custom.tiny import write_tiny_checkpoint

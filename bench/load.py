@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -38,21 +37,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.machine import machine
+
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = 8
-
-
-def machine() -> str:
-    """CPU model and the cores this process may use."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
 
 
 def free_port() -> int:

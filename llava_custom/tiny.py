@@ -5,6 +5,10 @@ two-layer MLP projector, Qwen2 language model, byte-level BPE tokenizer with the
 but tiny widths, so the real loading, preprocessing and generation code runs on a laptop CPU.
 Every quantised width is a multiple of 64 so bitsandbytes 4-bit also runs on CPU.
 
+:func:`write_random_checkpoint` writes the original layout for any sizes (:data:`LLAVA_VIDEO_7B`
+is the published model's) without building the model: each tensor is drawn on the given device
+and written shard by shard, so 7B parameters take seconds on a GPU and one shard of host memory.
+
     python -m llava_custom.tiny DIR [--layout transformers|original] [--seed N]
 """
 
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +39,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from llava_custom.checkpoint import SIGLIP_MEAN, SIGLIP_STD, assemble_processor
+from llava_custom.checkpoint import SIGLIP_MEAN, SIGLIP_STD, SO400M, SO400M_ID, assemble_processor
 from llava_custom.modeling import LlavaVideoForConditionalGeneration
 
 SYSTEM_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -83,9 +89,26 @@ class TinySpec:
     text_heads: int = 4  # 28
     text_kv_heads: int = 2  # 4
     bpe_vocab: int = 512  # 151643
+    vocab_rows: int = 0  # 152064; 0: the tokenizer's size rounded up to a multiple of 64
     # Random weights this much wider than the default init make answers depend on the input,
     # instead of one token repeated whatever the picture.
     init_scale: float = 8.0
+
+
+# LLaVA-Video-7B-Qwen2's sizes (Qwen2-7B, SigLIP so400m without its last layer), with the tiny
+# tokenizer: its ids all fall inside the 152064-row embedding, so only the vocabulary is small.
+LLAVA_VIDEO_7B = TinySpec(
+    vision_hidden=1152,
+    vision_intermediate=4304,
+    vision_layers=26,
+    vision_heads=16,
+    text_hidden=3584,
+    text_intermediate=18944,
+    text_layers=28,
+    text_heads=28,
+    text_kv_heads=4,
+    vocab_rows=152064,
+)
 
 
 def build_tokenizer(spec: TinySpec = TinySpec()) -> Qwen2Tokenizer:
@@ -124,7 +147,9 @@ def build_tokenizer(spec: TinySpec = TinySpec()) -> Qwen2Tokenizer:
 def build_config(tokenizer: Qwen2Tokenizer, spec: TinySpec = TinySpec(), **video_keys: object) -> LlavaOnevisionConfig:
     """LlavaOnevision config of the tiny model; ``video_keys`` override the LLaVA-Video ``mm_*`` keys."""
     # Like Qwen2-7B (152064 rows for 151665 tokens) the embedding has spare rows.
-    vocab_size = (len(tokenizer) // 64 + 1) * 64
+    vocab_size = spec.vocab_rows or (len(tokenizer) // 64 + 1) * 64
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_rows={vocab_size} is smaller than the {len(tokenizer)}-token tokenizer")
     vision = SiglipVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
@@ -257,11 +282,22 @@ def original_weight_name(name: str) -> str:
 
 
 def _write_original_layout(path: Path, model: LlavaVideoForConditionalGeneration, tokenizer: Qwen2Tokenizer) -> None:
-    config = model.config
     tensors = {original_weight_name(k): v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     _save_sharded(tensors, path, shards=2)
-    (path / "config.json").write_text(json.dumps(_original_config(config, tokenizer), indent=2))
-    model.generation_config.save_pretrained(path)
+    _write_original_files(path, model.config, model.generation_config, tokenizer, TINY_TOWER_ID)
+    _write_tower_to_hub_cache(model.config.vision_config)
+
+
+def _write_original_files(
+    path: Path,
+    config: LlavaOnevisionConfig,
+    generation_config: GenerationConfig,
+    tokenizer: Qwen2Tokenizer,
+    vision_tower: str,
+) -> None:
+    """Everything of the original layout but the weights: config, generation config, tokenizer files."""
+    (path / "config.json").write_text(json.dumps(_original_config(config, tokenizer, vision_tower), indent=2))
+    generation_config.save_pretrained(path)
     _write_original_tokenizer(path, tokenizer)
     # The checkpoint's own preprocessor_config.json (SigLIP's), which the original code ignores.
     side = config.vision_config.image_size
@@ -283,7 +319,6 @@ def _write_original_layout(path: Path, model: LlavaVideoForConditionalGeneration
             indent=2,
         )
     )
-    _write_tower_to_hub_cache(config.vision_config)
 
 
 def _save_sharded(tensors: dict[str, torch.Tensor], path: Path, shards: int) -> None:
@@ -295,12 +330,15 @@ def _save_sharded(tensors: dict[str, torch.Tensor], path: Path, shards: int) -> 
         part = names[shard * len(names) // shards : (shard + 1) * len(names) // shards]
         save_file({name: tensors[name] for name in part}, path / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, file)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_index(path, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _original_config(config: LlavaOnevisionConfig, tokenizer: Qwen2Tokenizer) -> dict:
+def _original_config(config: LlavaOnevisionConfig, tokenizer: Qwen2Tokenizer, vision_tower: str) -> dict:
     """config.json as LLaVA-NeXT's trainer writes it for a Qwen2 LLaVA-Video model."""
     text = config.text_config
     endoftext, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
@@ -338,7 +376,7 @@ def _original_config(config: LlavaOnevisionConfig, tokenizer: Qwen2Tokenizer) ->
         "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch",
         "mm_vision_select_layer": -2,
-        "mm_vision_tower": TINY_TOWER_ID,
+        "mm_vision_tower": vision_tower,
         "mm_vision_tower_lr": 2e-06,
         "num_attention_heads": text.num_attention_heads,
         "num_hidden_layers": text.num_hidden_layers,
@@ -432,6 +470,91 @@ def _write_tower_to_hub_cache(vision: SiglipVisionConfig) -> Path:
     torch.manual_seed(0)
     SiglipVisionModel(full).save_pretrained(snapshot)
     return snapshot
+
+
+# --- any size, drawn tensor by tensor ----------------------------------------------------------
+
+
+def write_random_checkpoint(
+    path: Path | str,
+    spec: TinySpec = LLAVA_VIDEO_7B,
+    *,
+    device: torch.device | str = "cpu",
+    std: float = 0.02,
+    seed: int = 0,
+    shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """Write random weights of ``spec``'s sizes in the original LLaVA-NeXT layout; return ``path``.
+
+    The model is built on the meta device for its tensor names and shapes only. Each tensor is drawn
+    on ``device`` in bfloat16 (normal with ``std`` as Qwen2's ``initializer_range``; norm weights 1,
+    norm biases 0), copied to the host and saved with the rest of its shard of at most
+    ``shard_bytes``, so the host holds one shard at a time. A spec with so400m's vision sizes names
+    google/siglip-so400m-patch14-384 as the published checkpoint does (the loader knows its config;
+    nothing is downloaded); any other tower is written into the Hugging Face cache as
+    :data:`TINY_TOWER_ID`, as :func:`write_tiny_checkpoint` does. Same seed and device, same weights.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec)
+    config = build_config(tokenizer, spec)
+    with torch.device("meta"):
+        shapes = {
+            original_weight_name(name): tuple(tensor.shape)
+            for name, tensor in LlavaVideoForConditionalGeneration(config).state_dict().items()
+        }
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+
+    def draw(name: str) -> torch.Tensor:
+        shape = shapes[name]
+        if "norm" in name:
+            fill = torch.ones if name.endswith(".weight") else torch.zeros
+            return fill(shape, dtype=torch.bfloat16)
+        values = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+        return values.mul_(std).cpu()
+
+    _save_drawn_shards(shapes, draw, path, shard_bytes)
+    tower = SO400M_ID if _is_so400m(config.vision_config) else TINY_TOWER_ID
+    _write_original_files(path, config, build_generation_config(tokenizer), tokenizer, tower)
+    if tower == TINY_TOWER_ID:
+        _write_tower_to_hub_cache(config.vision_config)
+    return path
+
+
+def _save_drawn_shards(
+    shapes: dict[str, tuple[int, ...]], draw: Callable[[str], torch.Tensor], path: Path, shard_bytes: int
+) -> None:
+    """bfloat16 shards of :func:`plan_shards`, each drawn and saved before the next is drawn."""
+    sizes = {name: math.prod(shape) * torch.bfloat16.itemsize for name, shape in shapes.items()}
+    shards = plan_shards(sizes, shard_bytes)
+    weight_map = {}
+    for number, part in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: draw(name) for name in part}, path / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    _write_index(path, weight_map, sum(sizes.values()))
+
+
+def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
+    """Tensor names in name order, cut into shards of at most ``shard_bytes`` bytes (a shard is
+    larger only when one tensor alone is)."""
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name in sorted(sizes):
+        if shards[-1] and filled + sizes[name] > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += sizes[name]
+    return shards
+
+
+def _is_so400m(vision: SiglipVisionConfig) -> bool:
+    """Whether the checkpoint's tower (its last layer removed, as stored) has so400m's sizes."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size")
+    same = all(getattr(vision, key) == getattr(SO400M, key) for key in keys)
+    return same and vision.num_hidden_layers == SO400M.num_hidden_layers - 1
 
 
 def main() -> None:
