@@ -30,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import REPO, machine, served
+from bench.load import REPO, served
+from bench.machine import machine
 
 QUESTIONS = ("What happens in this video?", "What colour is the biggest object?")
 

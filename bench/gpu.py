@@ -12,8 +12,9 @@ Flash Attention 2 when installed, else SDPA) and drives the engine directly:
 
 - workloads: one 1280x720 image; videos of each ``--frames`` count (random uint8 frames already at
   the tower's 384x384, so no decoding);
-- for each: a first question alone (batch 1); a second question about the same frames (follow-up,
-  which gets faster once prefix/feature reuse lands); 8 different inputs submitted at once (batch 8).
+- for each: a first question alone (batch 1); a second question about the same frames (follow-up:
+  features and prompt KV reused, as the service does for media seen before); 8 different inputs
+  submitted at once (batch 8).
   Every request generates exactly ``--new-tokens`` tokens (``ignore_eos``);
 - time to first token (from the submit call to the first Delta of the stream), decode tokens/s
   (after the first token; for batch 8 while all 8 rows decode together), peak memory;
@@ -55,7 +56,15 @@ from PIL import Image  # noqa: E402
 
 from bench.machine import machine  # noqa: E402
 from llava_custom.builder import LoadedModel, load_pretrained_model  # noqa: E402
-from llava_custom.engine import Engine, EngineLimits, GenerationSettings, TokenStream  # noqa: E402
+from llava_custom.engine import (  # noqa: E402
+    Engine,
+    EngineLimits,
+    GenerationSettings,
+    MediaRef,
+    ReuseCache,
+    TokenStream,
+)
+from llava_custom.reuse import image_key, video_key  # noqa: E402
 from llava_custom.tiny import LLAVA_VIDEO_7B, TinySpec, write_random_checkpoint  # noqa: E402
 
 REQUESTS = 8  # the concurrent rows
@@ -283,15 +292,30 @@ class Workload:
     image_size: tuple[int, int] = IMAGE_SIZE  # (width, height)
 
     def ask(self, engine: Engine, seed: int, settings: GenerationSettings) -> Ask:
-        """A function submitting a question about one input of this workload, new for each seed."""
+        """A function submitting a question about one input of this workload, new for each seed.
+        As the service does, an input seen before is recalled (features) instead of passed again."""
         rng = np.random.default_rng(seed)
         if self.modality == "image":
             image = synthetic_image(rng, self.image_size)
-            return lambda question: engine.submit_image(image, question, settings)
+            key = image_key(f"bench-{seed}")
+
+            def ask_image(question: str) -> TokenStream:
+                media = engine.recall(key)
+                pixels = None if media else image
+                return engine.submit_image(pixels, question, settings, media or MediaRef(key))
+
+            return ask_image
         width, height = engine.frame_size
         frames = rng.integers(0, 256, (self.frames, height, width, 3), dtype=np.uint8)
         times = [index * VIDEO_SECONDS / self.frames for index in range(self.frames)]
-        return lambda question: engine.submit_video(frames, VIDEO_SECONDS, times, question, settings)
+        key = video_key(f"bench-{seed}", self.frames)
+
+        def ask_video(question: str) -> TokenStream:
+            media = engine.recall(key)
+            pixels = None if media else frames
+            return engine.submit_video(pixels, VIDEO_SECONDS, times, question, settings, media or MediaRef(key))
+
+        return ask_video
 
     def visual_tokens(self, loaded: LoadedModel) -> int:
         if self.modality == "image":
@@ -472,7 +496,8 @@ def run(args: argparse.Namespace) -> dict:
         kv_cache_tokens=REQUESTS * (longest + 1024 + args.new_tokens),
         request_timeout=3600.0,
     )
-    engine = Engine(loaded, limits)
+    # The service's default cache sizes (LLAVA_FEATURE_CACHE_BYTES, LLAVA_PREFIX_CACHE_BYTES).
+    engine = Engine(loaded, limits, ReuseCache(2 * 1024**3, 2 * 1024**3))
     try:
         bench = Bench(engine, device, costs, bytes_per_s, args.new_tokens)
         log(f"loaded in {load_s:.1f} s ({loaded.attn_implementation}); warming up")
