@@ -11,6 +11,9 @@ Continuous batching over the model's own forward and transformers' ``DynamicCach
   ``prefill_chunk_tokens``. One unit of prefill work (the vision encoding, or one chunk) runs
   between two decode steps, so a long video delays the running batch by one chunk at a time, not
   by its whole prefill.
+- A request about media seen before (``PreparedRequest.media``, llava_custom/reuse.py) takes its
+  visual features from the cache instead of the vision tower, and starts its prefill from the
+  cached KV of the longest prompt prefix it shares with the last prompt about that media.
 - Its first token comes from the prefill's logits; then its cache joins the batch. The batch
   cache holds every row right-aligned (left padding, as batched ``generate()`` uses): joining
   pads the shorter side, leaving drops the row and the columns nobody needs any more. Each decode
