@@ -125,6 +125,7 @@ def read_video(
     fps = _average_fps(decoder_fps, probe.stated_fps)
     indices = sample_frame_indices(total_frames, num_frames)
     decoded = _decord_frames(reader, indices) if reader is not None else decode_frames(path, probe, indices)
+    reader = None  # the generator closes it after the last frame
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) - 1)  # the decoder keeps one CPU busy
     frames = _collect(decoded, len(indices), probe.orientation, frame_size, chunk_bytes, threads)
@@ -214,10 +215,15 @@ def _store(
 
 
 def _decord_frames(reader: VideoReader, indices: list[int]) -> Iterator[np.ndarray]:
-    # No local variable holds a yielded frame: it must not outlive its resize while the next
-    # frame decodes.
-    for index in indices:
+    # No local variable holds a yielded frame while the next one decodes. The reader is closed
+    # as soon as the last frame is out: decord's thread would otherwise go on decoding (and
+    # converting to RGB) the rest of the file while the last frames are resized.
+    *firsts, last = indices
+    for index in firsts:
         yield _decord_frame(reader, index)
+    frame = _decord_frame(reader, last)
+    del reader
+    yield frame
 
 
 def _decord_frame(reader: VideoReader, index: int) -> np.ndarray:
