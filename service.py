@@ -221,7 +221,7 @@ class LLaVAVideoService:
                 lambda: self.decoder.read_video(
                     source,
                     num_frames,
-                    chunk_size=self.settings.decode_chunk_size,
+                    chunk_bytes=self.settings.decode_chunk_bytes,
                     frame_size=self.engine.frame_size,
                     max_pixels=self.settings.max_video_pixels,
                 )

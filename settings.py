@@ -24,7 +24,9 @@ class Settings(BaseSettings):
 
     num_frames: int = Field(16, ge=1, description="frames sampled when the request does not say")
     max_frames: int = Field(64, ge=1, description="most frames a request may ask for")
-    decode_chunk_size: int = Field(8, ge=1, description="frames decoded at full resolution at once")
+    decode_chunk_bytes: int = Field(
+        64 * MiB, ge=MiB, description="bytes of full-resolution frames held at once while decoding (at least one frame)"
+    )
     max_new_tokens: int = Field(512, ge=1, description="answer length when the request does not say")
     max_new_tokens_limit: int = Field(4096, ge=1, description="longest answer a request may ask for")
 

@@ -116,6 +116,7 @@ def decode_frames(path: Path, probe: VideoProbe, indices: list[int]) -> Iterator
             try:
                 for frame in _decode_by_timestamp(path, probe, indices):
                     yield frame
+                    del frame  # not held here while the next frame decodes
                     done += 1
                 return
             except _TimestampMiss:

@@ -1,8 +1,12 @@
 """Sample frames from a video file the way the official LLaVA-Video example does.
 
-Frames are decoded uniformly over the whole video, in chunks, so that memory stays bounded by
-``chunk_size`` full-resolution frames plus the sampled (optionally resized) frames, whatever the
-video's length or resolution.
+Frames are decoded uniformly over the whole video, one at a time, and each is turned upright and
+resized as soon as it is decoded, by a small thread pool while the decoder goes on with the next
+frame. At most ``chunk_bytes`` of full-resolution frames are held at once (always at least one),
+so memory stays bounded by that budget, the decoder's own buffers and the sampled (resized)
+frames, whatever the video's length or resolution: a 64 MiB budget is 2 frames at 2160p, 10 at
+1080p, 97 at 360p. (decord itself decodes a few frames ahead of the one asked for and holds them,
+converted to RGB: about 4 to 5 full frames more at 1440p and 2160p, out of our hands.)
 
 Before any decoder sees a file, :mod:`media.container` probes it with PyAV under a demuxer
 allow-list. That check decides between "not a supported video" and "damaged video", keeps
@@ -16,7 +20,11 @@ Frames come out upright as a player shows them (the stream's display matrix is a
 from __future__ import annotations
 
 import math
+import os
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +32,17 @@ import numpy as np
 from decord import DECORDError, VideoReader, cpu
 from PIL import Image
 
-from media.container import Orientation, VideoProbe, decode_frames, probe_video
+from media.container import Orientation, decode_frames, probe_video
 from media.errors import UndecodableMedia
 
 # Average frame rates outside this range are treated as broken metadata.
 _MIN_FPS, _MAX_FPS = 0.01, 1000.0
 _FALLBACK_FPS = 1.0
+# Full-resolution frames held at once while decoding: 2 frames at 2160p, 10 at 1080p, 97 at 360p.
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+_UNDECODABLE_FRAMES = (
+    "some video frames could not be decoded; the file may be damaged or truncated, send the complete file"
+)
 
 
 @dataclass(frozen=True)
@@ -71,16 +84,20 @@ def read_video(
     path: Path,
     num_frames: int,
     *,
-    chunk_size: int = 8,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     frame_size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
+    threads: int | None = None,
 ) -> SampledVideo:
     """Decode ``min(num_frames, total_frames)`` uniformly sampled RGB frames from ``path``.
 
     ``frame_size=(width, height)`` resizes every frame with Pillow bicubic (what the SigLIP image
-    processor does) right after its chunk is decoded and turned upright. The result is the same
-    for any ``chunk_size``. Frame times and duration use the average fps; when that is missing or
-    absurd (0, NaN, outside 0.01..1000) the container's stated rate is used, else 1.0 fps.
+    processor does) right after it is decoded and turned upright. At most ``chunk_bytes`` of
+    full-resolution frames (at least one frame) are held at once; ``threads`` resize them while
+    the next frame decodes (default: one fewer than the CPUs, at least one; 0 resizes in the
+    decoding thread). The result is the same for any ``chunk_bytes`` and ``threads``. Frame times
+    and duration use the average fps; when that is missing or absurd (0, NaN, outside
+    0.01..1000) the container's stated rate is used, else 1.0 fps.
 
     Raises UnsupportedMedia (not a supported video, no video stream), MediaTooLarge (frames over
     ``max_pixels`` pixels) or UndecodableMedia (empty, damaged or truncated file, no decodable
@@ -88,8 +105,10 @@ def read_video(
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
     if frame_size is not None and min(frame_size) < 1:
         raise ValueError(f"frame_size must be positive (width, height), got {frame_size}")
     probe = probe_video(path, max_pixels=max_pixels)
@@ -105,8 +124,11 @@ def read_video(
         raise UndecodableMedia("the video has no decodable frames; check that the file plays")
     fps = _average_fps(decoder_fps, probe.stated_fps)
     indices = sample_frame_indices(total_frames, num_frames)
-    chunks = _decord_chunks(reader, indices, chunk_size) if reader is not None else _pyav_chunks(path, probe, indices)
-    frames = _collect(chunks, len(indices), probe.orientation, frame_size)
+    decoded = _decord_frames(reader, indices) if reader is not None else decode_frames(path, probe, indices)
+    reader = None  # the generator closes it after the last frame
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) - 1)  # the decoder keeps one CPU busy
+    frames = _collect(decoded, len(indices), probe.orientation, frame_size, chunk_bytes, threads)
     info = VideoInfo(
         frame_count=len(indices),
         video_duration=total_frames / fps,
@@ -139,25 +161,41 @@ def _average_fps(decoder_fps: float | None, container_fps: float | None) -> floa
 
 
 def _collect(
-    chunks: Iterable[np.ndarray],
+    decoded: Iterable[np.ndarray],
     count: int,
     orientation: Orientation,
     frame_size: tuple[int, int] | None,
+    chunk_bytes: int,
+    threads: int,
 ) -> np.ndarray:
-    """Turn each chunk upright, resize it and store it into one preallocated (N, H, W, 3) array."""
+    """Store each decoded frame, upright and resized, into one preallocated (N, H, W, 3) array.
+
+    With ``threads``, a frame goes to the pool as soon as it is decoded, and the next one is
+    decoded only once it fits in ``chunk_bytes`` with the frames still waiting or resizing.
+    """
     frames: np.ndarray | None = None
+    held = 1  # full-resolution frames allowed at once, set from the first frame's size
     stored = 0
-    for chunk in chunks:
-        if frames is None:
-            height, width = _upright_shape(chunk.shape[1:3], orientation)
-            width, height = frame_size or (width, height)
-            frames = np.empty((count, height, width, 3), np.uint8)
-        stored += _store_chunk(frames, stored, chunk, orientation, frame_size)
-        del chunk  # free the full-resolution chunk before the next one is decoded
+    pending: deque[Future[None]] = deque()  # frames handed to the pool, oldest first
+    with ThreadPoolExecutor(threads) if threads else nullcontext() as pool:
+        for frame in decoded:
+            if frames is None:
+                height, width = _upright_shape(frame.shape[:2], orientation)
+                width, height = frame_size or (width, height)
+                frames = np.empty((count, height, width, 3), np.uint8)
+                held = max(1, chunk_bytes // frame.nbytes)
+            if pool is None:
+                _store(frames, stored, frame, orientation, frame_size)
+            else:
+                pending.append(pool.submit(_store, frames, stored, frame, orientation, frame_size))
+            stored += 1
+            del frame  # only the pool may hold it while the next one decodes
+            while len(pending) >= held:  # make room for the frame decoded next
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
     if frames is None or stored != count:
-        raise UndecodableMedia(
-            "some video frames could not be decoded; the file may be damaged or truncated, send the complete file"
-        )
+        raise UndecodableMedia(_UNDECODABLE_FRAMES)
     return frames
 
 
@@ -165,35 +203,61 @@ def _upright_shape(shape: tuple[int, int], orientation: Orientation) -> tuple[in
     return (shape[1], shape[0]) if orientation.transpose else shape
 
 
-def _store_chunk(
+def _store(
     frames: np.ndarray,
-    start: int,
-    chunk: np.ndarray,
+    position: int,
+    frame: np.ndarray,
     orientation: Orientation,
     frame_size: tuple[int, int] | None,
-) -> int:
-    # A function of its own so that no frame of the chunk stays referenced after it returns.
-    for offset, frame in enumerate(chunk):
-        upright = frame if orientation.is_identity else orientation.apply(frame)
-        frames[start + offset] = _resize(upright, frame_size) if frame_size else upright
-    return len(chunk)
+) -> None:
+    upright = frame if orientation.is_identity else orientation.apply(frame)
+    frames[position] = _resize(upright, frame_size) if frame_size else upright
 
 
-def _decord_chunks(reader: VideoReader, indices: list[int], chunk_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(indices), chunk_size):
-        try:
-            yield reader.get_batch(indices[start : start + chunk_size]).asnumpy()
-        except (DECORDError, RuntimeError) as exc:
-            raise UndecodableMedia(
-                "some video frames could not be decoded; the file may be damaged or truncated, send the complete file"
-            ) from exc
+def _decord_frames(reader: VideoReader, indices: list[int]) -> Iterator[np.ndarray]:
+    # No local variable holds a yielded frame while the next one decodes. The reader is closed
+    # as soon as the last frame is out: decord's thread would otherwise go on decoding (and
+    # converting to RGB) the rest of the file while the last frames are resized.
+    *firsts, last = indices
+    for index in firsts:
+        yield _decord_frame(reader, index)
+    frame = _decord_frame(reader, last)
+    del reader
+    yield frame
 
 
-def _pyav_chunks(path: Path, probe: VideoProbe, indices: list[int]) -> Iterator[np.ndarray]:
-    # PyAV yields one frame at a time: chunks of one keep memory at a single full frame.
-    for frame in decode_frames(path, probe, indices):
-        yield frame[np.newaxis]
+def _decord_frame(reader: VideoReader, index: int) -> np.ndarray:
+    """Frame ``index`` without copies: what get_batch([index]) returns, before its batch copy."""
+    try:
+        # get_batch does exactly this for each index, then copies the frame into its batch
+        # array; asnumpy() would copy it once more.
+        reader.seek_accurate(index)
+        frame = np.from_dlpack(_DLPackFrame(reader.next()))
+    except (DECORDError, RuntimeError, StopIteration) as exc:  # next() stops at the end of a cut file
+        raise UndecodableMedia(_UNDECODABLE_FRAMES) from exc
+    if frame.ndim != 3 or frame.shape[2] != 3:  # get_batch fails on such frames too
+        raise UndecodableMedia(_UNDECODABLE_FRAMES)
+    return frame
+
+
+class _DLPackFrame:
+    """A decord NDArray as numpy's ``from_dlpack`` takes it: the array shares decord's memory.
+
+    decord 0.6.0's NDArray has ``to_dlpack()`` but not the ``__dlpack__`` protocol numpy asks for.
+    The capsule keeps the NDArray alive for as long as the numpy array lives.
+    """
+
+    def __init__(self, array: object) -> None:
+        self._array = array
+
+    def __dlpack__(self, **_: object) -> object:
+        return self._array.to_dlpack()  # type: ignore[attr-defined]
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU: decord decodes on the CPU here
 
 
 def _resize(frame: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    # Pillow copies the frame into its own 4-bytes-per-pixel image and releases the GIL while
+    # resizing, so pool threads resize in parallel with decoding.
     return np.asarray(Image.fromarray(frame).resize(frame_size, Image.Resampling.BICUBIC))
