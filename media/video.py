@@ -3,10 +3,12 @@
 Frames are decoded uniformly over the whole video, one at a time, and each is turned upright and
 resized as soon as it is decoded, by a small thread pool while the decoder goes on with the next
 frame. At most ``chunk_bytes`` of full-resolution frames are held at once (always at least one),
-so memory stays bounded by that budget, the decoder's own buffers and the sampled (resized)
-frames, whatever the video's length or resolution: a 64 MiB budget is 2 frames at 2160p, 10 at
-1080p, 97 at 360p. (decord itself decodes a few frames ahead of the one asked for and holds them,
-converted to RGB: about 4 to 5 full frames more at 1440p and 2160p, out of our hands.)
+so this module's memory stays bounded by that budget and the sampled (resized) frames, whatever
+the video's length or resolution: a 64 MiB budget is 2 frames at 2160p, 10 at 1080p, 97 at 360p.
+decord's own memory comes on top and is out of our hands: its reader queues
+the compressed stream ahead (up to the rest of the file) and its thread decodes and converts to
+RGB the frames after the one asked for whenever the caller is busy (about 150 MB at 2160p for a
+1-minute video, plus the rest of the file for longer ones; see docs/BENCHMARKS.md).
 
 Before any decoder sees a file, :mod:`media.container` probes it with PyAV under a demuxer
 allow-list. That check decides between "not a supported video" and "damaged video", keeps
