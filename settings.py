@@ -1,4 +1,9 @@
-"""Service settings, read once from ``LLAVA_*`` environment variables (see README, Configuration)."""
+"""Service settings, read once from ``LLAVA_*`` environment variables (see README, Configuration).
+
+:class:`Settings` also hands out the limit objects the other parts take (the engine's, the
+fetcher's, the request guard's); where such an object has a default, the setting's default is
+that one, so each default is stated once.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from http_api.guard import GuardLimits
+from llava_custom.scheduler import EngineLimits
+from media.fetch import AddressPolicy, FetchLimits
+
 MiB = 1024 * 1024
+_ENGINE = EngineLimits()
+_FETCH = FetchLimits(max_bytes=1024 * MiB)
 
 
 class Settings(BaseSettings):
@@ -31,28 +42,38 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(4096, ge=1, description="longest answer a request may ask for")
 
     max_upload_bytes: int = Field(1024 * MiB, ge=1)
-    max_download_bytes: int = Field(1024 * MiB, ge=1)
+    max_download_bytes: int = Field(_FETCH.max_bytes, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
-    connect_timeout: float = Field(10.0, gt=0)
-    read_timeout: float = Field(30.0, gt=0)
-    download_timeout: float = Field(300.0, gt=0, description="whole download, seconds")
-    max_redirects: int = Field(5, ge=0)
+    connect_timeout: float = Field(_FETCH.connect_timeout, gt=0)
+    read_timeout: float = Field(_FETCH.read_timeout, gt=0)
+    download_timeout: float = Field(_FETCH.total_timeout, gt=0, description="whole download, seconds")
+    max_redirects: int = Field(_FETCH.max_redirects, ge=0)
     url_allowlist: str = Field(
         "", description="host names, IPs or CIDRs that URLs may reach although private, loopback, etc."
     )
-    max_data_url_bytes: int = Field(16 * MiB, ge=1, description="largest decoded data: URL")
+    max_data_url_bytes: int = Field(_FETCH.max_data_url_bytes, ge=1, description="largest decoded data: URL")
     max_video_pixels: int = Field(7680 * 4320, ge=1, description="largest video frame, width x height")
     decode_timeout: float = Field(120.0, gt=0, description="seconds one video or image may take to decode")
     decode_workers: int = Field(
         default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, description="decode child processes"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    max_pending_requests: int = Field(8, ge=0, description="requests waiting beyond the running batch")
-    max_batch_size: int = Field(8, ge=1, description="requests generating together (continuous batching)")
-    kv_cache_tokens: int = Field(32768, ge=1, description="KV cache budget of the whole padded batch, in tokens")
-    prefill_chunk_tokens: int = Field(2048, ge=16, description="prompt tokens prefilled between two decode steps")
-    request_timeout: float = Field(600.0, gt=0, description="seconds a request may wait and generate")
-    vision_chunk_frames: int = Field(8, ge=1, description="video frames through the vision tower at once")
+    max_pending_requests: int = Field(
+        _ENGINE.max_waiting, ge=0, description="requests waiting beyond the running batch"
+    )
+    max_batch_size: int = Field(
+        _ENGINE.max_batch_size, ge=1, description="requests generating together (continuous batching)"
+    )
+    kv_cache_tokens: int = Field(
+        _ENGINE.kv_cache_tokens, ge=1, description="KV cache budget of the whole padded batch, in tokens"
+    )
+    prefill_chunk_tokens: int = Field(
+        _ENGINE.prefill_chunk_tokens, ge=16, description="prompt tokens prefilled between two decode steps"
+    )
+    request_timeout: float = Field(_ENGINE.request_timeout, gt=0, description="seconds a request may wait and generate")
+    vision_chunk_frames: int = Field(
+        _ENGINE.vision_chunk_frames, ge=1, description="video frames through the vision tower at once"
+    )
     feature_cache_bytes: int = Field(
         2048 * MiB, ge=0, description="host memory for visual features of media seen before; 0 disables"
     )
@@ -65,11 +86,38 @@ class Settings(BaseSettings):
         """JSON bodies carry a data: URL in base64 (4 characters per 3 bytes) plus the rest."""
         return self.max_data_url_bytes * 4 // 3 + MiB
 
+    def engine_limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_batch_size=self.max_batch_size,
+            max_waiting=self.max_pending_requests,
+            kv_cache_tokens=self.kv_cache_tokens,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            request_timeout=self.request_timeout,
+            vision_chunk_frames=self.vision_chunk_frames,
+        )
+
+    def fetch_limits(self) -> FetchLimits:
+        return FetchLimits(
+            max_bytes=self.max_download_bytes,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            total_timeout=self.download_timeout,
+            max_redirects=self.max_redirects,
+            max_data_url_bytes=self.max_data_url_bytes,
+            policy=AddressPolicy.from_allowlist(self.url_allowlist),
+        )
+
+    def guard_limits(self) -> GuardLimits:
+        return GuardLimits(
+            max_upload_bytes=self.max_upload_bytes,
+            max_json_bytes=self.max_json_body_bytes,
+            # The running batch plus the requests allowed to wait; more are refused at once.
+            max_in_flight=self.max_batch_size + self.max_pending_requests,
+        )
+
     @field_validator("url_allowlist")
     @classmethod
     def _allowlist_parses(cls, value: str) -> str:
-        from media.fetch import AddressPolicy  # the parser lives with the policy it builds
-
         AddressPolicy.from_allowlist(value)  # raises ValueError naming the bad entry
         return value
 

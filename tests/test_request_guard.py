@@ -1,4 +1,4 @@
-"""request_guard in the real app (in-process): body caps, forms that would make BentoML fetch
+"""http_api.guard in the real app (in-process): body caps, forms that would make BentoML fetch
 URLs by itself, malformed multipart bodies, data: URLs, and the busy answer (503).
 
 The caps come from conftest.service_env: 2 MiB uploads, 256 KiB data: URLs (so JSON bodies up

@@ -236,7 +236,7 @@ def test_url_to_a_loopback_address_the_allow_list_does_not_name(client):
 
 def test_every_media_error_has_its_documented_status():
     import media
-    from service import status_for
+    from http_api.errors import status_for
 
     assert status_for(media.RefusedAddress("x")) == 400
     assert status_for(media.InvalidSource("x")) == 400
@@ -251,7 +251,7 @@ def test_every_media_error_has_its_documented_status():
 
 def test_engine_errors_have_their_documented_status():
     from llava_custom import errors
-    from service import status_for
+    from http_api.errors import status_for
 
     assert status_for(errors.InvalidPrompt("x")) == 400
     assert status_for(errors.PromptTooLong("x")) == 413

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from media import VideoInfo
 
@@ -21,6 +24,24 @@ class Metadata(BaseModel):
     ignore_eos: bool = Field(
         False, description="generate exactly max_new_tokens, past the end of the answer (load tests)"
     )
+
+    @classmethod
+    def parse(cls, raw: Any) -> Metadata:
+        """``metadata`` as an object, a JSON string of one, or absent; ValueError says what is wrong."""
+        if raw is None or raw == "":
+            return cls()
+        if isinstance(raw, (str, bytes)):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"metadata is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError('metadata must be a JSON object such as {"prompt": "..."}')
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid metadata: {problems}") from exc
 
 
 class Usage(BaseModel):

@@ -1,10 +1,10 @@
-"""An ASGI guard in front of the analysis endpoints: body caps, input forms and admission.
+"""An ASGI guard in front of the endpoints: body caps, input forms and admission.
 
 It looks at each request before BentoML parses it, on the bytes as they arrive, and answers with
-the service's failure body when something is wrong:
+the route's failure body (http_api.errors) when something is wrong:
 
-- 415 unless the body is JSON (or has no Content-Type, which BentoML reads as JSON) or
-  multipart/form-data.
+- 415 unless the body is JSON (or has no Content-Type, which BentoML reads as JSON) or, on the
+  native endpoints, multipart/form-data.
 - 413 when the body is too large: a declared Content-Length before any byte is read, otherwise
   as soon as the bytes received pass the cap. In multipart bodies the file parts together may
   hold ``max_upload_bytes`` and every other part 1 MiB (Starlette's own limit, which would
@@ -14,13 +14,11 @@ the service's failure body when something is wrong:
   ``MultipartSerde.ensure_file`` fetches, and a JSON body that is a bare URL string, which
   ``JSONSerde.parse_request`` fetches. A multipart body is parsed with the parser Starlette uses
   (python-multipart) and Starlette's rule (a part is a file iff its Content-Disposition has a
-  filename), so the guard sees the parts exactly as BentoML will. Malformed multipart bodies and
-  form values that BentoML's ``json.loads`` fails on with more than a JSONDecodeError (bytes in
-  no Unicode encoding, nesting too deep), which would be 500s, are answered 400 here.
-- 503 with Retry-After when the worker is busy: a request whose body has fully arrived counts as
-  in flight until it is answered; when ``max_in_flight`` requests are (the running batch plus the
-  requests allowed to wait, LLAVA_MAX_BATCH_SIZE + LLAVA_MAX_PENDING_REQUESTS), one more is
-  refused instead of queueing behind them.
+  filename), so the guard sees the parts exactly as BentoML will. Malformed multipart bodies
+  (no boundary included: the one rule for them is here) and form values that BentoML's
+  ``json.loads`` fails on with more than a JSONDecodeError (bytes in no Unicode encoding, nesting
+  too deep), which would be 500s, are answered 400 here.
+- 503 with Retry-After when http_api.admission refuses a request whose body has fully arrived.
 
 The first MiB of a body is inspected before the app starts, so most refusals never reach it.
 After a later refusal the app is told that the client disconnected, and its response is dropped.
@@ -30,20 +28,14 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from schemas import Failure
-from settings import Settings
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from http_api.admission import Admission, ServiceBusy
+from http_api.errors import Message, Receive, Scope, Send, error_body, error_headers
 
 MiB = 1024 * 1024
 # Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
@@ -54,7 +46,12 @@ MULTIPART_OVERHEAD = 2 * MiB
 JSON_WHITESPACE = b" \t\r\n"
 # Body bytes inspected before the app starts (see _GuardedRequest._read_ahead).
 READ_AHEAD_BYTES = 1 * MiB
-RETRY_AFTER_SECONDS = 10
+# Guarded routes -> the one multipart field BentoML treats as the upload (None: JSON only).
+GUARDED_PATHS: dict[str, str | None] = {
+    "/analyze_video": "video",
+    "/analyze_image": "image",
+    "/v1/chat/completions": None,
+}
 
 
 @dataclass(frozen=True)
@@ -66,23 +63,14 @@ class GuardLimits:
     max_in_flight: int
     file_fields: frozenset[str] = frozenset({"video", "image"})
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> GuardLimits:
-        return cls(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_json_bytes=settings.max_json_body_bytes,
-            max_in_flight=settings.max_batch_size + settings.max_pending_requests,
-        )
-
 
 class Refusal(Exception):
     """A request the guard answers itself."""
 
-    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.headers = headers or []
 
 
 class RequestGuard:
@@ -92,18 +80,19 @@ class RequestGuard:
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         limits: GuardLimits | None = None,
-        paths: dict[str, str] | None = None,
+        paths: dict[str, str | None] | None = None,
     ) -> None:
+        if limits is None:
+            from settings import Settings  # settings imports this module for GuardLimits
+
+            limits = Settings().guard_limits()
         self.app = app
-        self.limits = limits or GuardLimits.from_settings(Settings())
-        # Guarded path -> its upload field, the one part BentoML treats as a file.
-        self.paths = paths or {"/analyze_video": "video", "/analyze_image": "image"}
-        # Requests whose body has arrived and that are not answered yet. Only touched on the
-        # event loop, so a plain counter is safe.
-        self.in_flight = 0
+        self.limits = limits
+        self.paths = paths or GUARDED_PATHS
+        self.admission = Admission(limits.max_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["path"] not in self.paths or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         await _GuardedRequest(self, scope, receive, send).run()
@@ -137,7 +126,7 @@ class _GuardedRequest:
             await self.guard.app(self.scope, self._receive, self._send)
         finally:
             if self.counted:
-                self.guard.in_flight -= 1
+                self.guard.admission.release()
 
     async def _read_ahead(self) -> list[Message]:
         """The body's first messages, inspected before the app starts (up to READ_AHEAD_BYTES).
@@ -160,15 +149,17 @@ class _GuardedRequest:
         # BentoML picks its parser from this exact, case-sensitive value; so does the guard.
         media_type = (content_type or "").split(";")[0].strip()
         declared = _first_header(self.scope, b"content-length") or ""
-        if media_type == "multipart/form-data":
+        upload_field = self.guard.paths[self.scope["path"]]
+        if media_type == "multipart/form-data" and upload_field is not None:
             cap = self.limits.max_upload_bytes + MULTIPART_OVERHEAD
-            upload_field = self.guard.paths[self.scope["path"]]
             inspector: _JsonInspector | _MultipartInspector = _MultipartInspector(
                 content_type or "", self.limits, upload_field
             )
         elif media_type in ("application/json", ""):
             cap = self.limits.max_json_bytes
             inspector = _JsonInspector(self.limits.max_json_bytes)
+        elif upload_field is None:
+            raise Refusal(415, f"unsupported Content-Type {media_type!r}: send application/json")
         else:
             raise Refusal(
                 415,
@@ -207,13 +198,10 @@ class _GuardedRequest:
         """Count the request as waiting for the model, or refuse it when too many already are."""
         if self.counted:
             return
-        if self.guard.in_flight >= self.limits.max_in_flight:
-            raise Refusal(
-                503,
-                f"the service is busy ({self.guard.in_flight} requests in progress); retry in a few seconds",
-                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
-            )
-        self.guard.in_flight += 1
+        try:
+            self.guard.admission.admit()
+        except ServiceBusy as busy:
+            raise Refusal(503, str(busy)) from busy
         self.counted = True
 
     async def _send(self, message: Message) -> None:
@@ -223,11 +211,11 @@ class _GuardedRequest:
 
     async def _refuse(self, refusal: Refusal) -> None:
         self.refused = True
-        body = Failure(error=refusal.message).model_dump_json().encode()
+        body = error_body(self.scope["path"], refusal.status, refusal.message)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if not self.body_complete:
             headers.append((b"connection", b"close"))  # the rest of the request body is not read
-        headers += refusal.headers
+        headers += error_headers(refusal.status)
         await self.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
 

@@ -1,0 +1,160 @@
+"""From a request's media and question to the engine's token stream, for every route alike.
+
+The native endpoints and the OpenAI routes both come here: the input file (an upload moved
+under a name of ours, or a URL / ``data:`` URL fetched through media.fetch's guarded client),
+its content hash and the engine's reuse cache (media seen before is not decoded again),
+decoding in the media package's child processes, and the engine's queue. Blocking work runs in
+worker threads, so the event loop stays free for other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from anyio import to_thread
+
+import media
+from http_api.errors import RequestError
+from llava_custom import reuse
+from llava_custom.engine import Answer, Engine, GenerationSettings, MediaRef, TokenStream
+from media import VideoInfo
+from settings import Settings
+
+logger = logging.getLogger("llava_video_service")
+Kind = Literal["video", "image"]
+
+
+@dataclass(frozen=True)
+class Started:
+    """A request in the engine: its token stream, and the video's timing for a video."""
+
+    stream: TokenStream
+    video_info: VideoInfo | None = None
+
+
+class Analyzer:
+    """Turns validated requests into engine streams; shared by all routes of one worker."""
+
+    def __init__(self, settings: Settings, engine: Engine, decoder: media.DecodePool) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.decoder = decoder
+        self.fetch_limits = settings.fetch_limits()
+
+    def source_file(self, kind: Kind, upload: Path | None, url: str | None, workdir: Path) -> Path:
+        """The local file to read: the upload, or the URL downloaded into ``workdir`` (blocking)."""
+        if upload is not None and url:
+            raise RequestError(f"send either a '{kind}' file or a '{kind}_url', not both")
+        if upload is not None:
+            # Under a name of our own: BentoML names the file after the client's file name, and
+            # decoders must judge the bytes, not an extension. The caller removes ``workdir``
+            # after the request, whatever happens.
+            source = workdir / "upload"
+            shutil.move(upload, source)
+            size = source.stat().st_size
+            if size == 0:
+                raise media.InvalidSource(f"the uploaded {kind} file is empty")
+            if size > self.settings.max_upload_bytes:
+                raise media.MediaTooLarge(
+                    f"the uploaded {kind} is {size} bytes, over the {self.settings.max_upload_bytes}-byte limit"
+                )
+            return source
+        if url:
+            return media.download_to_file(url, workdir, self.fetch_limits)
+        raise RequestError(
+            f"no {kind} given: upload it as the multipart field '{kind}' "
+            f'or send {{"{kind}_url": "https://..."}} as JSON'
+        )
+
+    def generation(
+        self,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        param: str = "max_new_tokens",
+    ) -> GenerationSettings:
+        """Decoding settings with the server's defaults and limits (``param`` names the length field)."""
+        s = self.settings
+        max_new_tokens = max_new_tokens or s.max_new_tokens
+        if max_new_tokens > s.max_new_tokens_limit:
+            raise RequestError(f"{param} may be at most {s.max_new_tokens_limit}", param)
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature or 0.0,
+            top_p=top_p if top_p is not None else 1.0,
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
+
+    def frame_count(self, num_frames: int | None, param: str = "num_frames") -> int:
+        count = num_frames or self.settings.num_frames
+        if count > self.settings.max_frames:
+            raise RequestError(f"{param} may be at most {self.settings.max_frames}", param)
+        return count
+
+    async def start_video(
+        self, source: Path, num_frames: int, question: str | None, generation: GenerationSettings
+    ) -> Started:
+        """Decode the video (unless seen before) and queue the question."""
+        key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames)
+        recalled = self.engine.recall(key)
+        if recalled is not None:
+            frames, info, ref = None, recalled.info, recalled
+        else:
+            sampled = await to_thread.run_sync(
+                lambda: self.decoder.read_video(
+                    source,
+                    num_frames,
+                    chunk_bytes=self.settings.decode_chunk_bytes,
+                    frame_size=self.engine.frame_size,
+                    max_pixels=self.settings.max_video_pixels,
+                )
+            )
+            frames, info, ref = sampled.frames, sampled.info, MediaRef(key, sampled.info)
+        stream = await to_thread.run_sync(
+            self.engine.submit_video, frames, info.video_duration, info.frame_times, question, generation, ref
+        )
+        return Started(stream, info)
+
+    async def start_image(self, source: Path, question: str | None, generation: GenerationSettings) -> Started:
+        """Read the image (unless seen before) and queue the question."""
+        key = reuse.image_key(await to_thread.run_sync(media.file_digest, source))
+        ref = self.engine.recall(key)
+        image = None
+        if ref is None:
+            image = await to_thread.run_sync(
+                lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
+            )
+            ref = MediaRef(key)
+        stream = await to_thread.run_sync(self.engine.submit_image, image, question, generation, ref)
+        return Started(stream)
+
+
+# How often a request waiting for its answer checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+async def until_answered(stream: TokenStream, is_disconnected: Callable[[], Awaitable[bool]]) -> Answer:
+    """The stream's whole answer; if the client disconnects first, the request is cancelled."""
+
+    async def cancel_on_disconnect() -> None:
+        while not await is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        logger.info("client disconnected; cancelling its request")
+        stream.cancel()
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        return await stream.result_async()
+    finally:
+        watcher.cancel()
+        stream.cancel()  # a no-op once finished; frees the batch row if this task was cancelled
