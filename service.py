@@ -32,6 +32,7 @@ import media
 from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
+from http_api.openai_api import create_app
 from http_api.schemas import Failure, ImageAnswer, Metadata, Usage, VideoAnswer
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Answer, Engine, ReuseCache
@@ -40,7 +41,12 @@ from settings import Settings
 logger = logging.getLogger("llava_video_service")
 
 
+# Routes under /v1 (OpenAI's API); they reach this worker's service once it is instantiated.
+openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
+
+
 @bentoml.service(name="llava_video_service", traffic={"timeout": 900})
+@bentoml.asgi_app(openai_app, path="/v1")
 class LLaVAVideoService:
     """Loads the model once per worker and answers /analyze_video and /analyze_image."""
 

@@ -8,6 +8,7 @@ that one, so each default is stated once.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -28,6 +29,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLAVA_", extra="ignore")
 
     model: str = "lmms-lab/LLaVA-Video-7B-Qwen2"
+    served_model_name: str = Field(
+        "", description="the model's id in the OpenAI API (/v1/models); default: the hub id, or the folder's name"
+    )
     load_4bit: bool = True
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -85,6 +89,14 @@ class Settings(BaseSettings):
     def max_json_body_bytes(self) -> int:
         """JSON bodies carry a data: URL in base64 (4 characters per 3 bytes) plus the rest."""
         return self.max_data_url_bytes * 4 // 3 + MiB
+
+    @property
+    def model_id(self) -> str:
+        """The id clients name the model by: stable across restarts and machines."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model).expanduser()
+        return path.resolve().name if path.is_dir() else self.model
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(

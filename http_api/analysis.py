@@ -46,6 +46,7 @@ class Analyzer:
         self.engine = engine
         self.decoder = decoder
         self.fetch_limits = settings.fetch_limits()
+        self.model_id = settings.model_id
 
     def source_file(self, kind: Kind, upload: Path | None, url: str | None, workdir: Path) -> Path:
         """The local file to read: the upload, or the URL downloaded into ``workdir`` (blocking)."""

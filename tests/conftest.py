@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -103,6 +104,30 @@ def client(tiny_checkpoint: Path) -> Iterator:
 
         with TestClient(LLaVAVideoService.to_asgi(), raise_server_exceptions=False) as test_client:
             yield test_client
+
+
+@pytest.fixture(scope="session")
+def served_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the served instance keeps its checkpoint and its log (serve.log)."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="session")
+def served(served_folder: Path) -> Iterator[str]:
+    """`make demo PORT=...` in its own process group, using this interpreter's environment."""
+    port = free_port()
+    folder = served_folder
+    command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
+    # make passes the environment through: the README's URL examples are served from 127.0.0.1.
+    # The demo's own batch and queue sizes, whatever the in-process tests set in this environment.
+    env = os.environ | {
+        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
+        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
+        "LLAVA_MAX_BATCH_SIZE": "8",
+        "LLAVA_MAX_PENDING_REQUESTS": "8",
+    }
+    with running_service(command, env, port, folder / "serve.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="session")

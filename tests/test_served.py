@@ -7,17 +7,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-from conftest import TEST_MAX_NEW_TOKENS, free_port, running_service
 from hypothesis import HealthCheck, given, reject, settings
 from mediafiles import write_video
 from schemathesis import GenerationMode
@@ -36,30 +33,6 @@ def readme_curl_commands() -> list[str]:
             if command.strip().startswith("curl"):
                 commands.append(command.strip())
     return commands
-
-
-@pytest.fixture(scope="module")
-def served_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the served instance keeps its checkpoint and its log (serve.log)."""
-    return tmp_path_factory.mktemp("served")
-
-
-@pytest.fixture(scope="module")
-def served(served_folder: Path) -> Iterator[str]:
-    """`make demo PORT=...` in its own process group, using this interpreter's environment."""
-    port = free_port()
-    folder = served_folder
-    command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
-    # make passes the environment through: the README's URL examples are served from 127.0.0.1.
-    # The demo's own batch and queue sizes, whatever the in-process tests set in this environment.
-    env = os.environ | {
-        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
-        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
-        "LLAVA_MAX_BATCH_SIZE": "8",
-        "LLAVA_MAX_PENDING_REQUESTS": "8",
-    }
-    with running_service(command, env, port, folder / "serve.log") as base:
-        yield base
 
 
 def test_readme_has_the_four_curl_forms():

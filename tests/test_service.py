@@ -250,8 +250,8 @@ def test_every_media_error_has_its_documented_status():
 
 
 def test_engine_errors_have_their_documented_status():
-    from llava_custom import errors
     from http_api.errors import status_for
+    from llava_custom import errors
 
     assert status_for(errors.InvalidPrompt("x")) == 400
     assert status_for(errors.PromptTooLong("x")) == 413

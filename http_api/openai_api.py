@@ -1,0 +1,349 @@
+"""OpenAI-compatible routes, mounted under ``/v1``: chat completions (streamed or not) and models.
+
+Requests are what the ``openai`` SDK and vLLM clients send: ``messages`` with string content or
+content parts ``text``, ``image_url`` and ``video_url`` (vLLM's part for videos), each URL an
+http(s) URL fetched through media.fetch's guarded client or a base64 ``data:`` URL. Answers and
+stream chunks are the ``openai`` package's own pydantic types, so they are what the SDK parses.
+LLaVA's own controls travel in the body beside OpenAI's parameters, as vLLM does it
+(``num_frames``, ``fps``, ``start_time``, ``end_time``, ``top_k``); from the SDK, in
+``extra_body``. Errors are OpenAI's error object with the status the native endpoints give.
+
+The model answers about one picture or video per conversation: it may sit in any user turn,
+earlier turns and answers are kept as the conversation's history (and a follow-up about the
+same media reuses the work done for the earlier turns: llava_custom/reuse.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from anyio import to_thread
+from openai.types import CompletionUsage, Model
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionContentPartImageParam,
+    ChatCompletionContentPartTextParam,
+    ChatCompletionMessage,
+    ChatCompletionStreamOptionsParam,
+)
+from openai.types.chat import chat_completion as completion
+from openai.types.chat import chat_completion_chunk as chunk
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from typing_extensions import Required, TypedDict
+
+from http_api.analysis import Analyzer, Started, until_answered
+from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, openai_error, status_for
+from llava_custom.engine import Answer, GenerationSettings
+
+logger = logging.getLogger("llava_video_service")
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+
+
+class VideoURL(TypedDict, total=False):
+    url: Required[str]
+
+
+class ChatCompletionContentPartVideoParam(TypedDict, total=False):
+    """vLLM's content part for a video; the openai package has none."""
+
+    video_url: Required[VideoURL]
+    type: Required[Literal["video_url"]]
+
+
+ContentPart = Annotated[
+    ChatCompletionContentPartTextParam | ChatCompletionContentPartImageParam | ChatCompletionContentPartVideoParam,
+    Field(discriminator="type"),
+]
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of content parts."""
+
+    model_config = ConfigDict(extra="ignore")  # name, refusal, ... carry nothing for this model
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``: OpenAI's parameters and LLaVA's extensions."""
+
+    # Fields OpenAI clients send that change nothing here (user, store, metadata, ...) are ignored;
+    # those that would change the answer and are not supported are refused below.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool | None = None
+    stream_options: ChatCompletionStreamOptionsParam | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    # LLaVA's controls, as vLLM takes extra sampling and media parameters in the body.
+    num_frames: int | None = Field(None, ge=1, description="frames sampled from a video")
+    top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens (0: all)")
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Picture:
+    """The one image or video of a conversation and the user turn it belongs to."""
+
+    kind: Literal["image", "video"]
+    url: str
+    turn: int
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """The messages as the prompt takes them: system text, turns, the picture's place."""
+
+    system: str | None
+    turns: list[tuple[Literal["user", "assistant"], str]]
+    picture: Picture | None
+
+
+def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
+    """The ``/v1`` app; ``analyzer`` returns the worker's Analyzer (it exists once the model loaded)."""
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body is not valid JSON")
+        try:
+            return await _chat(analyzer(), request, body)
+        except CLIENT_ERRORS as error:
+            return _error(status_for(error), str(error), getattr(error, "param", None))
+        except Exception:  # a bug or a device failure: log it, tell the caller without internals
+            logger.exception("chat completion failed")
+            return _error(500, "internal error while answering; see the server log")
+
+    async def models(request: Request) -> Response:
+        served = Model(id=analyzer().model_id, created=0, object="model", owned_by="llava-video-service")
+        return JSONResponse({"object": "list", "data": [served.model_dump()]})
+
+    return Starlette(
+        routes=[
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/models", models, methods=["GET"]),
+        ]
+    )
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    headers = {k.decode(): v.decode() for k, v in error_headers(status)}
+    return JSONResponse(openai_error(status, message, param), status_code=status, headers=headers)
+
+
+async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
+    chat = parse_request(body)
+    if chat.model is not None and chat.model != analyzer.model_id:
+        return _error(
+            404, f"the model {chat.model!r} does not exist; this service serves {analyzer.model_id!r}", "model"
+        )
+    conversation = conversation_from(chat.messages)
+    generation = _generation(analyzer, chat)
+    num_frames = analyzer.frame_count(chat.num_frames)
+    with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
+        started = await _start(analyzer, conversation, num_frames, generation, Path(workdir))
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if chat.stream:
+        include_usage = bool((chat.stream_options or {}).get("include_usage"))
+        events = _events(started, response_id, created, analyzer.model_id, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    answer = await until_answered(started.stream, request.is_disconnected)
+    reply = ChatCompletion(
+        id=response_id,
+        object="chat.completion",
+        created=created,
+        model=analyzer.model_id,
+        choices=[
+            completion.Choice(
+                index=0,
+                message=ChatCompletionMessage(role="assistant", content=answer.text),
+                finish_reason=answer.finish_reason,
+                logprobs=None,
+            )
+        ],
+        usage=usage(answer),
+    )
+    return JSONResponse(reply.model_dump(exclude_unset=True))
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """The validated request; RequestError names the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with 'model' and 'messages'")
+    try:
+        chat = ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        where, message = _first_problem(exc)
+        raise RequestError(f"invalid request: {where}: {message}", where) from exc
+    if chat.n != 1:
+        raise RequestError("n must be 1: this service returns one choice per request; send it again for another", "n")
+    if chat.tools:
+        raise RequestError("tools (function calling) are not supported by this model", "tools")
+    if chat.response_format and chat.response_format.get("type") not in (None, "text"):
+        raise RequestError("only text responses are supported (response_format type 'text')", "response_format")
+    stops = [chat.stop] if isinstance(chat.stop, str) else chat.stop or []
+    if len(stops) > MAX_STOP_SEQUENCES or any(not stop for stop in stops):
+        raise RequestError(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings", "stop")
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    return chat
+
+
+def _first_problem(exc: ValidationError) -> tuple[str, str]:
+    """The deepest problem, its location without pydantic's union branch names (``str``,
+    ``list[...]``), and a hint for a content part that is not an object."""
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"] if not (isinstance(part, str) and (part in _BRANCHES or "[" in part))]
+        problems.append((len(loc), ".".join(loc), error["msg"]))
+    _, where, message = max(problems, key=lambda problem: problem[0])
+    parts = where.split(".")
+    if len(parts) == 4 and parts[0] == "messages" and parts[2] == "content" and "dictionary" in message:
+        message = 'each content part must be an object such as {"type": "text", "text": "..."}'
+    return where, message
+
+
+_BRANCHES = {"str", "int", "float", "bool", "none", "list"}
+
+
+def conversation_from(messages: list[ChatMessage]) -> Conversation:
+    """System text, user/assistant turns and where the picture is; RequestError when the model
+    could not take the messages."""
+    system: list[str] = []
+    turns: list[tuple[Literal["user", "assistant"], str]] = []
+    picture: Picture | None = None
+    for number, message in enumerate(messages):
+        where = f"messages.{number}"
+        if message.tool_calls:
+            raise RequestError("tool calls are not supported by this model", f"{where}.tool_calls")
+        if isinstance(message.content, str) or message.content is None:
+            text = message.content or ""
+        else:
+            texts = []
+            for part in message.content:
+                if part["type"] == "text":
+                    texts.append(part["text"])
+                    continue
+                if message.role != "user":
+                    raise RequestError(f"only user messages may hold an image or a video ({where})", where)
+                if picture is not None:
+                    raise RequestError(
+                        "this model answers about one image or one video per conversation; "
+                        "start a new conversation for another",
+                        where,
+                    )
+                kind: Literal["image", "video"] = "image" if part["type"] == "image_url" else "video"
+                url = part["image_url"]["url"] if part["type"] == "image_url" else part["video_url"]["url"]
+                picture = Picture(kind, url, len(turns))
+            text = "\n".join(texts)
+        if message.role in ("system", "developer"):
+            if turns:
+                raise RequestError("system messages must come before the conversation's turns", where)
+            system.append(text)
+        else:
+            turns.append((message.role, text))
+    if not turns or turns[-1][0] != "user":
+        raise RequestError("the last message must be the user's", "messages")
+    return Conversation("\n".join(system) if system else None, turns, picture)
+
+
+def _generation(analyzer: Analyzer, chat: ChatRequest) -> GenerationSettings:
+    length_param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+    return analyzer.generation(
+        max_new_tokens=chat.max_completion_tokens or chat.max_tokens,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+        seed=chat.seed,
+        ignore_eos=chat.ignore_eos,
+        param=length_param,
+    )
+
+
+async def _start(
+    analyzer: Analyzer, conversation: Conversation, num_frames: int, generation: GenerationSettings, workdir: Path
+) -> Started:
+    picture = conversation.picture
+    if picture is None:
+        raise RequestError("send an image_url or a video_url content part: this service answers about media")
+    if len(conversation.turns) > 1 or conversation.system is not None:
+        raise RequestError("multi-turn conversations are not supported yet", "messages")
+    question = conversation.turns[0][1]
+    source = await to_thread.run_sync(analyzer.source_file, picture.kind, None, picture.url, workdir)
+    if picture.kind == "image":
+        return await analyzer.start_image(source, question, generation)
+    return await analyzer.start_video(source, num_frames, question, generation)
+
+
+def usage(answer: Answer) -> CompletionUsage:
+    """OpenAI's usage, plus the prompt's visual tokens as an extra field."""
+    return CompletionUsage(
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        total_tokens=answer.prompt_tokens + answer.completion_tokens,
+        visual_tokens=answer.visual_tokens,
+    )
+
+
+async def _events(
+    started: Started, response_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format: the role first, the text as it comes, the
+    finish reason once, usage when asked, then ``[DONE]``. A client that goes away cancels the
+    generation (Starlette stops iterating, ``finally`` cancels the stream)."""
+
+    def event(choices: list[chunk.Choice], answer: Answer | None = None) -> str:
+        piece = ChatCompletionChunk(
+            id=response_id, object="chat.completion.chunk", created=created, model=model, choices=choices
+        )
+        if answer is not None:
+            piece.usage = usage(answer)
+        return f"data: {piece.model_dump_json(exclude_unset=True)}\n\n"
+
+    stream = started.stream
+    try:
+        yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(role="assistant", content=""))])
+        answer: Answer | None = None
+        async for delta in stream:
+            if delta.text:
+                yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(content=delta.text))])
+            if delta.finish_reason is not None:
+                answer = delta.answer
+                yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(), finish_reason=delta.finish_reason)])
+        if include_usage and answer is not None:
+            yield event([], answer)
+    except CLIENT_ERRORS as error:  # the headers are sent: the error goes into the stream
+        yield f"data: {json.dumps(openai_error(status_for(error), str(error)))}\n\n"
+    except Exception:
+        logger.exception("streamed chat completion failed")
+        yield f"data: {json.dumps(openai_error(500, 'internal error while answering; see the server log'))}\n\n"
+    finally:
+        stream.cancel()  # a no-op once finished
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,206 @@
+"""The OpenAI-compatible API of a real `make demo`, driven by the `openai` SDK as users drive it.
+
+Answers are compared with the native endpoints' for the same input (greedy decoding: the same
+prompt must give the same tokens), streams with the non-streamed answer, errors with the SDK's
+exception classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.served
+QUESTION = "What is happening here?"
+
+
+@pytest.fixture(scope="module")
+def sdk(served: str) -> openai.OpenAI:
+    # No retries: a 502 or 503 must reach the test, not be retried away.
+    return openai.OpenAI(base_url=f"{served}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(sdk: openai.OpenAI) -> str:
+    return sdk.models.list().data[0].id
+
+
+def data_url(path: Path, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def user(*parts: dict, text: str = QUESTION) -> dict:
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def video_part(url: str) -> dict:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def native(served: str, endpoint: str, body: dict) -> dict:
+    answer = httpx.post(f"{served}/{endpoint}", json=body, timeout=120).json()
+    assert answer["status"] == "success", answer
+    return answer
+
+
+def test_models_lists_the_served_model_under_a_stable_id(sdk: openai.OpenAI) -> None:
+    models = sdk.models.list().data
+    assert [m.id for m in models] == ["tiny"]  # the demo checkpoint's folder name
+    assert models[0].object == "model"
+
+
+def test_image_url_gets_the_native_endpoints_answer(sdk, model, served, file_server) -> None:
+    url = f"{file_server}/photo.jpg"
+    chat = sdk.chat.completions.create(model=model, messages=[user(image_part(url))], max_tokens=8)
+    metadata = {"prompt": QUESTION, "max_new_tokens": 8}
+    expected = native(served, "analyze_image", {"image_url": url, "metadata": metadata})
+    choice = chat.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected["response"]
+    assert choice.finish_reason in ("stop", "length")
+    assert chat.object == "chat.completion" and chat.model == model and chat.id.startswith("chatcmpl-")
+    assert chat.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+    assert chat.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    assert chat.usage.model_extra["visual_tokens"] == expected["usage"]["visual_tokens"] > 0
+
+
+def test_video_data_url_with_llava_extensions(sdk, model, served, media_dir) -> None:
+    clip = media_dir / "clip.webm"
+    chat = sdk.chat.completions.create(
+        model=model,
+        messages=[user(video_part(data_url(clip, "video/webm")))],
+        max_completion_tokens=10,
+        extra_body={"num_frames": 3},
+    )
+    with clip.open("rb") as file:
+        expected = httpx.post(
+            f"{served}/analyze_video",
+            files={"video": (clip.name, file)},
+            data={"metadata": json.dumps({"prompt": QUESTION, "num_frames": 3, "max_new_tokens": 10})},
+            timeout=120,
+        ).json()
+    assert chat.choices[0].message.content == expected["response"]
+    assert chat.usage.completion_tokens == expected["usage"]["completion_tokens"]
+
+
+def test_video_url_and_image_data_url(sdk, model, served, file_server, media_dir) -> None:
+    by_url = sdk.chat.completions.create(
+        model=model, messages=[user(video_part(f"{file_server}/clip.mp4"))], max_tokens=6
+    )
+    video = native(served, "analyze_video", {"video_url": f"{file_server}/clip.mp4", "metadata": {"prompt": QUESTION}})
+    assert by_url.choices[0].message.content == video["response"]
+    inline = sdk.chat.completions.create(
+        model=model, messages=[user(image_part(data_url(media_dir / "wide.png", "image/png")))], max_tokens=6
+    )
+    image = native(served, "analyze_image", {"image_url": f"{file_server}/wide.png", "metadata": {"prompt": QUESTION}})
+    assert inline.choices[0].message.content == image["response"]
+
+
+def test_streamed_pieces_join_to_the_answer(sdk, model, file_server) -> None:
+    messages = [user(video_part(f"{file_server}/clip.mp4"))]
+    whole = sdk.chat.completions.create(model=model, messages=messages, max_tokens=24, extra_body={"ignore_eos": True})
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in with_choices[1:])
+    finishes = [c.choices[0].finish_reason for c in with_choices if c.choices[0].finish_reason]
+    assert finishes == ["length"] == [whole.choices[0].finish_reason]
+    assert len(with_choices) > 3  # token by token, not one piece
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 24 == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_stream_without_usage_ends_with_the_finish_reason(served, model, file_server) -> None:
+    body = {"model": model, "messages": [user(image_part(f"{file_server}/photo.jpg"))], "stream": True}
+    with httpx.stream("POST", f"{served}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and "usage" not in last
+
+
+@pytest.mark.parametrize(
+    ("messages", "extra", "param"),
+    [
+        ([{"role": "user", "content": ["a bare string part"]}], {}, "messages.0.content.0"),
+        ([{"role": "user", "content": [{"type": "audio", "audio": {}}]}], {}, "messages.0.content.0"),
+        ([{"role": "assistant", "content": "hi"}], {}, "messages"),
+        ([user()], {"n": 2}, "n"),
+        ([user()], {"max_tokens": 10**6}, "max_tokens"),
+        ([user()], {"temperature": 3}, "temperature"),
+        ([user()], {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ([user()], {"num_frames": 10**6}, "num_frames"),
+    ],
+)
+def test_bad_requests_raise_bad_request_error(sdk, model, messages, extra, param) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.chat.completions.create(model=model, messages=messages, extra_body=extra)
+    error = raised.value.body
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert error["message"]
+
+
+def test_two_pictures_are_refused_with_a_reason(sdk, model, file_server) -> None:
+    messages = [user(image_part(f"{file_server}/photo.jpg"), video_part(f"{file_server}/clip.mp4"))]
+    with pytest.raises(openai.BadRequestError, match="one image or one video per conversation"):
+        sdk.chat.completions.create(model=model, messages=messages)
+
+
+def test_unknown_model_is_not_found(sdk, file_server) -> None:
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="gpt-4o", messages=[user(image_part(f"{file_server}/photo.jpg"))])
+
+
+@pytest.mark.parametrize(
+    ("part", "status", "exception"),
+    [
+        ("notes", 415, openai.APIStatusError),  # not a video
+        ("truncated", 422, openai.UnprocessableEntityError),
+        ("missing", 502, openai.InternalServerError),  # the URL's server answers 404
+        ("refused", 400, openai.BadRequestError),  # an address the fetcher refuses
+    ],
+)
+def test_media_errors_keep_the_native_status(sdk, model, media_dir, file_server, part, status, exception) -> None:
+    url = {
+        "notes": data_url(media_dir / "notes.txt", "video/mp4"),
+        "truncated": f"{file_server}/truncated.mp4",
+        "missing": f"{file_server}/missing.mp4",
+        "refused": "http://169.254.169.254/latest/meta-data",
+    }[part]
+    with pytest.raises(exception) as raised:
+        sdk.chat.completions.create(model=model, messages=[user(video_part(url))])
+    assert raised.value.status_code == status
+    assert set(raised.value.body) == {"message", "type", "param", "code"}
+
+
+def test_the_chat_route_takes_json_only(served) -> None:
+    response = httpx.post(f"{served}/v1/chat/completions", files={"video": ("a.mp4", b"x")}, timeout=30)
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    broken = httpx.post(
+        f"{served}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
