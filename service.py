@@ -142,6 +142,16 @@ def shaped(answer: Answer, started: Started) -> ImageAnswer | VideoAnswer:
     return VideoAnswer(response=answer.text, video_info=started.video_info, usage=usage)
 
 
+def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODescriptor]:
+    """The endpoint's input model, refusing fields it does not have (BentoML ignores them): a
+    top-level ``prompt`` or form field ``num_frames`` must not be dropped silently. The failure
+    body then points to ``metadata`` (http_api.errors.framework_error_message)."""
+    return type(spec.__name__, (spec,), {"__module__": __name__, "model_config": {"extra": "forbid"}})
+
+
+for _api in LLaVAVideoService.apis.values():
+    _api.input_spec = refuse_unknown_fields(_api.input_spec)
+
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
 # Added second, so it runs inside FailureBodyMiddleware (its answers already have our body).
 LLaVAVideoService.add_asgi_middleware(RequestGuard)

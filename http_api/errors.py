@@ -190,9 +190,17 @@ def framework_error_message(body: bytes) -> str:
         return str(payload["error"].get("message"))
     details = payload.get("detail")
     if isinstance(details, list) and details:
-        problems = []
+        problems, unknown = [], []
         for item in details:
             where = ".".join(str(part) for part in item.get("loc", ())) or "request body"
-            problems.append(f"{where}: {item.get('msg', 'invalid')}")
+            if item.get("type") == "extra_forbidden":
+                unknown.append(where)
+            else:
+                problems.append(f"{where}: {item.get('msg', 'invalid')}")
+        if unknown:
+            problems.append(
+                f"{', '.join(unknown)}: not a field of this endpoint; the question and its settings go "
+                f'inside metadata, e.g. {{"metadata": {{"{unknown[0]}": ...}}}}'
+            )
         return "invalid request: " + "; ".join(problems)
     return str(payload.get("error") or payload.get("detail") or "request failed")

@@ -30,6 +30,7 @@ import codecs
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -111,7 +112,7 @@ class _GuardedRequest:
         self.body_complete = False
         self.responding = False
         self.counted = False
-        self.inspector: _JsonInspector | _MultipartInspector | None = None
+        self.inspector: _JsonInspector | _MultipartInspector | _FormInspector | None = None
         self.early: list[Message] = []
 
     async def run(self) -> None:
@@ -144,15 +145,19 @@ class _GuardedRequest:
             size += len(message.get("body", b""))
         return early
 
-    def _inspector(self) -> _JsonInspector | _MultipartInspector:
+    def _inspector(self) -> _JsonInspector | _MultipartInspector | _FormInspector:
         content_type = _first_header(self.scope, b"content-type")
         # BentoML picks its parser from this exact, case-sensitive value; so does the guard.
         media_type = (content_type or "").split(";")[0].strip()
         declared = _first_header(self.scope, b"content-length") or ""
         upload_field = self.guard.paths[self.scope["path"]]
-        if media_type == "multipart/form-data" and upload_field is not None:
+        if media_type == "application/x-www-form-urlencoded" and upload_field is not None:
+            # What BentoML's own client sends for a URL input (no file): parsed as a form.
+            cap = self.limits.max_json_bytes
+            inspector = _FormInspector(self.limits)
+        elif media_type == "multipart/form-data" and upload_field is not None:
             cap = self.limits.max_upload_bytes + MULTIPART_OVERHEAD
-            inspector: _JsonInspector | _MultipartInspector = _MultipartInspector(
+            inspector: _JsonInspector | _MultipartInspector | _FormInspector = _MultipartInspector(
                 content_type or "", self.limits, upload_field
             )
         elif media_type in ("application/json", ""):
@@ -164,7 +169,7 @@ class _GuardedRequest:
             raise Refusal(
                 415,
                 f"unsupported Content-Type {media_type!r}: send application/json (a URL) "
-                "or multipart/form-data (a file upload)",
+                "or multipart/form-data (a file upload); a URL-encoded form works too",
             )
         if declared.isdigit() and int(declared) > cap:
             raise Refusal(413, _too_large_message(media_type, self.limits))
@@ -344,6 +349,40 @@ class _MultipartInspector:
             pass  # BentoML then passes the text on as it is
         except (ValueError, RecursionError) as exc:  # undecodable bytes, nesting too deep
             raise Refusal(400, f"the '{self.part_name}' part is neither text nor JSON that can be read") from exc
+
+
+class _FormInspector:
+    """URL-encoded forms: every field is text, so a file field given here would be a URL that
+    BentoML downloads by itself; the values it JSON-decodes must not make ``json.loads`` fail
+    with more than a JSONDecodeError. Checked on the whole body (at most ``max_json_bytes``)."""
+
+    def __init__(self, limits: GuardLimits) -> None:
+        self.limits = limits
+        self.body = bytearray()
+
+    def feed(self, chunk: bytes, more: bool) -> None:
+        self.body += chunk
+        if len(self.body) > self.limits.max_json_bytes:
+            raise Refusal(413, f"the form is larger than {_format_mib(self.limits.max_json_bytes)}")
+        if more:
+            return
+        try:
+            fields = parse_qsl(self.body.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise Refusal(400, "the URL-encoded form is not valid UTF-8") from exc
+        for name, value in fields:
+            if name in self.limits.file_fields:
+                raise Refusal(
+                    400,
+                    f"the '{name}' field must be a file upload (multipart/form-data, curl -F '{name}=@file'); "
+                    f"to send a URL, use the '{name}_url' field",
+                )
+            try:
+                json.loads(value)
+            except json.JSONDecodeError:
+                pass  # BentoML then passes the text on as it is
+            except (ValueError, RecursionError) as exc:
+                raise Refusal(400, f"the '{name}' field is neither text nor JSON that can be read") from exc
 
 
 def _too_large_message(media_type: str, limits: GuardLimits) -> str:

@@ -200,3 +200,35 @@ def test_after_the_fuzzing_the_service_answers_and_left_no_files(served, media_d
     with (media_dir / "clip.mp4").open("rb") as clip:
         response = httpx.post(f"{served}/analyze_video", files={"video": ("clip.mp4", clip)}, timeout=60)
     assert response.status_code == 200, response.text
+
+
+def test_bentoml_client_uploads_and_sends_urls(served, media_dir, file_server):
+    """BentoML's own Python client: a file upload (multipart) and a URL (a URL-encoded form)."""
+    import bentoml
+
+    metadata = {"prompt": "What is it?", "num_frames": 3, "max_new_tokens": 5}
+    with bentoml.SyncHTTPClient(served, timeout=120) as client:
+        uploaded = client.analyze_video(video=media_dir / "clip.mp4", metadata=metadata)
+        by_url = client.analyze_video(video_url=f"{file_server}/clip.mp4", metadata=metadata)
+        image = client.analyze_image(image_url=f"{file_server}/photo.jpg", metadata={"prompt": "What is it?"})
+    assert uploaded["status"] == "success" and uploaded["video_info"]["frame_count"] == 3
+    assert by_url == uploaded
+    assert image["status"] == "success" and image["response"]
+
+
+@pytest.mark.parametrize(
+    ("form", "files", "json_body"),
+    [
+        (None, None, {"video_url": "http://127.0.0.1:9/x.mp4", "prompt": "Why?"}),
+        ({"num_frames": "4"}, {"video": ("clip.mp4", b"")}, None),
+        ({"video_url": "http://127.0.0.1:9/x.mp4", "num_frames": "4"}, None, None),
+    ],
+    ids=["json-top-level-prompt", "multipart-form-field", "urlencoded-form-field"],
+)
+def test_fields_outside_metadata_are_refused(served, media_dir, form, files, json_body):
+    if files:
+        files = {"video": ("clip.mp4", (media_dir / "clip.mp4").read_bytes())}
+    response = httpx.post(f"{served}/analyze_video", data=form, files=files, json=json_body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "metadata" in error and ("prompt" in error or "num_frames" in error)
