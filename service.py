@@ -27,15 +27,18 @@ from typing import Any
 
 import bentoml
 from anyio import to_thread
+from starlette.responses import Response
 
 import media
 from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
+from http_api.native import answer_body, event_stream
 from http_api.openai_api import create_app
-from http_api.schemas import Failure, ImageAnswer, Metadata, Usage, VideoAnswer
+from http_api.openapi import OpenAPIDocs
+from http_api.schemas import Failure, Metadata
 from llava_custom.builder import load_pretrained_model
-from llava_custom.engine import Answer, Engine, ReuseCache
+from llava_custom.engine import Engine, ReuseCache
 from settings import Settings
 
 logger = logging.getLogger("llava_video_service")
@@ -78,6 +81,7 @@ class LLaVAVideoService:
         metadata: Any = None,
     ) -> dict[str, Any]:
         """Answer a question about a video: multipart ``video`` upload or JSON ``video_url``."""
+        # A streamed answer is a Starlette response, which BentoML sends as it is.
         return await self._respond(ctx, "video", video, video_url, metadata)
 
     @bentoml.api(route="/analyze_image")
@@ -93,7 +97,7 @@ class LLaVAVideoService:
 
     async def _respond(
         self, ctx: bentoml.Context, kind: Kind, upload: Path | None, url: str | None, metadata: Any
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | Response:
         """Run one request; every failure becomes the documented error body and status."""
         try:
             try:
@@ -104,8 +108,10 @@ class LLaVAVideoService:
             with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
                 source = await to_thread.run_sync(self.analyzer.source_file, kind, upload, url, Path(workdir))
                 started = await self._start(kind, source, meta)
+            if meta.stream:
+                return event_stream(started)
             answer = await until_answered(started.stream, ctx.request.is_disconnected)
-            return shaped(answer, started).model_dump()
+            return answer_body(answer, started).model_dump()
         except CLIENT_ERRORS as error:
             ctx.response.status_code = status_for(error)
             for name, value in error_headers(ctx.response.status_code):
@@ -130,18 +136,6 @@ class LLaVAVideoService:
         return await self.analyzer.start_video(source, num_frames, meta.prompt, generation)
 
 
-def shaped(answer: Answer, started: Started) -> ImageAnswer | VideoAnswer:
-    """The native endpoints' success body."""
-    usage = Usage(
-        prompt_tokens=answer.prompt_tokens,
-        visual_tokens=answer.visual_tokens,
-        completion_tokens=answer.completion_tokens,
-    )
-    if started.video_info is None:
-        return ImageAnswer(response=answer.text, usage=usage)
-    return VideoAnswer(response=answer.text, video_info=started.video_info, usage=usage)
-
-
 def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODescriptor]:
     """The endpoint's input model, refusing fields it does not have (BentoML ignores them): a
     top-level ``prompt`` or form field ``num_frames`` must not be dropped silently. The failure
@@ -152,6 +146,7 @@ def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODe
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = refuse_unknown_fields(_api.input_spec)
 
+LLaVAVideoService.add_asgi_middleware(OpenAPIDocs)
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
-# Added second, so it runs inside FailureBodyMiddleware (its answers already have our body).
+# Added after it, so it runs inside FailureBodyMiddleware (its answers already have our body).
 LLaVAVideoService.add_asgi_middleware(RequestGuard)

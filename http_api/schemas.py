@@ -21,6 +21,7 @@ class Metadata(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, used when temperature > 0")
     seed: int | None = Field(None, ge=0, lt=2**63, description="makes a sampled answer (temperature > 0) reproducible")
+    stream: bool = Field(False, description="answer as server-sent events, token by token (see README)")
     ignore_eos: bool = Field(
         False, description="generate exactly max_new_tokens, past the end of the answer (load tests)"
     )

@@ -1,0 +1,173 @@
+"""What BentoML's OpenAPI page (``/docs.json``, shown at ``/``) leaves out, filled in.
+
+BentoML documents each endpoint with one request form (multipart, from the signature), untyped
+``metadata``, an untyped answer and its own error shapes. This middleware completes the document
+as it is served: both input forms (multipart upload and JSON URL), the ``metadata`` schema with
+every field, the answers' schemas, every error status with the failure body, and the OpenAI routes
+under ``/v1``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from http_api.errors import Message, Receive, Scope, Send
+from http_api.schemas import Failure, ImageAnswer, Metadata, VideoAnswer
+
+DOCS_PATH = "/docs.json"
+REF = "#/components/schemas/{model}"
+# Every status a native endpoint answers besides 200, and when.
+ERROR_STATUSES = {
+    "400": "Malformed request: missing or doubled input, bad metadata, a refused URL",
+    "413": "Upload, download, image or prompt over its limit",
+    "415": "Not a supported video or image, or an unsupported Content-Type",
+    "422": "Damaged or truncated media",
+    "500": "Internal error (details in the server log)",
+    "502": "The URL's server failed",
+    "503": "Busy or shutting down: retry after the Retry-After seconds",
+    "504": "The URL's server timed out",
+}
+_NATIVE = {
+    "/analyze_video": ("video", VideoAnswer),
+    "/analyze_image": ("image", ImageAnswer),
+}
+
+
+class OpenAPIDocs:
+    """ASGI middleware that rewrites the ``/docs.json`` response; other requests pass through."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != DOCS_PATH:
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        body = bytearray()
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body", False) or start is None:
+                return
+            payload = bytes(body)
+            if start["status"] == 200:
+                payload = json.dumps(complete(json.loads(payload))).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(payload)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+
+        await self.app(scope, receive, capture)
+
+
+def complete(spec: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with our schemas, input forms, errors and the /v1 routes."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (Metadata, VideoAnswer, ImageAnswer, Failure):
+        _add_schema(schemas, model)
+    metadata = {
+        "description": "The question and its settings; in a multipart form, a JSON string of this object",
+        "allOf": [{"$ref": REF.format(model="Metadata")}],
+    }
+    for path, (kind, answer) in _NATIVE.items():
+        operation = spec.get("paths", {}).get(path, {}).get("post")
+        if operation is None:
+            continue
+        url_field = {"type": "string", "description": f"http(s) or data: URL of the {kind}"}
+        upload = {"type": "string", "format": "binary", "description": f"the {kind} file"}
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {kind: upload, "metadata": metadata},
+                        "required": [kind],
+                        "additionalProperties": False,
+                    },
+                    "encoding": {"metadata": {"contentType": "application/json"}},
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {f"{kind}_url": url_field, "metadata": metadata},
+                        "required": [f"{kind}_url"],
+                        "additionalProperties": False,
+                    }
+                },
+            },
+        }
+        failure = {"application/json": {"schema": {"$ref": REF.format(model="Failure")}}}
+        operation["responses"] = {
+            "200": {
+                "description": "The answer; with metadata.stream, server-sent events (see README)",
+                "content": {
+                    "application/json": {"schema": {"$ref": REF.format(model=answer.__name__)}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            **{status: {"description": text, "content": failure} for status, text in ERROR_STATUSES.items()},
+        }
+    spec.setdefault("paths", {}).update(_openai_paths())
+    return spec
+
+
+def _add_schema(schemas: dict[str, Any], model: type[BaseModel]) -> None:
+    schema = model.model_json_schema(ref_template=REF)
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+
+
+def _openai_paths() -> dict[str, Any]:
+    error = {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            k: {"type": "string", "nullable": True} for k in ("message", "type", "param", "code")
+                        },
+                    }
+                },
+            }
+        }
+    }
+    errors = {status: {"description": text, "content": error} for status, text in ERROR_STATUSES.items()}
+    return {
+        "/v1/chat/completions": {
+            "post": {
+                "tags": ["OpenAI-compatible"],
+                "description": (
+                    "OpenAI's chat completions: messages with text, image_url and video_url parts; "
+                    "stream for server-sent events; num_frames, fps, start_time, end_time, top_k as "
+                    "extensions in the body (see README)"
+                ),
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": {
+                        "description": "chat.completion, or chat.completion.chunk events when streamed",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "404": {"description": "Unknown model", "content": error},
+                    **errors,
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "tags": ["OpenAI-compatible"],
+                "description": "The served model",
+                "responses": {"200": {"description": "A list with the served model"}},
+            }
+        },
+    }
