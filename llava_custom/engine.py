@@ -1,4 +1,4 @@
-"""Turn frames or an image plus a question into a stream of the model's answer.
+"""Turn frames or an image plus a question (or a conversation) into a stream of the model's answer.
 
 Builds the inputs as the original LLaVA-Video code does (prompting.py), expands the visual
 placeholder to the number of tokens the model will put there, and hands the request to the
@@ -9,7 +9,8 @@ caller's thread, so only model work happens on the scheduler's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from PIL import Image
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
 from llava_custom.errors import InvalidPrompt
+from llava_custom.prompting import Conversation, Turn
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
 from llava_custom.scheduler import EngineLimits, PreparedRequest, Scheduler
@@ -25,6 +27,7 @@ from llava_custom.streaming import Answer, Delta, TokenStream
 
 __all__ = [
     "Answer",
+    "Conversation",
     "Delta",
     "Engine",
     "EngineLimits",
@@ -33,6 +36,7 @@ __all__ = [
     "PreparedRequest",
     "ReuseCache",
     "TokenStream",
+    "Turn",
 ]
 
 
@@ -93,7 +97,7 @@ class Engine:
         frames: np.ndarray | None,
         duration: float,
         frame_times: Sequence[float],
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> TokenStream:
@@ -103,12 +107,16 @@ class Engine:
     def submit_image(
         self,
         image: Image.Image | None,
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> TokenStream:
         """Queue a question about one RGB image, tiled as the checkpoint's anyres setting says."""
         return self.submit(self.prepare_image(image, question, settings, media))
+
+    def submit_text(self, conversation: Conversation, settings: GenerationSettings) -> TokenStream:
+        """Queue a conversation without a picture."""
+        return self.submit(self.prepare_text(conversation, settings))
 
     def submit(self, prepared: PreparedRequest) -> TokenStream:
         """Queue prepared inputs; raises PromptTooLong or EngineBusy at once instead of queueing."""
@@ -119,14 +127,14 @@ class Engine:
         frames: np.ndarray | None,
         duration: float,
         frame_times: Sequence[float],
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> PreparedRequest:
         """The model's inputs for a question about a video: prompt ids and normalised pixels.
 
         ``media`` names the video for reuse; with recalled features, ``frames`` is None."""
-        prompt = prompting.video_prompt(question, duration, frame_times)
+        prompt = _render(prompting.video_prompt, question, duration, frame_times)
         if frames is None:
             visual_tokens, pixel_inputs = self._recalled_tokens(media), {}
         else:
@@ -145,7 +153,7 @@ class Engine:
     def prepare_image(
         self,
         image: Image.Image | None,
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> PreparedRequest:
@@ -162,9 +170,16 @@ class Engine:
                 "image_sizes": pixels["image_sizes"],
                 "batch_num_images": pixels.get("batch_num_images"),
             }
-        prompt = prompting.image_prompt(question)
+        prompt = _render(prompting.image_prompt, question)
         input_ids = self._expand_placeholder(prompt, self.model.config.image_token_index, visual_tokens)
         return PreparedRequest("image", input_ids, visual_tokens, pixel_inputs, settings, media)
+
+    def prepare_text(self, conversation: Conversation, settings: GenerationSettings) -> PreparedRequest:
+        """The model's inputs for a conversation without a picture: prompt ids only, never reused
+        (prefixes are kept per medium, and this request has none)."""
+        prompt = _render(prompting.text_prompt, conversation)
+        input_ids = self._expand_placeholder(prompt, None, 0)
+        return PreparedRequest("text", input_ids, 0, {}, settings)
 
     @staticmethod
     def _recalled_tokens(media: MediaRef | None) -> int:
@@ -172,16 +187,19 @@ class Engine:
             raise ValueError("without frames or an image, media must carry recalled features (Engine.recall)")
         return int(media.features.shape[0])
 
-    def _expand_placeholder(self, prompt: str, token_id: int, count: int) -> torch.Tensor:
-        """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times."""
+    def _expand_placeholder(self, prompt: str, token_id: int | None, count: int) -> torch.Tensor:
+        """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times
+        (``token_id`` None: a prompt without a picture, which must have no placeholder)."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         visual = {self.model.config.image_token_index, self.model.config.video_token_index}
-        if sum(token in visual for token in ids) != 1:
+        if sum(token in visual for token in ids) != (token_id is not None):
             # A placeholder typed into the question would ask for features nobody provides.
             raise InvalidPrompt(
                 f"the prompt may not contain {prompting.IMAGE_PLACEHOLDER} or {prompting.VIDEO_PLACEHOLDER}: "
                 "the service puts the picture into the prompt itself"
             )
+        if token_id is None:
+            return torch.tensor([ids])
         at = ids.index(token_id)
         return torch.tensor([ids[:at] + [token_id] * count + ids[at + 1 :]])
 
@@ -202,3 +220,11 @@ class Engine:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id not in ids:
                 ids.append(token_id)
         return ids
+
+
+def _render(render: Callable[..., str], *args: Any) -> str:
+    """Render a prompt; a conversation the model cannot answer is the caller's InvalidPrompt."""
+    try:
+        return render(*args)
+    except ValueError as error:
+        raise InvalidPrompt(str(error)) from error

@@ -21,6 +21,7 @@ Continuous batching over the model's own forward and transformers' ``DynamicCach
   answer is what it would be alone, up to float rounding.
 - A request that finishes (end-of-turn, a stop id, ``max_new_tokens``), is cancelled or passes its
   deadline leaves the batch before the next step, and its cache rows are freed.
+- A text-only request (no media) is the same without the vision step, and is never reused.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ class EngineLimits:
 class PreparedRequest:
     """A prompt ready for the model: ids with the visual placeholder expanded, and its pixels."""
 
-    modality: Literal["video", "image"]
+    modality: Literal["video", "image", "text"]
     input_ids: torch.Tensor  # (1, prompt_tokens)
-    visual_tokens: int
-    pixel_inputs: dict[str, torch.Tensor]  # empty when media.features holds the visual tokens
+    visual_tokens: int  # 0 for text
+    pixel_inputs: dict[str, torch.Tensor]  # empty for text or when media.features holds the visual tokens
     settings: GenerationSettings
     media: MediaRef | None = None  # set: its features and prompt KV are reused and stored for reuse
 
@@ -429,6 +430,8 @@ class Scheduler:
         LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
+        if prepared.modality == "text":
+            return embeds
         media = prepared.media
         if media is not None and media.features is not None:
             features = media.features.to(self.device)
