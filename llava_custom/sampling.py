@@ -27,7 +27,12 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int | None = None  # makes a sampled answer reproducible; ignored when greedy
     stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn ids
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these it would contain
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (load tests, as vLLM's)
+
+    def __post_init__(self) -> None:
+        if any(not stop for stop in self.stop):
+            raise ValueError("a stop string may not be empty")
 
     @property
     def sampling(self) -> bool:

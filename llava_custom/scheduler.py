@@ -19,8 +19,9 @@ Continuous batching over the model's own forward and transformers' ``DynamicCach
   pads the shorter side, leaving drops the row and the columns nobody needs any more. Each decode
   step feeds every row its last token with its own position id and a padding mask, so a row's
   answer is what it would be alone, up to float rounding.
-- A request that finishes (end-of-turn, a stop id, ``max_new_tokens``), is cancelled or passes its
-  deadline leaves the batch before the next step, and its cache rows are freed.
+- A request that finishes (end-of-turn, a stop id, a stop string, ``max_new_tokens``), is
+  cancelled or passes its deadline leaves the batch before the next step, and its cache rows are
+  freed.
 - A text-only request (no media) is the same without the vision step, and is never reused.
 """
 
@@ -123,7 +124,7 @@ class _Request:
         self.token_ids.append(token)
         text = self.detokenizer.add(token)
         reason: FinishReason | None = None
-        if token in self.stop_ids:
+        if token in self.stop_ids or self.detokenizer.stopped:
             reason = "stop"
         elif len(self.token_ids) >= self.settings.max_new_tokens:
             reason = "length"
@@ -245,7 +246,7 @@ class Scheduler:
             TokenStream(),
             deadline=time.monotonic() + self.limits.request_timeout,
             stop_ids=frozenset(settings.stop_token_ids) | (frozenset() if settings.ignore_eos else self.stop_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, settings.stop),
             generator=row_generator(settings, self.device),
         )
         with self._condition:

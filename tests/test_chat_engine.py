@@ -1,21 +1,24 @@
 """What a chat-completions endpoint needs from the engine, on the tiny checkpoint through the real
-scheduler: conversations and text-only requests. As in test_engine.py, answers in a batch are
-compared with answers alone.
+scheduler: conversations and text-only requests, stop strings. As in test_engine.py, answers in a
+batch are compared with answers alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from llava_custom.builder import LoadedModel, load_pretrained_model
-from llava_custom.engine import Conversation, Engine, EngineLimits, GenerationSettings, ReuseCache, Turn
-from llava_custom.streaming import TokenStream
+from llava_custom.engine import Answer, Conversation, Engine, EngineLimits, GenerationSettings, ReuseCache, Turn
+from llava_custom.streaming import IncrementalDetokenizer, TokenStream
 
 TIMES = [0.0, 0.5]
 LONG = GenerationSettings(max_new_tokens=40, ignore_eos=True)
@@ -101,3 +104,99 @@ def test_text_requests_leave_the_reuse_caches_alone(loaded):
         for cache in (engine.reuse.features, engine.reuse.prefixes):
             stats = cache.stats()
             assert (stats.hits, stats.misses, stats.entries) == (0, 0, 0)
+
+
+# --- stop strings -------------------------------------------------------------------------------
+
+
+def split_stop(engine: Engine, answer: Answer) -> tuple[str, int]:
+    """A 4-character stop string whose first occurrence in ``answer`` spans a token boundary
+    (two characters from one token, two from the next ones); and where it starts."""
+    text = answer.text
+    for count in range(1, len(answer.token_ids)):
+        head = engine.tokenizer.decode(answer.token_ids[:count], skip_special_tokens=True).lstrip()
+        boundary = len(head)
+        stop = text[boundary - 2 : boundary + 2]
+        if (
+            boundary >= 2
+            and text.startswith(head)
+            and len(stop) == 4
+            and "\ufffd" not in stop
+            and text.find(stop) == boundary - 2
+            and text[: boundary - 2].strip()
+        ):
+            return stop, boundary - 2
+    pytest.fail("no stop string spanning two tokens found in the answer")
+
+
+def test_a_stop_string_split_across_tokens_ends_the_answer_right_before_it(engine):
+    reference = ask_video(engine, 3, LONG).result()
+    stop, at = split_stop(engine, reference)
+    stream = ask_video(engine, 3, dataclasses.replace(LONG, stop=("never in the text", stop)))
+    deltas = list(stream)
+    answer = deltas[-1].answer
+    expected = reference.text[:at].rstrip()
+    assert answer is not None and answer.text == expected and answer.finish_reason == "stop"
+    # Every streamed piece is part of the answer: nothing shown was cut afterwards.
+    assert "".join(delta.text for delta in deltas) == expected
+    # Generation ended at the token that completed the stop string, and counted it.
+    count = answer.completion_tokens
+    assert answer.token_ids == reference.token_ids[:count] and count < reference.completion_tokens
+    decode = engine.tokenizer.decode
+    assert stop in decode(answer.token_ids) and stop not in decode(answer.token_ids[:-1])
+    assert [delta.finish_reason for delta in deltas[:-1]] == [None] * (len(deltas) - 1)
+
+
+def test_stop_strings_apply_per_row_in_a_batch(loaded):
+    with engine_with(loaded) as engine:
+        reference = ask_video(engine, 4, LONG).result()
+        stop, at = split_stop(engine, reference)
+        streams = [ask_video(engine, 4, dataclasses.replace(LONG, stop=(stop,))), ask_video(engine, 4, LONG)]
+        stopped, full = (stream.result() for stream in streams)
+    assert stopped.text == reference.text[:at].rstrip() and stopped.finish_reason == "stop"
+    assert full == reference and full.finish_reason == "length"
+
+
+def test_a_stop_string_that_never_comes_changes_nothing(engine):
+    reference = ask_video(engine, 5, LONG).result()
+    deltas = list(ask_video(engine, 5, dataclasses.replace(LONG, stop=("\x00never\x00",))))
+    assert deltas[-1].answer == reference
+    assert "".join(delta.text for delta in deltas) == reference.text
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_detokenizer_with_stop_strings_streams_only_what_the_answer_keeps(loaded, data):
+    """Any ids and stop strings (taken from the text, whitespace and split characters included):
+    the pieces join to the answer, which ends right before the first stop string generated."""
+    tokenizer = loaded.processor.tokenizer
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=40))
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    starts = st.integers(0, max(0, len(decoded) - 1))
+    from_text = st.tuples(starts, st.integers(1, 4)).map(lambda span: decoded[span[0] : span[0] + span[1]])
+    stop_text = st.one_of(from_text, st.sampled_from([" ", "\n", "e", "the", "\n\n"])).filter(
+        lambda stop: stop and "\ufffd" not in stop
+    )
+    stops = data.draw(st.lists(stop_text, min_size=1, max_size=3))
+    detokenizer = IncrementalDetokenizer(tokenizer, stops)
+    pieces, used = [], 0
+    for token in ids:
+        pieces.append(detokenizer.add(token))
+        used += 1
+        if detokenizer.stopped:
+            break
+    pieces.append(detokenizer.finish())
+    answer = detokenizer.text
+    assert "".join(pieces) == answer
+    assert not any(stop in answer for stop in stops)
+    text = tokenizer.decode(ids[:used], skip_special_tokens=True).lstrip()
+    if detokenizer.stopped:
+        before = tokenizer.decode(ids[: used - 1], skip_special_tokens=True).lstrip()
+        assert not any(stop in before for stop in stops), "it should have stopped earlier"
+        assert any(
+            text.startswith(stop, cut) and text[:cut].rstrip() == answer
+            for stop in stops
+            for cut in range(len(answer), len(text))
+        )
+    else:
+        assert answer == text.strip() and not any(stop in text for stop in stops)
