@@ -3,10 +3,11 @@
 One call handles a whole batch of logits: ids the model may never produce are masked, the
 checkpoint's repetition penalty applies to each row's generated tokens only (as the original,
 which generates from ``inputs_embeds``, never sees prompt ids), greedy rows take the argmax and
-sampling rows draw with their own temperature, top-p and random generator, so a seeded request
-draws the same tokens whatever else is in the batch. The arithmetic is transformers' own
+sampling rows draw with their own temperature, top-k, top-p and random generator, so a seeded
+request draws the same tokens whatever else is in the batch. The arithmetic is transformers' own
 (``SuppressTokensLogitsProcessor``, ``RepetitionPenaltyLogitsProcessor``,
-``TemperatureLogitsWarper``, ``TopPLogitsWarper``), applied per row.
+``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``, in that order), applied
+per row.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ class GenerationSettings:
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # keep only the k most likely ids when sampling; 0: all
     seed: int | None = None  # makes a sampled answer reproducible; ignored when greedy
     stop_token_ids: tuple[int, ...] = ()  # besides the checkpoint's end-of-turn ids
     stop: tuple[str, ...] = ()  # the answer ends before the first of these it would contain
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (load tests, as vLLM's)
 
     def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if any(not stop for stop in self.stop):
             raise ValueError("a stop string may not be empty")
 
@@ -77,6 +81,10 @@ class TokenChooser:
 
 def _sample(scores: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
     scores = scores / settings.temperature
+    if settings.top_k > 0:
+        # TopKLogitsWarper: drop every id scoring below the k-th best (ties with it stay).
+        kth = torch.topk(scores, min(settings.top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
     if settings.top_p < 1.0:
         # TopPLogitsWarper: drop the least likely tokens whose total probability is <= 1 - top_p,
         # always keeping the most likely one.

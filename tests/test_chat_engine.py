@@ -1,6 +1,6 @@
 """What a chat-completions endpoint needs from the engine, on the tiny checkpoint through the real
-scheduler: conversations and text-only requests, stop strings. As in test_engine.py, answers in a
-batch are compared with answers alone.
+scheduler: conversations and text-only requests, stop strings, top-k. As in test_engine.py, answers
+in a batch are compared with answers alone.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from llava_custom.builder import LoadedModel, load_pretrained_model
 from llava_custom.engine import Answer, Conversation, Engine, EngineLimits, GenerationSettings, ReuseCache, Turn
+from llava_custom.sampling import TokenChooser
 from llava_custom.streaming import IncrementalDetokenizer, TokenStream
 
 TIMES = [0.0, 0.5]
@@ -200,3 +202,39 @@ def test_detokenizer_with_stop_strings_streams_only_what_the_answer_keeps(loaded
         )
     else:
         assert answer == text.strip() and not any(stop in text for stop in stops)
+
+
+# --- top-k --------------------------------------------------------------------------------------
+
+
+def test_top_k_of_one_samples_the_greedy_answer(loaded):
+    greedy = LONG
+    sampled = dataclasses.replace(LONG, temperature=1.5, seed=7)
+    with engine_with(loaded) as engine:
+        streams = [ask_video(engine, 6, s) for s in (greedy, dataclasses.replace(sampled, top_k=1), sampled)]
+        reference, top_one, free = (stream.result() for stream in streams)
+        assert engine.scheduler.stats.largest_batch == 3
+    assert top_one.token_ids == reference.token_ids
+    assert free.token_ids != reference.token_ids
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (3, 0.7), (50, 0.9), (1000, 1.0)])
+def test_top_k_and_top_p_follow_transformers_warpers(top_k, top_p):
+    """The chooser's draw equals a draw from transformers' warpers in generate()'s order, same seed."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(top_k))
+    chooser = TokenChooser([], 1.0, torch.device("cpu"))
+    setting = GenerationSettings(temperature=0.7, top_k=top_k, top_p=top_p)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(top_k)])
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    for seed in range(20):
+        ours = chooser.choose(
+            logits,
+            torch.zeros_like(logits, dtype=torch.bool),
+            [setting] * 4,
+            [torch.Generator().manual_seed(seed + row) for row in range(4)],
+        )
+        for row in range(4):
+            probabilities = warpers(None, logits[row : row + 1]).softmax(dim=-1)[0]
+            theirs = torch.multinomial(probabilities, 1, generator=torch.Generator().manual_seed(seed + row))
+            assert int(ours[row]) == int(theirs[0])
