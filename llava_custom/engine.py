@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
@@ -23,7 +24,7 @@ from llava_custom.prompting import Conversation, Turn
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
 from llava_custom.scheduler import EngineLimits, PreparedRequest, Scheduler
-from llava_custom.streaming import Answer, Delta, TokenStream
+from llava_custom.streaming import Answer, Delta, TokenLogprob, TokenStream
 
 __all__ = [
     "Answer",
@@ -35,9 +36,14 @@ __all__ = [
     "MediaRef",
     "PreparedRequest",
     "ReuseCache",
+    "TokenLogprob",
     "TokenStream",
     "Turn",
 ]
+
+
+# Byte-level BPE spells each byte as one printable character; this maps them back.
+_BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class Engine:
@@ -180,6 +186,21 @@ class Engine:
         prompt = _render(prompting.text_prompt, conversation)
         input_ids = self._expand_placeholder(prompt, None, 0)
         return PreparedRequest("text", input_ids, 0, {}, settings)
+
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and its exact UTF-8 bytes (OpenAI's logprob ``token`` and ``bytes``).
+
+        A byte-level BPE token may hold part of a multi-byte character: then the text has the
+        replacement character there but the bytes are exact, and a client joins the bytes of
+        consecutive tokens to get the character. Special tokens give their own text."""
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            raise ValueError(f"token id {token_id} is not in the tokenizer's vocabulary")
+        if token_id not in self.tokenizer.added_tokens_decoder and all(c in _BYTE_OF_CHAR for c in token):
+            raw = bytes(_BYTE_OF_CHAR[c] for c in token)
+        else:
+            raw = token.encode()
+        return raw.decode("utf-8", errors="replace"), raw
 
     @staticmethod
     def _recalled_tokens(media: MediaRef | None) -> int:

@@ -42,7 +42,7 @@ from transformers.cache_utils import DynamicLayer
 from llava_custom.errors import EngineBusy, EngineClosed, PromptTooLong, RequestCancelled, RequestTimeout
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser, row_generator
-from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenStream
+from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenLogprob, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +114,17 @@ class _Request:
     generator: torch.Generator | None
     length: int = 0  # tokens in its KV cache
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when its settings ask for them
 
     @property
     def settings(self) -> GenerationSettings:
         return self.prepared.settings
 
-    def accept(self, token: int) -> bool:
+    def accept(self, token: int, logprob: TokenLogprob | None) -> bool:
         """Record a generated token and stream it; True when the request is finished."""
         self.token_ids.append(token)
+        logprobs = (logprob,) if logprob is not None else ()
+        self.logprobs.extend(logprobs)
         text = self.detokenizer.add(token)
         reason: FinishReason | None = None
         if token in self.stop_ids or self.detokenizer.stopped:
@@ -129,7 +132,7 @@ class _Request:
         elif len(self.token_ids) >= self.settings.max_new_tokens:
             reason = "length"
         if reason is None:
-            self.stream.push(Delta(text, (token,)))
+            self.stream.push(Delta(text, (token,), logprobs=logprobs))
             return False
         text += self.detokenizer.finish()
         answer = Answer(
@@ -138,8 +141,9 @@ class _Request:
             self.prepared.visual_tokens,
             tuple(self.token_ids),
             reason,
+            tuple(self.logprobs) if self.settings.logprobs is not None else None,
         )
-        self.stream.finish(Delta(text, (token,), reason, answer))
+        self.stream.finish(Delta(text, (token,), reason, answer, logprobs))
         return True
 
 
@@ -365,8 +369,8 @@ class Scheduler:
         request = prefill.request
         request.length = request.prepared.prompt_tokens
         generated = torch.zeros_like(logits, dtype=torch.bool)
-        token = self.chooser.choose(logits, generated, [request.settings], [request.generator])
-        if request.accept(int(token[0])):
+        token, logprobs = self.chooser.choose(logits, generated, [request.settings], [request.generator])
+        if request.accept(int(token[0]), logprobs[0]):
             self.stats.completed += 1
             return
         generated[0, token[0]] = True
@@ -482,7 +486,7 @@ class Scheduler:
             cache=batch.cache,
             use_cache=True,
         )
-        tokens = self.chooser.choose(
+        tokens, logprobs = self.chooser.choose(
             output.logits[:, -1],
             batch.generated,
             [request.settings for request in batch.requests],
@@ -492,9 +496,9 @@ class Scheduler:
         batch.generated[torch.arange(len(tokens), device=self.device), tokens] = True
         batch.next_tokens = tokens
         keep = []
-        for row, (request, token) in enumerate(zip(batch.requests, tokens.tolist(), strict=True)):
+        for row, (request, token, logprob) in enumerate(zip(batch.requests, tokens.tolist(), logprobs, strict=True)):
             request.length += 1
-            if request.accept(token):
+            if request.accept(token, logprob):
                 self.stats.completed += 1
             else:
                 keep.append(row)

@@ -26,6 +26,16 @@ _INCOMPLETE = "\ufffd"
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``top`` most likely ids with theirs (most
+    likely first), from the scores the chooser ranks: see sampling.TokenChooser.choose."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Answer:
     """A finished generation."""
 
@@ -34,6 +44,7 @@ class Answer:
     visual_tokens: int
     token_ids: tuple[int, ...]  # the generated ids, end-of-turn and a stop string's included when generated
     finish_reason: FinishReason = "stop"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated id, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -43,13 +54,14 @@ class Answer:
 @dataclass(frozen=True)
 class Delta:
     """One decode step of one request: its new text (may be empty while a character is incomplete
-    or the text might begin a stop string) and the id it generated. The last delta carries the
-    finish reason and the whole answer."""
+    or the text might begin a stop string) and the id it generated, with its log-probability when
+    asked for. The last delta carries the finish reason and the whole answer."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     answer: Answer | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per id in token_ids, when asked for
 
 
 class _End:

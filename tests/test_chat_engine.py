@@ -1,6 +1,6 @@
 """What a chat-completions endpoint needs from the engine, on the tiny checkpoint through the real
-scheduler: conversations and text-only requests, stop strings, top-k. As in test_engine.py, answers
-in a batch are compared with answers alone.
+scheduler: conversations and text-only requests, stop strings, top-k, log-probabilities and
+token bytes. As in test_engine.py, answers in a batch are compared with answers alone.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_top_k_and_top_p_follow_transformers_warpers(top_k, top_p):
     if top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
     for seed in range(20):
-        ours = chooser.choose(
+        ours, _ = chooser.choose(
             logits,
             torch.zeros_like(logits, dtype=torch.bool),
             [setting] * 4,
@@ -238,3 +238,99 @@ def test_top_k_and_top_p_follow_transformers_warpers(top_k, top_p):
             probabilities = warpers(None, logits[row : row + 1]).softmax(dim=-1)[0]
             theirs = torch.multinomial(probabilities, 1, generator=torch.Generator().manual_seed(seed + row))
             assert int(ours[row]) == int(theirs[0])
+
+
+# --- log-probabilities --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def step_logits(engine: Engine) -> Iterator[list[torch.Tensor]]:
+    """The logits of each forward of the whole model (last prefill chunk, then each decode step)."""
+    logits: list[torch.Tensor] = []
+
+    def capture(_module, _args, output):
+        logits.append(output.logits[0, -1].detach().clone())
+
+    handle = engine.model.register_forward_hook(capture)
+    try:
+        yield logits
+    finally:
+        handle.remove()
+
+
+def test_logprobs_are_the_penalised_scores_log_softmax(engine, loaded):
+    """Alone (one row), each step's logits give the reported numbers: never-generated ids masked,
+    the repetition penalty on the ids generated before, no temperature or top-k/top-p."""
+    asked = dataclasses.replace(LONG, max_new_tokens=12, temperature=1.3, top_k=20, top_p=0.9, seed=1, logprobs=5)
+    with step_logits(engine) as logits:
+        answer = ask_video(engine, 7, asked).result()
+    assert answer.logprobs is not None and len(answer.logprobs) == answer.completion_tokens == len(logits)
+    never = torch.tensor(engine._unused_token_ids())
+    penalty = loaded.repetition_penalty
+    assert penalty != 1.0
+    for step, (reported, raw) in enumerate(zip(answer.logprobs, logits, strict=True)):
+        scores = raw.float().index_fill(0, never, -float("inf"))
+        earlier = torch.tensor(sorted(set(answer.token_ids[:step])), dtype=torch.long)
+        penalised = scores[earlier]
+        scores[earlier] = torch.where(penalised < 0, penalised * penalty, penalised / penalty)
+        expected = scores.log_softmax(dim=-1)
+        assert reported.token_id == answer.token_ids[step]
+        assert reported.logprob == pytest.approx(float(expected[reported.token_id]), abs=1e-5)
+        values, ids = expected.topk(5)
+        assert [token for token, _ in reported.top] == ids.tolist()
+        assert [value for _, value in reported.top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_logprobs_change_no_token_and_come_per_delta(loaded):
+    plain = [LONG, dataclasses.replace(LONG, temperature=1.0, top_k=30, top_p=0.95, seed=11)]
+    with_logprobs = [dataclasses.replace(plain[0], logprobs=3), dataclasses.replace(plain[1], logprobs=0)]
+    with engine_with(loaded) as engine:
+        streams = [ask_video(engine, 8, s) for s in plain + with_logprobs]
+        deltas = [list(stream) for stream in streams]
+        assert engine.scheduler.stats.largest_batch == 4
+    answers = [stream_deltas[-1].answer for stream_deltas in deltas]
+    assert [a.token_ids for a in answers[2:]] == [a.token_ids for a in answers[:2]]
+    for stream_deltas, answer in zip(deltas[:2], answers[:2], strict=True):
+        assert answer.logprobs is None and all(delta.logprobs == () for delta in stream_deltas)
+    greedy, sampled = answers[2:]
+    for stream_deltas, answer in zip(deltas[2:], answers[2:], strict=True):
+        assert tuple(lp for delta in stream_deltas for lp in delta.logprobs) == answer.logprobs
+        assert all(len(delta.logprobs) == len(delta.token_ids) == 1 for delta in stream_deltas)
+        assert [lp.token_id for lp in answer.logprobs] == list(answer.token_ids)
+        assert all(lp.logprob <= 0 for lp in answer.logprobs)
+    for lp in greedy.logprobs:  # greedy takes the likeliest token: the first alternative
+        assert len(lp.top) == 3 and lp.top[0] == (lp.token_id, lp.logprob)
+        assert [value for _, value in lp.top] == sorted((value for _, value in lp.top), reverse=True)
+    assert all(lp.top == () for lp in sampled.logprobs)
+
+
+@pytest.mark.parametrize("bad", [{"logprobs": 21}, {"logprobs": -1}, {"top_k": -1}, {"stop": ("",)}])
+def test_settings_out_of_range_are_refused(bad):
+    with pytest.raises(ValueError):
+        GenerationSettings(**bad)
+
+
+# --- token text and bytes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["naïve café", "日本語のテキスト", "emoji 😀👍🏽 end\n", "plain words"])
+def test_token_bytes_join_to_the_text(engine, text):
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [engine.token_text(token) for token in ids]
+    assert b"".join(raw for _, raw in pieces) == text.encode()
+    for token, (piece, raw) in zip(ids, pieces, strict=True):
+        assert piece == raw.decode("utf-8", errors="replace")
+        if "\ufffd" not in piece:
+            assert piece == engine.tokenizer.decode([token])
+
+
+def test_a_token_holding_part_of_a_character_has_exact_bytes(engine):
+    ids = engine.tokenizer("日", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1, "the tiny tokenizer splits this character into byte tokens"
+    piece, raw = engine.token_text(ids[0])
+    assert raw == "日".encode()[: len(raw)] and piece == "\ufffd"
+
+
+def test_special_tokens_give_their_own_text(engine):
+    end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert engine.token_text(end) == ("<|im_end|>", b"<|im_end|>")
