@@ -42,7 +42,7 @@ class Answer:
     text: str
     prompt_tokens: int
     visual_tokens: int
-    token_ids: tuple[int, ...]  # the generated ids, end-of-turn and a stop string's included when generated
+    token_ids: tuple[int, ...]  # every generated id: an end-of-turn or the last of a stop string too
     finish_reason: FinishReason = "stop"
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated id, when asked for
 
