@@ -1,4 +1,4 @@
-"""Turn frames or an image plus a question into a stream of the model's answer.
+"""Turn frames or an image plus a question (or a conversation) into a stream of the model's answer.
 
 Builds the inputs as the original LLaVA-Video code does (prompting.py), expands the visual
 placeholder to the number of tokens the model will put there, and hands the request to the
@@ -9,22 +9,26 @@ caller's thread, so only model work happens on the scheduler's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
 from llava_custom.errors import InvalidPrompt
+from llava_custom.prompting import Conversation, Turn
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
 from llava_custom.scheduler import EngineLimits, PreparedRequest, Scheduler
-from llava_custom.streaming import Answer, Delta, TokenStream
+from llava_custom.streaming import Answer, Delta, TokenLogprob, TokenStream
 
 __all__ = [
     "Answer",
+    "Conversation",
     "Delta",
     "Engine",
     "EngineLimits",
@@ -32,8 +36,14 @@ __all__ = [
     "MediaRef",
     "PreparedRequest",
     "ReuseCache",
+    "TokenLogprob",
     "TokenStream",
+    "Turn",
 ]
+
+
+# Byte-level BPE spells each byte as one printable character; this maps them back.
+_BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class Engine:
@@ -93,7 +103,7 @@ class Engine:
         frames: np.ndarray | None,
         duration: float,
         frame_times: Sequence[float],
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> TokenStream:
@@ -103,12 +113,16 @@ class Engine:
     def submit_image(
         self,
         image: Image.Image | None,
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> TokenStream:
         """Queue a question about one RGB image, tiled as the checkpoint's anyres setting says."""
         return self.submit(self.prepare_image(image, question, settings, media))
+
+    def submit_text(self, conversation: Conversation, settings: GenerationSettings) -> TokenStream:
+        """Queue a conversation without a picture."""
+        return self.submit(self.prepare_text(conversation, settings))
 
     def submit(self, prepared: PreparedRequest) -> TokenStream:
         """Queue prepared inputs; raises PromptTooLong or EngineBusy at once instead of queueing."""
@@ -119,14 +133,14 @@ class Engine:
         frames: np.ndarray | None,
         duration: float,
         frame_times: Sequence[float],
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> PreparedRequest:
         """The model's inputs for a question about a video: prompt ids and normalised pixels.
 
         ``media`` names the video for reuse; with recalled features, ``frames`` is None."""
-        prompt = prompting.video_prompt(question, duration, frame_times)
+        prompt = _render(prompting.video_prompt, question, duration, frame_times)
         if frames is None:
             visual_tokens, pixel_inputs = self._recalled_tokens(media), {}
         else:
@@ -145,7 +159,7 @@ class Engine:
     def prepare_image(
         self,
         image: Image.Image | None,
-        question: str | None,
+        question: str | Conversation | None,
         settings: GenerationSettings,
         media: MediaRef | None = None,
     ) -> PreparedRequest:
@@ -162,9 +176,31 @@ class Engine:
                 "image_sizes": pixels["image_sizes"],
                 "batch_num_images": pixels.get("batch_num_images"),
             }
-        prompt = prompting.image_prompt(question)
+        prompt = _render(prompting.image_prompt, question)
         input_ids = self._expand_placeholder(prompt, self.model.config.image_token_index, visual_tokens)
         return PreparedRequest("image", input_ids, visual_tokens, pixel_inputs, settings, media)
+
+    def prepare_text(self, conversation: Conversation, settings: GenerationSettings) -> PreparedRequest:
+        """The model's inputs for a conversation without a picture: prompt ids only, never reused
+        (prefixes are kept per medium, and this request has none)."""
+        prompt = _render(prompting.text_prompt, conversation)
+        input_ids = self._expand_placeholder(prompt, None, 0)
+        return PreparedRequest("text", input_ids, 0, {}, settings)
+
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and its exact UTF-8 bytes (OpenAI's logprob ``token`` and ``bytes``).
+
+        A byte-level BPE token may hold part of a multi-byte character: then the text has the
+        replacement character there but the bytes are exact, and a client joins the bytes of
+        consecutive tokens to get the character. Special tokens give their own text."""
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            raise ValueError(f"token id {token_id} is not in the tokenizer's vocabulary")
+        if token_id not in self.tokenizer.added_tokens_decoder and all(c in _BYTE_OF_CHAR for c in token):
+            raw = bytes(_BYTE_OF_CHAR[c] for c in token)
+        else:
+            raw = token.encode()
+        return raw.decode("utf-8", errors="replace"), raw
 
     @staticmethod
     def _recalled_tokens(media: MediaRef | None) -> int:
@@ -172,16 +208,19 @@ class Engine:
             raise ValueError("without frames or an image, media must carry recalled features (Engine.recall)")
         return int(media.features.shape[0])
 
-    def _expand_placeholder(self, prompt: str, token_id: int, count: int) -> torch.Tensor:
-        """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times."""
+    def _expand_placeholder(self, prompt: str, token_id: int | None, count: int) -> torch.Tensor:
+        """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times
+        (``token_id`` None: a prompt without a picture, which must have no placeholder)."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         visual = {self.model.config.image_token_index, self.model.config.video_token_index}
-        if sum(token in visual for token in ids) != 1:
+        if sum(token in visual for token in ids) != (token_id is not None):
             # A placeholder typed into the question would ask for features nobody provides.
             raise InvalidPrompt(
                 f"the prompt may not contain {prompting.IMAGE_PLACEHOLDER} or {prompting.VIDEO_PLACEHOLDER}: "
                 "the service puts the picture into the prompt itself"
             )
+        if token_id is None:
+            return torch.tensor([ids])
         at = ids.index(token_id)
         return torch.tensor([ids[:at] + [token_id] * count + ids[at + 1 :]])
 
@@ -202,3 +241,11 @@ class Engine:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id not in ids:
                 ids.append(token_id)
         return ids
+
+
+def _render(render: Callable[..., str], *args: Any) -> str:
+    """Render a prompt; a conversation the model cannot answer is the caller's InvalidPrompt."""
+    try:
+        return render(*args)
+    except ValueError as error:
+        raise InvalidPrompt(str(error)) from error

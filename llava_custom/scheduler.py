@@ -19,8 +19,10 @@ Continuous batching over the model's own forward and transformers' ``DynamicCach
   pads the shorter side, leaving drops the row and the columns nobody needs any more. Each decode
   step feeds every row its last token with its own position id and a padding mask, so a row's
   answer is what it would be alone, up to float rounding.
-- A request that finishes (end-of-turn, a stop id, ``max_new_tokens``), is cancelled or passes its
-  deadline leaves the batch before the next step, and its cache rows are freed.
+- A request that finishes (end-of-turn, a stop id, a stop string, ``max_new_tokens``), is
+  cancelled or passes its deadline leaves the batch before the next step, and its cache rows are
+  freed.
+- A text-only request (no media) is the same without the vision step, and is never reused.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from transformers.cache_utils import DynamicLayer
 from llava_custom.errors import EngineBusy, EngineClosed, PromptTooLong, RequestCancelled, RequestTimeout
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser, row_generator
-from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenStream
+from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenLogprob, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +70,10 @@ class EngineLimits:
 class PreparedRequest:
     """A prompt ready for the model: ids with the visual placeholder expanded, and its pixels."""
 
-    modality: Literal["video", "image"]
+    modality: Literal["video", "image", "text"]
     input_ids: torch.Tensor  # (1, prompt_tokens)
-    visual_tokens: int
-    pixel_inputs: dict[str, torch.Tensor]  # empty when media.features holds the visual tokens
+    visual_tokens: int  # 0 for text
+    pixel_inputs: dict[str, torch.Tensor]  # empty for text or when media.features holds the visual tokens
     settings: GenerationSettings
     media: MediaRef | None = None  # set: its features and prompt KV are reused and stored for reuse
 
@@ -112,22 +114,25 @@ class _Request:
     generator: torch.Generator | None
     length: int = 0  # tokens in its KV cache
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when its settings ask for them
 
     @property
     def settings(self) -> GenerationSettings:
         return self.prepared.settings
 
-    def accept(self, token: int) -> bool:
+    def accept(self, token: int, logprob: TokenLogprob | None) -> bool:
         """Record a generated token and stream it; True when the request is finished."""
         self.token_ids.append(token)
+        logprobs = (logprob,) if logprob is not None else ()
+        self.logprobs.extend(logprobs)
         text = self.detokenizer.add(token)
         reason: FinishReason | None = None
-        if token in self.stop_ids:
+        if token in self.stop_ids or self.detokenizer.stopped:
             reason = "stop"
         elif len(self.token_ids) >= self.settings.max_new_tokens:
             reason = "length"
         if reason is None:
-            self.stream.push(Delta(text, (token,)))
+            self.stream.push(Delta(text, (token,), logprobs=logprobs))
             return False
         text += self.detokenizer.finish()
         answer = Answer(
@@ -136,8 +141,9 @@ class _Request:
             self.prepared.visual_tokens,
             tuple(self.token_ids),
             reason,
+            tuple(self.logprobs) if self.settings.logprobs is not None else None,
         )
-        self.stream.finish(Delta(text, (token,), reason, answer))
+        self.stream.finish(Delta(text, (token,), reason, answer, logprobs))
         return True
 
 
@@ -244,7 +250,7 @@ class Scheduler:
             TokenStream(),
             deadline=time.monotonic() + self.limits.request_timeout,
             stop_ids=frozenset(settings.stop_token_ids) | (frozenset() if settings.ignore_eos else self.stop_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, settings.stop),
             generator=row_generator(settings, self.device),
         )
         with self._condition:
@@ -363,8 +369,8 @@ class Scheduler:
         request = prefill.request
         request.length = request.prepared.prompt_tokens
         generated = torch.zeros_like(logits, dtype=torch.bool)
-        token = self.chooser.choose(logits, generated, [request.settings], [request.generator])
-        if request.accept(int(token[0])):
+        token, logprobs = self.chooser.choose(logits, generated, [request.settings], [request.generator])
+        if request.accept(int(token[0]), logprobs[0]):
             self.stats.completed += 1
             return
         generated[0, token[0]] = True
@@ -429,6 +435,8 @@ class Scheduler:
         LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
+        if prepared.modality == "text":
+            return embeds
         media = prepared.media
         if media is not None and media.features is not None:
             features = media.features.to(self.device)
@@ -478,7 +486,7 @@ class Scheduler:
             cache=batch.cache,
             use_cache=True,
         )
-        tokens = self.chooser.choose(
+        tokens, logprobs = self.chooser.choose(
             output.logits[:, -1],
             batch.generated,
             [request.settings for request in batch.requests],
@@ -488,9 +496,9 @@ class Scheduler:
         batch.generated[torch.arange(len(tokens), device=self.device), tokens] = True
         batch.next_tokens = tokens
         keep = []
-        for row, (request, token) in enumerate(zip(batch.requests, tokens.tolist(), strict=True)):
+        for row, (request, token, logprob) in enumerate(zip(batch.requests, tokens.tolist(), logprobs, strict=True)):
             request.length += 1
-            if request.accept(token):
+            if request.accept(token, logprob):
                 self.stats.completed += 1
             else:
                 keep.append(row)

@@ -4,7 +4,8 @@ The scheduler thread pushes items into a :class:`TokenStream`; the request's sid
 with a plain ``for`` loop (a thread), ``async for`` (an event loop), or waits for the whole
 :class:`Answer` with :meth:`TokenStream.result` / :meth:`TokenStream.result_async` (which wake only
 once, at the end, not once per token). :class:`IncrementalDetokenizer` turns ids into pieces that
-join to exactly the answer text, however characters are split across byte-level tokens.
+join to exactly the answer text, however characters are split across byte-level tokens, and ends
+the answer at a stop string without ever streaming text that is cut afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,14 +26,25 @@ _INCOMPLETE = "\ufffd"
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``top`` most likely ids with theirs (most
+    likely first), from the scores the chooser ranks: see sampling.TokenChooser.choose."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Answer:
     """A finished generation."""
 
     text: str
     prompt_tokens: int
     visual_tokens: int
-    token_ids: tuple[int, ...]  # the generated ids, end-of-turn included when generated
+    token_ids: tuple[int, ...]  # every generated id: an end-of-turn or the last of a stop string too
     finish_reason: FinishReason = "stop"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated id, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -41,13 +53,15 @@ class Answer:
 
 @dataclass(frozen=True)
 class Delta:
-    """One decode step of one request: its new text (may be empty while a character is incomplete)
-    and the id it generated. The last delta carries the finish reason and the whole answer."""
+    """One decode step of one request: its new text (may be empty while a character is incomplete
+    or the text might begin a stop string) and the id it generated, with its log-probability when
+    asked for. The last delta carries the finish reason and the whole answer."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     answer: Answer | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per id in token_ids, when asked for
 
 
 class _End:
@@ -183,36 +197,50 @@ def _wake(future: asyncio.Future) -> None:
 
 
 class IncrementalDetokenizer:
-    """Text pieces whose concatenation is ``tokenizer.decode(ids, skip_special_tokens=True).strip()``.
+    """Text pieces whose concatenation is ``tokenizer.decode(ids, skip_special_tokens=True).strip()``,
+    or with ``stop`` strings, that text cut right before the first stop string it contains.
 
     Decodes a short window of recent ids (as vLLM's ``detokenize_incrementally``) and holds a piece
     back while it ends in an incomplete UTF-8 character; leading whitespace is dropped and trailing
     whitespace held until something follows it, because the final answer is stripped (as the
-    original LLaVA code strips it).
+    original LLaVA code strips it). A tail that could be the start of a stop string is held too,
+    until it turns out not to be, so nothing streamed is cut later. Stop strings are matched in the
+    text without its leading whitespace, the text the answer is made of.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
+        self.stop = tuple(stop)
         self.ids: list[int] = []
         self._prefix_offset = 0  # window start: text before it is final
         self._read_offset = 0  # ids up to here have been turned into text
-        self._held = ""  # trailing whitespace not yet emitted
-        self.text = ""  # everything emitted so far
+        self._decoded = ""  # the whole characters decoded so far, leading whitespace dropped
+        self.text = ""  # everything emitted so far: a prefix of _decoded
+        self.stopped = False  # a stop string was generated: _decoded ends right before it
 
     def add(self, token_id: int) -> str:
-        """Append one generated id; return the new visible text (often '')."""
+        """Append one generated id; return the new visible text (often ''). Check ``stopped`` after."""
         self.ids.append(token_id)
         before = self._decode(self.ids[self._prefix_offset : self._read_offset])
         after = self._decode(self.ids[self._prefix_offset :])
         if len(after) <= len(before) or after.endswith(_INCOMPLETE):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-        return self._emit(after[len(before) :])
+        searched = len(self._decoded)
+        piece = after[len(before) :]
+        self._decoded += piece if self._decoded else piece.lstrip()
+        cut = self._find_stop(searched)
+        if cut is not None:
+            self._decoded = self._decoded[:cut]
+            self.stopped = True
+            return self._release(cut)
+        return self._release(len(self._decoded) - self._stop_start_length())
 
     def finish(self) -> str:
         """The rest of the answer: held text and any final incomplete character. Afterwards
-        ``text`` is the answer as the original code decodes it, whatever was streamed."""
-        final = self._decode(self.ids).strip()
+        ``text`` is the answer as the original code decodes it (cut at a stop string), whatever
+        was streamed."""
+        final = self._decoded.rstrip() if self.stopped else self._decode(self.ids).strip()
         if not final.startswith(self.text):  # not seen with byte-level BPE (tested); fidelity first
             logger.error("streamed text %r is not a prefix of the decoded answer %r", self.text, final)
             self.text = final
@@ -221,14 +249,29 @@ class IncrementalDetokenizer:
         self.text = final
         return rest
 
-    def _emit(self, piece: str) -> str:
-        text = self._held + piece
-        if not self.text:
-            text = text.lstrip()
-        visible = text.rstrip()
-        self._held = text[len(visible) :]
-        self.text += visible
-        return visible
+    def _release(self, end: int) -> str:
+        """Emit ``_decoded`` up to ``end``, less trailing whitespace (the answer is stripped)."""
+        while end > len(self.text) and self._decoded[end - 1].isspace():
+            end -= 1
+        piece = self._decoded[len(self.text) : end]
+        self.text += piece
+        return piece
+
+    def _find_stop(self, searched: int) -> int | None:
+        """Where the first stop string in ``_decoded`` starts; the first ``searched`` characters held none."""
+        starts = [self._decoded.find(stop, max(0, searched - len(stop) + 1)) for stop in self.stop]
+        found = [start for start in starts if start >= 0]
+        return min(found) if found else None
+
+    def _stop_start_length(self) -> int:
+        """Length of the longest tail of ``_decoded`` that is the start of a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for length in range(min(len(stop) - 1, len(self._decoded)), longest, -1):
+                if self._decoded.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

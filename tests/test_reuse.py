@@ -14,7 +14,16 @@ import torch
 from PIL import Image
 
 from llava_custom.builder import LoadedModel, load_pretrained_model
-from llava_custom.engine import Engine, EngineLimits, GenerationSettings, MediaRef, ReuseCache
+from llava_custom.engine import (
+    Answer,
+    Conversation,
+    Engine,
+    EngineLimits,
+    GenerationSettings,
+    MediaRef,
+    ReuseCache,
+    Turn,
+)
 from llava_custom.reuse import ByteLRU, image_key, video_key
 
 GREEDY = GenerationSettings(max_new_tokens=16)
@@ -52,13 +61,19 @@ def image(seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (300, 500, 3), dtype=np.uint8))
 
 
-def ask_video(engine: Engine, seed: int, question: str, settings: GenerationSettings = GREEDY) -> tuple[int, ...]:
+def answer_video(
+    engine: Engine, seed: int, question: str | Conversation, settings: GenerationSettings = GREEDY
+) -> Answer:
     """Ask as the service does: recall by key, decode (here: make the frames) only on a miss."""
     key = video_key(f"video-{seed}", len(TIMES))
     recalled = engine.recall(key)
     pixels = None if recalled is not None else frames(seed)
     media = recalled or MediaRef(key, info={"seed": seed})
-    return engine.submit_video(pixels, 2.0, TIMES, question, settings, media).result().token_ids
+    return engine.submit_video(pixels, 2.0, TIMES, question, settings, media).result()
+
+
+def ask_video(engine: Engine, seed: int, question: str, settings: GenerationSettings = GREEDY) -> tuple[int, ...]:
+    return answer_video(engine, seed, question, settings).token_ids
 
 
 def ask_image(engine: Engine, seed: int, question: str) -> tuple[int, ...]:
@@ -68,7 +83,9 @@ def ask_image(engine: Engine, seed: int, question: str) -> tuple[int, ...]:
     return engine.submit_image(None if recalled else image(seed), question, GREEDY, media).result().token_ids
 
 
-def alone_video(plain: Engine, seed: int, question: str, settings: GenerationSettings = GREEDY) -> tuple[int, ...]:
+def alone_video(
+    plain: Engine, seed: int, question: str | Conversation, settings: GenerationSettings = GREEDY
+) -> tuple[int, ...]:
     return plain.submit_video(frames(seed), 2.0, TIMES, question, settings).result().token_ids
 
 
@@ -94,6 +111,28 @@ def test_follow_up_questions_reuse_features_and_prefix_with_identical_answers(lo
         assert (reuse.features.stats().hits, reuse.features.stats().misses) == (3, 1)
         assert (reuse.prefixes.stats().hits, reuse.prefixes.stats().misses) == (3, 1)
     assert answers == [alone_video(plain, 1, question) for question in QUESTIONS]
+
+
+def test_a_conversation_extending_the_last_prefills_only_what_was_added(loaded, plain):
+    """A chat client sends the whole conversation each time: the last prompt, the assistant's
+    answer, a new question. The cached prompt covers all but the answer and the new turn."""
+    conversations = [Conversation((Turn("user", QUESTIONS[0]),), system="You describe videos.")]
+    with reusing(loaded) as engine:
+        stats = engine.scheduler.stats
+        answers = [answer_video(engine, 13, conversations[0])]
+        for question in QUESTIONS[1:3]:
+            turns = conversations[-1].turns + (Turn("assistant", answers[-1].text), Turn("user", question))
+            conversations.append(Conversation(turns, conversations[-1].system))
+            before = stats.prefill_tokens
+            answers.append(answer_video(engine, 13, conversations[-1]))
+            prefilled = stats.prefill_tokens - before
+            added = f"{answers[-2].text}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+            added_tokens = len(engine.tokenizer(added, add_special_tokens=False)["input_ids"])
+            assert prefilled == added_tokens == answers[-1].prompt_tokens - answers[-2].prompt_tokens
+            assert prefilled * 10 < answers[-1].prompt_tokens  # the frames and the earlier turns came from the cache
+        assert stats.vision_encodings == 1
+    assert all(answer.completion_tokens > 0 for answer in answers)
+    assert [answer.token_ids for answer in answers] == [alone_video(plain, 13, c) for c in conversations]
 
 
 def test_the_same_question_again_prefills_one_token(loaded, plain):
