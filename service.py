@@ -128,6 +128,8 @@ class LLaVAVideoService:
             temperature=meta.temperature,
             top_p=meta.top_p,
             seed=meta.seed,
+            top_k=meta.top_k,
+            stop=meta.stop,
             ignore_eos=meta.ignore_eos,
         )
         if kind == "image":

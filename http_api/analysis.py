@@ -22,12 +22,14 @@ from anyio import to_thread
 import media
 from http_api.errors import RequestError
 from llava_custom import reuse
-from llava_custom.engine import Answer, Engine, GenerationSettings, MediaRef, TokenStream
+from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
 from media import VideoInfo
 from settings import Settings
 
 logger = logging.getLogger("llava_video_service")
 Kind = Literal["video", "image"]
+# A single question (None: the default one) or a whole conversation about the media.
+Question = str | Conversation | None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class Analyzer:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        top_k: int | None = None,
+        stop: str | list[str] | None = None,
+        logprobs: int | None = None,
         ignore_eos: bool = False,
         param: str = "max_new_tokens",
     ) -> GenerationSettings:
@@ -93,6 +98,9 @@ class Analyzer:
             temperature=temperature or 0.0,
             top_p=top_p if top_p is not None else 1.0,
             seed=seed,
+            top_k=top_k or 0,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            logprobs=logprobs,
             ignore_eos=ignore_eos,
         )
 
@@ -103,7 +111,7 @@ class Analyzer:
         return count
 
     async def start_video(
-        self, source: Path, num_frames: int, question: str | None, generation: GenerationSettings
+        self, source: Path, num_frames: int, question: Question, generation: GenerationSettings
     ) -> Started:
         """Decode the video (unless seen before) and queue the question."""
         key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames)
@@ -126,7 +134,7 @@ class Analyzer:
         )
         return Started(stream, info)
 
-    async def start_image(self, source: Path, question: str | None, generation: GenerationSettings) -> Started:
+    async def start_image(self, source: Path, question: Question, generation: GenerationSettings) -> Started:
         """Read the image (unless seen before) and queue the question."""
         key = reuse.image_key(await to_thread.run_sync(media.file_digest, source))
         ref = self.engine.recall(key)
@@ -138,6 +146,10 @@ class Analyzer:
             ref = MediaRef(key)
         stream = await to_thread.run_sync(self.engine.submit_image, image, question, generation, ref)
         return Started(stream)
+
+    async def start_text(self, conversation: Conversation, generation: GenerationSettings) -> Started:
+        """Queue a conversation about no media (the language model alone)."""
+        return Started(await to_thread.run_sync(self.engine.submit_text, conversation, generation))
 
 
 # How often a request waiting for its answer checks whether its client is still there.

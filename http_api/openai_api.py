@@ -8,9 +8,10 @@ LLaVA's own controls travel in the body beside OpenAI's parameters, as vLLM does
 (``num_frames``, ``fps``, ``start_time``, ``end_time``, ``top_k``); from the SDK, in
 ``extra_body``. Errors are OpenAI's error object with the status the native endpoints give.
 
-The model answers about one picture or video per conversation: it may sit in any user turn,
+The model answers about one picture or video per conversation: it may sit in any user turn;
 earlier turns and answers are kept as the conversation's history (and a follow-up about the
-same media reuses the work done for the earlier turns: llava_custom/reuse.py).
+same media reuses the work done for the earlier turns: llava_custom/reuse.py). Conversations
+without a picture go to the language model alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,9 +35,11 @@ from openai.types.chat import (
     ChatCompletionContentPartTextParam,
     ChatCompletionMessage,
     ChatCompletionStreamOptionsParam,
+    ChatCompletionTokenLogprob,
 )
 from openai.types.chat import chat_completion as completion
 from openai.types.chat import chat_completion_chunk as chunk
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,7 +49,7 @@ from typing_extensions import Required, TypedDict
 
 from http_api.analysis import Analyzer, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, openai_error, status_for
-from llava_custom.engine import Answer, GenerationSettings
+from llava_custom.engine import Answer, Conversation, GenerationSettings, TokenLogprob, Turn
 
 logger = logging.getLogger("llava_video_service")
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
@@ -109,20 +112,10 @@ class ChatRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Picture:
-    """The one image or video of a conversation and the user turn it belongs to."""
+    """The one image or video of a conversation (its place is the conversation's media_turn)."""
 
     kind: Literal["image", "video"]
     url: str
-    turn: int
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """The messages as the prompt takes them: system text, turns, the picture's place."""
-
-    system: str | None
-    turns: list[tuple[Literal["user", "assistant"], str]]
-    picture: Picture | None
 
 
 def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
@@ -164,16 +157,17 @@ async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
         return _error(
             404, f"the model {chat.model!r} does not exist; this service serves {analyzer.model_id!r}", "model"
         )
-    conversation = conversation_from(chat.messages)
+    conversation, picture = conversation_from(chat.messages)
     generation = _generation(analyzer, chat)
     num_frames = analyzer.frame_count(chat.num_frames)
     with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
-        started = await _start(analyzer, conversation, num_frames, generation, Path(workdir))
+        started = await _start(analyzer, conversation, picture, num_frames, generation, Path(workdir))
+    logprobs = _LogprobsWriter(analyzer) if chat.logprobs else None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if chat.stream:
         include_usage = bool((chat.stream_options or {}).get("include_usage"))
-        events = _events(started, response_id, created, analyzer.model_id, include_usage)
+        events = _events(started, response_id, created, analyzer.model_id, include_usage, logprobs)
         return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     answer = await until_answered(started.stream, request.is_disconnected)
     reply = ChatCompletion(
@@ -186,7 +180,7 @@ async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
                 index=0,
                 message=ChatCompletionMessage(role="assistant", content=answer.text),
                 finish_reason=answer.finish_reason,
-                logprobs=None,
+                logprobs=logprobs.choice(answer.logprobs or ()) if logprobs else None,
             )
         ],
         usage=usage(answer),
@@ -234,12 +228,13 @@ def _first_problem(exc: ValidationError) -> tuple[str, str]:
 _BRANCHES = {"str", "int", "float", "bool", "none", "list"}
 
 
-def conversation_from(messages: list[ChatMessage]) -> Conversation:
-    """System text, user/assistant turns and where the picture is; RequestError when the model
-    could not take the messages."""
+def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, Picture | None]:
+    """The conversation as the prompt takes it, and its picture if any; RequestError when the
+    model could not take the messages."""
     system: list[str] = []
-    turns: list[tuple[Literal["user", "assistant"], str]] = []
+    turns: list[Turn] = []
     picture: Picture | None = None
+    media_turn = 0
     for number, message in enumerate(messages):
         where = f"messages.{number}"
         if message.tool_calls:
@@ -260,19 +255,21 @@ def conversation_from(messages: list[ChatMessage]) -> Conversation:
                         "start a new conversation for another",
                         where,
                     )
-                kind: Literal["image", "video"] = "image" if part["type"] == "image_url" else "video"
-                url = part["image_url"]["url"] if part["type"] == "image_url" else part["video_url"]["url"]
-                picture = Picture(kind, url, len(turns))
+                if part["type"] == "image_url":
+                    picture = Picture("image", part["image_url"]["url"])
+                else:
+                    picture = Picture("video", part["video_url"]["url"])
+                media_turn = len(turns)
             text = "\n".join(texts)
         if message.role in ("system", "developer"):
             if turns:
                 raise RequestError("system messages must come before the conversation's turns", where)
             system.append(text)
         else:
-            turns.append((message.role, text))
-    if not turns or turns[-1][0] != "user":
+            turns.append(Turn(message.role, text))
+    if not turns or turns[-1].role != "user":
         raise RequestError("the last message must be the user's", "messages")
-    return Conversation("\n".join(system) if system else None, turns, picture)
+    return Conversation(tuple(turns), "\n".join(system) if system else None, media_turn), picture
 
 
 def _generation(analyzer: Analyzer, chat: ChatRequest) -> GenerationSettings:
@@ -282,24 +279,49 @@ def _generation(analyzer: Analyzer, chat: ChatRequest) -> GenerationSettings:
         temperature=chat.temperature,
         top_p=chat.top_p,
         seed=chat.seed,
+        top_k=chat.top_k,
+        stop=chat.stop,
+        logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
         ignore_eos=chat.ignore_eos,
         param=length_param,
     )
 
 
 async def _start(
-    analyzer: Analyzer, conversation: Conversation, num_frames: int, generation: GenerationSettings, workdir: Path
+    analyzer: Analyzer,
+    conversation: Conversation,
+    picture: Picture | None,
+    num_frames: int,
+    generation: GenerationSettings,
+    workdir: Path,
 ) -> Started:
-    picture = conversation.picture
     if picture is None:
-        raise RequestError("send an image_url or a video_url content part: this service answers about media")
-    if len(conversation.turns) > 1 or conversation.system is not None:
-        raise RequestError("multi-turn conversations are not supported yet", "messages")
-    question = conversation.turns[0][1]
+        return await analyzer.start_text(conversation, generation)
     source = await to_thread.run_sync(analyzer.source_file, picture.kind, None, picture.url, workdir)
     if picture.kind == "image":
-        return await analyzer.start_image(source, question, generation)
-    return await analyzer.start_video(source, num_frames, question, generation)
+        return await analyzer.start_image(source, conversation, generation)
+    return await analyzer.start_video(source, num_frames, conversation, generation)
+
+
+class _LogprobsWriter:
+    """OpenAI's logprobs of generated tokens: text, exact bytes, log-probability, alternatives."""
+
+    def __init__(self, analyzer: Analyzer) -> None:
+        self.token_text = analyzer.engine.token_text
+
+    def choice(self, logprobs: Sequence[TokenLogprob]) -> completion.ChoiceLogprobs:
+        return completion.ChoiceLogprobs(content=[self._token(item) for item in logprobs])
+
+    def chunk(self, logprobs: Sequence[TokenLogprob]) -> chunk.ChoiceLogprobs:
+        return chunk.ChoiceLogprobs(content=[self._token(item) for item in logprobs])
+
+    def _token(self, item: TokenLogprob) -> ChatCompletionTokenLogprob:
+        text, raw = self.token_text(item.token_id)
+        top = [TopLogprob(token=t, bytes=list(b), logprob=lp) for t, b, lp in self._alternatives(item)]
+        return ChatCompletionTokenLogprob(token=text, bytes=list(raw), logprob=item.logprob, top_logprobs=top)
+
+    def _alternatives(self, item: TokenLogprob) -> list[tuple[str, bytes, float]]:
+        return [(*self.token_text(token_id), logprob) for token_id, logprob in item.top]
 
 
 def usage(answer: Answer) -> CompletionUsage:
@@ -313,7 +335,12 @@ def usage(answer: Answer) -> CompletionUsage:
 
 
 async def _events(
-    started: Started, response_id: str, created: int, model: str, include_usage: bool
+    started: Started,
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    logprobs: _LogprobsWriter | None,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format: the role first, the text as it comes, the
     finish reason once, usage when asked, then ``[DONE]``. A client that goes away cancels the
@@ -332,8 +359,11 @@ async def _events(
         yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(role="assistant", content=""))])
         answer: Answer | None = None
         async for delta in stream:
-            if delta.text:
-                yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(content=delta.text))])
+            if delta.text or (logprobs and delta.logprobs):
+                # With logprobs, every token gets its chunk, even one whose text is still incomplete.
+                choice_logprobs = logprobs.chunk(delta.logprobs) if logprobs else None
+                content = chunk.ChoiceDelta(content=delta.text)
+                yield event([chunk.Choice(index=0, delta=content, logprobs=choice_logprobs)])
             if delta.finish_reason is not None:
                 answer = delta.answer
                 yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(), finish_reason=delta.finish_reason)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,7 +20,11 @@ class Metadata(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens (server limit applies)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, used when temperature > 0")
+    top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens; 0 or absent: all")
     seed: int | None = Field(None, ge=0, lt=2**63, description="makes a sampled answer (temperature > 0) reproducible")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=4, description="up to 4 strings that end the answer (not included in it)"
+    )
     stream: bool = Field(False, description="answer as server-sent events, token by token (see README)")
     ignore_eos: bool = Field(
         False, description="generate exactly max_new_tokens, past the end of the answer (load tests)"

@@ -204,3 +204,90 @@ def test_the_chat_route_takes_json_only(served) -> None:
         f"{served}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_follow_up_turn_reuses_the_conversation_so_far(sdk, model, served_folder, media_dir) -> None:
+    """Multi-turn: the answer goes back as an assistant turn, a new user turn follows; the served
+    process reuses the first turn's prompt KV (serve.log) and prefills the rest."""
+    messages = [
+        {"role": "system", "content": "You describe videos."},
+        user(video_part(data_url(media_dir / "clip.webm", "video/webm"))),
+    ]
+    first = sdk.chat.completions.create(model=model, messages=messages, max_tokens=6, extra_body={"num_frames": 2})
+    log = served_folder / "serve.log"
+    lines_before = len(log.read_text().splitlines())
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And what happens next?"},
+    ]
+    follow_up = sdk.chat.completions.create(model=model, messages=messages, max_tokens=6, extra_body={"num_frames": 2})
+    again = sdk.chat.completions.create(model=model, messages=messages, max_tokens=6, extra_body={"num_frames": 2})
+    assert follow_up.choices[0].message.content == again.choices[0].message.content
+    assert follow_up.usage.prompt_tokens > first.usage.prompt_tokens + 6
+    assert follow_up.usage.model_extra["visual_tokens"] == first.usage.model_extra["visual_tokens"]
+    reuse = [line for line in log.read_text().splitlines()[lines_before:] if "features recalled" in line]
+    reused = [int(n) for n in (line.split("KV of ")[1].split(" of ")[0] for line in reuse)]
+    assert reused and reused[0] >= first.usage.prompt_tokens - 1, reuse
+
+
+def test_text_only_conversations_use_the_language_model_alone(sdk, model) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    chat = sdk.chat.completions.create(model=model, messages=messages, max_tokens=5)
+    assert chat.usage.model_extra["visual_tokens"] == 0
+    assert (
+        chat.choices[0].message.content
+        == sdk.chat.completions.create(model=model, messages=messages, max_tokens=5).choices[0].message.content
+    )
+
+
+def test_logprobs_describe_the_generated_tokens(sdk, model, file_server) -> None:
+    request = {
+        "model": model,
+        "messages": [user(image_part(f"{file_server}/photo.jpg"))],
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "extra_body": {"ignore_eos": True},
+    }
+    chat = sdk.chat.completions.create(**request)
+    tokens = chat.choices[0].logprobs.content
+    assert len(tokens) == chat.usage.completion_tokens == 8
+    for token in tokens:
+        assert len(token.top_logprobs) == 3
+        assert token.logprob == token.top_logprobs[0].logprob <= 0  # greedy takes the most likely
+        assert token.top_logprobs[0].token == token.token
+    joined = b"".join(bytes(token.bytes) for token in tokens).decode("utf-8", "replace")
+    assert joined.strip() == chat.choices[0].message.content
+    streamed = [c for c in sdk.chat.completions.create(**request, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t.token for c in streamed for t in c.choices[0].logprobs.content] == [t.token for t in tokens]
+
+
+def test_seed_makes_a_sampled_answer_reproducible(sdk, model, file_server) -> None:
+    def sample(seed: int) -> str:
+        messages = [user(image_part(f"{file_server}/photo.jpg"))]
+        answer = sdk.chat.completions.create(
+            model=model, messages=messages, max_tokens=12, temperature=1.0, seed=seed, extra_body={"ignore_eos": True}
+        )
+        return answer.choices[0].message.content
+
+    assert sample(5) == sample(5)
+    assert sample(5) != sample(6)
+
+
+def test_stop_ends_the_answer_before_the_stop_string(sdk, model, served, file_server) -> None:
+    """On the chat route and the native one: cut right before the first stop string."""
+    messages = [user(video_part(f"{file_server}/clip.mp4"))]
+    extra = {"ignore_eos": True, "num_frames": 2}
+    whole = sdk.chat.completions.create(model=model, messages=messages, max_tokens=16, extra_body=extra)
+    text = whole.choices[0].message.content
+    at = next(i for i in range(3, len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2].isalnum())
+    stop = text[at : at + 2]
+    expected = text[: text.index(stop)].strip()
+    cut = sdk.chat.completions.create(model=model, messages=messages, max_tokens=16, stop=[stop], extra_body=extra)
+    assert cut.choices[0].message.content == expected
+    assert cut.choices[0].finish_reason == "stop"
+    metadata = {"prompt": QUESTION, "max_new_tokens": 16, "stop": [stop], **extra}
+    assert (
+        native(served, "analyze_video", {"video_url": f"{file_server}/clip.mp4", "metadata": metadata})["response"]
+        == expected
+    )

@@ -396,3 +396,57 @@ def test_different_bytes_are_never_reused(client, media_dir, caplog):
     for path in (first, second):
         (line,) = reuse_lines(caplog.records, hashlib.sha256(path.read_bytes()).hexdigest())
         assert "features computed, KV of 0 of" in line
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "name"), [("/analyze_video", "video", "clip.mp4"), ("/analyze_image", "image", "photo.jpg")]
+)
+def test_streamed_answer_is_the_answer_token_by_token(client, media_dir, endpoint, field, name):
+    metadata = {"prompt": "What is it?", "num_frames": 3, "max_new_tokens": 12, "ignore_eos": True}
+    if field == "image":
+        del metadata["num_frames"]
+    whole = upload(client, endpoint, field, media_dir / name, metadata).json()
+    response = upload(client, endpoint, field, media_dir / name, {**metadata, "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    names = [event for event, _ in events]
+    assert names[-1] == "answer" and set(names[:-1]) == {"delta"} and len(names) > 3
+    assert "".join(data["text"] for _, data in events[:-1]) == whole["response"]
+    assert events[-1][1] == whole
+
+
+def test_stream_failing_before_it_starts_gets_the_failure_status(client, media_dir):
+    response = upload(client, "/analyze_video", "video", media_dir / "notes.txt", {"stream": True})
+    assert_failed(response, 415, "not a video")
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        ({"top_k": -1}, ("top_k",)),
+        ({"stop": "x"}, ("stop",)),
+        ({"stop": ["a", "b", "c", "d", "e"]}, ("stop",)),
+        ({"stop": [""]}, ("stop",)),
+        ({"stream": "maybe"}, ("stream",)),
+    ],
+)
+def test_new_metadata_fields_are_validated(client, media_dir, metadata, words):
+    assert_failed(upload(client, "/analyze_image", "image", media_dir / "photo.jpg", metadata), 400, *words)
+
+
+def test_top_k_one_samples_the_greedy_answer(client, media_dir):
+    metadata = {"prompt": "What is it?", "max_new_tokens": 10, "ignore_eos": True}
+    greedy = upload(client, "/analyze_image", "image", media_dir / "photo.jpg", metadata).json()
+    sampled = upload(
+        client, "/analyze_image", "image", media_dir / "photo.jpg", {**metadata, "temperature": 1.5, "top_k": 1}
+    ).json()
+    assert sampled["response"] == greedy["response"]
