@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -291,3 +292,23 @@ def test_stop_ends_the_answer_before_the_stop_string(sdk, model, served, file_se
         native(served, "analyze_video", {"video_url": f"{file_server}/clip.mp4", "metadata": metadata})["response"]
         == expected
     )
+
+
+def test_closing_a_stream_stops_its_generation(sdk, model, served_folder, file_server) -> None:
+    log = served_folder / "serve.log"
+    before = log.read_text().count("request cancelled")
+    stream = sdk.chat.completions.create(
+        model=model,
+        messages=[user(image_part(f"{file_server}/photo.jpg"))],
+        max_tokens=4000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for number, _ in enumerate(stream):
+        if number == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 15
+    while log.read_text().count("request cancelled") == before:
+        assert time.monotonic() < deadline, "the service went on generating for a client that left"
+        time.sleep(0.2)

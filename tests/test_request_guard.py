@@ -222,17 +222,22 @@ def test_data_url_over_its_cap_and_malformed_data_urls(client) -> None:
 # The busy answer.
 
 
-def test_busy_worker_answers_503_then_recovers(client, media_dir, recorder) -> None:
+@pytest.mark.parametrize("last_route", ["/analyze_video", "/v1/chat/completions"])
+def test_busy_worker_answers_503_then_recovers(client, media_dir, recorder, last_route) -> None:
     # Requests wait on a download that the test holds open. LLAVA_MAX_BATCH_SIZE (4) may be
     # answered and LLAVA_MAX_PENDING_REQUESTS (2) may wait: one more must get 503 at once, while
-    # the gate is still closed, instead of queueing.
+    # the gate is still closed, instead of queueing. Both routes count against one limit.
     capacity = TEST_MAX_BATCH_SIZE + TEST_MAX_PENDING_REQUESTS
     responses: list = []
+    video = f"{recorder.url}/gate"
+    chat = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}}]}]}
 
-    def slow_request() -> None:
-        responses.append(client.post("/analyze_video", json={"video_url": f"{recorder.url}/gate"}))
+    def slow_request(route: str) -> None:
+        body = {"video_url": video} if route == "/analyze_video" else chat
+        responses.append(client.post(route, json=body))
 
-    threads = [threading.Thread(target=slow_request) for _ in range(capacity + 1)]
+    routes = ["/analyze_video", "/v1/chat/completions"] * (capacity // 2) + [last_route]
+    threads = [threading.Thread(target=slow_request, args=(route,)) for route in routes]
     for thread in threads[:capacity]:
         thread.start()
     deadline = time.monotonic() + 10
@@ -243,7 +248,11 @@ def test_busy_worker_answers_503_then_recovers(client, media_dir, recorder) -> N
         while not responses and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(responses) == 1, "a request should have been refused while the others wait"
-        assert_failed(responses[0], 503, "busy")
+        if last_route == "/analyze_video":
+            assert_failed(responses[0], 503, "busy")
+        else:
+            assert responses[0].status_code == 503
+            assert responses[0].json()["error"]["code"] == "service_unavailable"
         assert int(responses[0].headers["retry-after"]) > 0
     finally:
         recorder.gate.set()

@@ -450,3 +450,21 @@ def test_top_k_one_samples_the_greedy_answer(client, media_dir):
         client, "/analyze_image", "image", media_dir / "photo.jpg", {**metadata, "temperature": 1.5, "top_k": 1}
     ).json()
     assert sampled["response"] == greedy["response"]
+
+
+def test_openapi_page_documents_both_forms_metadata_and_errors(client):
+    from http_api.schemas import Metadata
+
+    spec = client.get("/docs.json").json()
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["Metadata"]["properties"]) == set(Metadata.model_fields)
+    for route, kind in (("/analyze_video", "video"), ("/analyze_image", "image")):
+        operation = spec["paths"][route]["post"]
+        forms = operation["requestBody"]["content"]
+        assert set(forms["multipart/form-data"]["schema"]["properties"]) == {kind, "metadata"}
+        assert set(forms["application/json"]["schema"]["properties"]) == {f"{kind}_url", "metadata"}
+        statuses = operation["responses"]
+        assert {"200", "400", "413", "415", "422", "500", "502", "503", "504"} <= set(statuses)
+        assert statuses["415"]["content"]["application/json"]["schema"]["$ref"].endswith("/Failure")
+    assert set(schemas["Failure"]["properties"]) == {"response", "status", "error"}
+    assert "post" in spec["paths"]["/v1/chat/completions"] and "get" in spec["paths"]["/v1/models"]
