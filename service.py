@@ -30,6 +30,7 @@ from anyio import to_thread
 from starlette.responses import Response
 
 import media
+import settings
 from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
@@ -39,7 +40,6 @@ from http_api.openapi import OpenAPIDocs
 from http_api.schemas import Failure, Metadata
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Engine, ReuseCache
-from settings import Settings
 
 logger = logging.getLogger("llava_video_service")
 
@@ -54,7 +54,7 @@ class LLaVAVideoService:
     """Loads the model once per worker and answers /analyze_video and /analyze_image."""
 
     def __init__(self) -> None:
-        self.settings = Settings()
+        self.settings = settings.current()
         s = self.settings
         # BentoML's server logging shows WARNING and up from other loggers; ours say more.
         for name in (logger.name, "llava_custom", "media"):

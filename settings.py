@@ -7,6 +7,7 @@ that one, so each default is stated once.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Literal
@@ -140,3 +141,10 @@ class Settings(BaseSettings):
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("LLAVA_MAX_NEW_TOKENS exceeds LLAVA_MAX_NEW_TOKENS_LIMIT")
         return self
+
+
+@functools.cache
+def current() -> Settings:
+    """The process's settings, read from the environment on first use and shared after that
+    (the service and the request guard, built at different moments, see the same values)."""
+    return Settings()

@@ -84,9 +84,9 @@ class RequestGuard:
         paths: dict[str, str | None] | None = None,
     ) -> None:
         if limits is None:
-            from settings import Settings  # settings imports this module for GuardLimits
+            import settings  # settings imports this module for GuardLimits
 
-            limits = Settings().guard_limits()
+            limits = settings.current().guard_limits()
         self.app = app
         self.limits = limits
         self.paths = paths or GUARDED_PATHS
