@@ -1,0 +1,53 @@
+"""Settings: the model's id in the OpenAI API, and the limit objects handed to the other parts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llava_custom.scheduler import EngineLimits
+from media.fetch import FetchLimits
+from settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def no_llava_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's served-app fixtures leave LLAVA_* variables set; these tests read defaults."""
+    for name in [name for name in os.environ if name.startswith("LLAVA_")]:
+        monkeypatch.delenv(name)
+
+
+def test_model_id_is_the_hub_id_or_the_folder_name_unless_set(tmp_path: Path) -> None:
+    assert Settings(model="lmms-lab/LLaVA-Video-7B-Qwen2").model_id == "lmms-lab/LLaVA-Video-7B-Qwen2"
+    (tmp_path / "my-checkpoint").mkdir()
+    assert Settings(model=str(tmp_path / "my-checkpoint")).model_id == "my-checkpoint"
+    assert Settings(model=str(tmp_path / "my-checkpoint"), served_model_name="llava-video").model_id == "llava-video"
+
+
+def test_defaults_are_those_of_the_limit_objects() -> None:
+    settings = Settings()
+    assert settings.engine_limits() == EngineLimits()
+    fetch = settings.fetch_limits()
+    default = FetchLimits(max_bytes=fetch.max_bytes)
+    assert (fetch.connect_timeout, fetch.read_timeout, fetch.total_timeout, fetch.max_redirects) == (
+        default.connect_timeout,
+        default.read_timeout,
+        default.total_timeout,
+        default.max_redirects,
+    )
+    assert fetch.max_data_url_bytes == default.max_data_url_bytes
+
+
+def test_guard_limits_follow_the_settings() -> None:
+    limits = Settings(max_batch_size=3, max_pending_requests=2, max_upload_bytes=5_000_000).guard_limits()
+    assert limits.max_in_flight == 5 and limits.max_upload_bytes == 5_000_000
+
+
+@pytest.mark.parametrize("env", [{"LLAVA_NUM_FRAMES": "100"}, {"LLAVA_URL_ALLOWLIST": "not a host!"}])
+def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError):
+        Settings()
