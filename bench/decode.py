@@ -1,6 +1,6 @@
 """Video decoding: our sampler against the old one, decord alone and PyAV decoding every frame.
 
-    python -m bench.decode [--quick] [--repeats 3] [--workdir .bench-media] [--out results.json]
+    python -m bench.decode [--quick | --long] [--repeats 3] [--workdir .bench-media] [--out results.json]
 
 Generated H.264 videos (libx264 ultrafast, CRF 28, 5 fps, a panning texture with film grain;
 cached in ``--workdir``), 1 and 10 minutes long, at 360p, 1080p and 2160p, with a keyframe every 250 or 10
@@ -18,6 +18,9 @@ process, ``--repeats`` times (medians reported):
   decord's own memory without a batch, the floor for any sampler built on decord;
 - PyAV: every frame of the stream decoded in order, ``to_ndarray("rgb24")`` each (once per video,
   not per frame count; skipped for 10-minute 2160p videos, about 3 minutes a run here).
+
+``--quick`` runs the 1-minute 360p and 2160p videos at 16 frames, ``--long`` the same for the
+10-minute ones (the case where decord's read-ahead grows with the file).
 
 Measured: wall time of the call, and the peak RSS of the process that decodes (the worker child
 for ours and old, read with ``getrusage(RUSAGE_CHILDREN)`` after it exits) above its RSS just
@@ -61,9 +64,10 @@ class Video:
         return f"{self.height}-{self.seconds // 60}min-gop{self.gop}"
 
 
-def matrix(quick: bool) -> tuple[list[Video], list[int]]:
-    if quick:
-        return [Video(h, 60, gop) for gop in (250, 10) for h in ("360p", "2160p")], [16]
+def matrix(quick: bool, long: bool = False) -> tuple[list[Video], list[int]]:
+    if quick or long:
+        seconds = 600 if long else 60
+        return [Video(h, seconds, gop) for gop in (250, 10) for h in ("360p", "2160p")], [16]
     videos = [Video(h, seconds, gop) for seconds in (60, 600) for gop in (250, 10) for h in RESOLUTIONS]
     return videos, [16, 64]
 
@@ -194,8 +198,8 @@ def run_child(method: str, path: Path, frames: int, code: Path) -> dict:
 # --- the whole run -------------------------------------------------------------------------------
 
 
-def bench(workdir: Path, quick: bool, repeats: int, rev: str) -> dict:
-    videos, frame_counts = matrix(quick)
+def bench(workdir: Path, quick: bool, repeats: int, rev: str, long: bool = False) -> dict:
+    videos, frame_counts = matrix(quick, long)
     workdir.mkdir(parents=True, exist_ok=True)
     old_code = baseline_code(workdir, rev)
     rows = []
@@ -212,14 +216,14 @@ def bench(workdir: Path, quick: bool, repeats: int, rev: str) -> dict:
                 cell[method] = summary(runs)
                 print(f"  {frames} frames, {method}: {fmt(cell[method])}", flush=True)
             rows.append(cell)
-        if not quick and not (video.seconds >= 600 and video.height == "2160p"):
+        if not (quick or long) and not (video.seconds >= 600 and video.height == "2160p"):
             # PyAV decodes every frame whatever the frame count: once per video.
             runs = [run_child("pyav", path, 0, REPO) for _ in range(repeats if video.seconds < 600 else 1)]
             for cell in rows:
                 if cell["video"] == video.name:
                     cell["pyav"] = summary(runs)
             print(f"  every frame, pyav: {fmt(summary(runs))}", flush=True)
-    return {"rows": rows, "targets": targets(rows), "repeats": repeats, "quick": quick, "baseline_rev": rev}
+    return {"rows": rows, "targets": targets(rows), "repeats": repeats, "quick": quick or long, "baseline_rev": rev}
 
 
 def summary(runs: list[dict]) -> dict:
@@ -296,6 +300,7 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1-minute 360p and 2160p videos, 16 frames, no PyAV")
+    parser.add_argument("--long", action="store_true", help="the same for 10-minute videos (the issue's hard case)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench-media", help="generated videos (cached)")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision whose media/ is the old code")
@@ -308,7 +313,9 @@ def main() -> None:
         return
     from bench.load import machine
 
-    results = {"machine": machine()} | bench(args.workdir.resolve(), args.quick, args.repeats, args.baseline_rev)
+    results = {"machine": machine()} | bench(
+        args.workdir.resolve(), args.quick, args.repeats, args.baseline_rev, args.long
+    )
     print(report(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

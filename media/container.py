@@ -1,20 +1,28 @@
-"""What PyAV reads from a video file: stream facts, the frame index, and frames decord gets wrong.
+"""What PyAV reads from a video file: stream facts, the frame index, and which decoder to use.
 
 :func:`probe_video` demuxes the whole file once (packets only, plus the first frame) under a
 demuxer allow-list. Besides the checks (supported container and codec, frame size), the packet
-scan tells whether decord 0.6.0 can be trusted to seek in the stream. It cannot when
+scan and the first frame decide the decoder. PyAV decodes one frame at a time, so its memory stays
+bounded whatever the length of the video, where decord 0.6.0 reads the compressed stream ahead (up
+to the rest of the file) and decodes ahead; so PyAV decodes every stream it gets right:
 
-- the stream has open GOPs (x265's default, x264 ``open-gop``): after a seek to such a keyframe
-  decord counts frames from the wrong place and returns frames off by one to nine;
-- timestamps are not presentation times, as in AVI with B-frames (pts follow decode order), or
-  several frames share one (a 5000 fps stream in Matroska's millisecond clock): decord's seeks
-  then land on the wrong frames altogether;
-- the stream has a display matrix (rotated phone videos): decord half-applies it and fails;
-- the codec is one decord's bundled FFmpeg 4.1 cannot decode (AV1).
+- streams whose frames' pixel format is one PyAV turns into RGB exactly as decord does: 8-bit
+  YUV 4:2:0, 4:2:2, 4:4:4 and 4:1:1 (limited or full range), grey, planar RGB and 10-bit 4:4:4,
+  bit-identical to decord's ``get_batch`` (tests/media/test_corpus.py checks every codec and
+  container of the corpus);
+- streams decord gets wrong whatever their format: open GOPs (x265's default, x264
+  ``open-gop``: after a seek decord counts frames from the wrong place, off by one to nine),
+  streams with a display matrix (rotated phone videos: decord half-applies it and fails), and
+  codecs decord's bundled FFmpeg 4.1 cannot decode (AV1).
 
-For those streams :func:`decode_frames` decodes with PyAV instead: by seeking to the keyframe at
-or before each wanted frame and matching presentation timestamps, or, where timestamps cannot be
-trusted, by decoding from the start and counting frames in presentation order.
+PyAV finds frame N by seeking to the keyframe at or before it and matching presentation
+timestamps; where timestamps cannot be trusted (missing, shared by several frames as in a 5000 fps
+stream in Matroska's millisecond clock, or decode times as in AVI with B-frames) it decodes from
+the start and counts frames in presentation order. decord is kept, as the LLaVA-Video example
+uses it, only for the other pixel formats (10-bit 4:2:0 and 4:2:2 and 4:1:0, where the two differ;
+12-bit, alpha, palette ... never compared), and only where its seeks are right.
+The frame count (video packets) and average frame rate are the ones
+decord reports, whichever decoder runs: frame times go into the prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +47,17 @@ ALLOWED_DEMUXERS = "mov,matroska,avi,flv"
 SUPPORTED_CONTAINERS = "MP4/MOV, MKV/WebM, AVI or FLV"
 # Codecs that decord's FFmpeg 4.1 cannot decode but PyAV's FFmpeg can.
 _PYAV_ONLY_CODECS = frozenset({"av1"})
+# Decoded pixel formats that PyAV's to_ndarray("rgb24") turns into decord's RGB bit for bit
+# (checked by tests/media/test_corpus.py). 10-bit 4:2:0 and 4:2:2 differ at colour edges (up to
+# ~130 levels; decord puts the chroma of a horizontal edge one row low, PyAV blends it over two
+# rows and columns; neither is closer to the source picture overall), 4:1:0 differs too, and
+# 12-bit, alpha or palette formats were never compared: decord keeps those, as the reference.
+_PYAV_PIXEL_FORMATS = frozenset(
+    {
+        "yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv411p", "gray", "gbrp",
+        "yuv444p10le",
+    }
+)  # fmt: skip
 # Demux errors tolerated at the end of a file that was cut short; the frames before still count.
 _DEMUX_ERRORS = (av.error.FFmpegError, EOFError)
 
@@ -198,13 +217,16 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
         raise UndecodableMedia("the video has no decodable frames; check that the file plays")
     codec = stream.codec.canonical_name
     orientation = _orientation(first_frame)
+    # Only AVI stores decode times in place of presentation times (it has no composition
+    # offsets); MP4, Matroska and FLV streams whose B-frames happen to keep decode order are fine.
+    reorders = bool(stream.codec_context.has_b_frames) and "avi" in container.format.name.split(",")
     return VideoProbe(
         average_fps=float(stream.average_rate) if stream.average_rate else None,
         stated_fps=float(stream.guessed_rate) if stream.guessed_rate else None,
         frame_count=len(pts),
         frame_pts=sorted(pts) if None not in pts else [],  # type: ignore[type-var]
         keyframe_pts=sorted(set(keyframes)),
-        decoder=_choose_decoder(codec, pts, open_gop, bool(stream.codec_context.has_b_frames), orientation),
+        decoder=_choose_decoder(codec, first_frame.format.name, pts, open_gop, reorders, orientation),
         orientation=orientation,
     )
 
@@ -219,12 +241,20 @@ def _first_decoded(stream: av.video.stream.VideoStream, packet: av.Packet | None
 
 
 def _choose_decoder(
-    codec: str, pts: list[int | None], open_gop: bool, reorders: bool, orientation: Orientation
+    codec: str,
+    pixel_format: str,
+    pts: list[int | None],
+    open_gop: bool,
+    reorders: bool,
+    orientation: Orientation,
 ) -> Decoder:
+    """PyAV wherever its frames are decord's (or decord's are wrong); see the module docstring."""
     if not _timestamps_usable(pts, reorders):
         return "pyav-sequential"  # only counting decoded frames finds frame N
+    if pixel_format in _PYAV_PIXEL_FORMATS:
+        return "pyav-seek"  # same frames as decord, one at a time: bounded memory
     if open_gop or codec in _PYAV_ONLY_CODECS or not orientation.is_identity:
-        return "pyav-seek"
+        return "pyav-seek"  # decord would return wrong frames or fail
     return "decord"
 
 

@@ -5,17 +5,19 @@ resized as soon as it is decoded, by a small thread pool while the decoder goes 
 frame. At most ``chunk_bytes`` of full-resolution frames are held at once (always at least one),
 so this module's memory stays bounded by that budget and the sampled (resized) frames, whatever
 the video's length or resolution: a 64 MiB budget is 2 frames at 2160p, 10 at 1080p, 97 at 360p.
-decord's own memory comes on top and is out of our hands: its reader queues
-the compressed stream ahead (up to the rest of the file) and its thread decodes and converts to
-RGB the frames after the one asked for whenever the caller is busy (about 150 MB at 2160p for a
-1-minute video, plus the rest of the file for longer ones; see docs/BENCHMARKS.md).
 
 Before any decoder sees a file, :mod:`media.container` probes it with PyAV under a demuxer
 allow-list. That check decides between "not a supported video" and "damaged video", keeps
 decord away from inputs it mishandles (it reads a plain text file as a 25 fps video; FFmpeg
 demuxers such as HLS or concat would open other files or URLs named inside the input), and
-tells which decoder returns the right frames: decord, as the LLaVA-Video example uses, for most
-streams; PyAV for open-GOP streams, AV1 and streams whose timestamps are not presentation times.
+chooses the decoder. PyAV decodes every stream whose frames it returns exactly as decord's
+``get_batch`` (8-bit YUV, which is nearly every video) and every stream decord gets wrong (open
+GOPs, AV1, rotated videos, timestamps that are not presentation times): it decodes one frame at a
+time, so the decoder's own memory stays bounded too. decord, as the LLaVA-Video example uses, keeps
+the rest (10-bit 4:2:0, where the two convert colour edges differently, and formats never
+compared); its reader queues the compressed stream ahead, up to the rest of the file, and its
+thread decodes and converts frames ahead (see docs/BENCHMARKS.md). Either way the frame count and
+average fps are the ones decord reports, so frame times do not depend on the decoder.
 Frames come out upright as a player shows them (the stream's display matrix is applied).
 """
 

@@ -56,16 +56,26 @@ def has_encoder(codec: str) -> bool:
     return True
 
 
-def coded_frame(index: int, size: tuple[int, int]) -> np.ndarray:
-    """RGB frame (H, W, 3) whose block grid spells ``index`` in binary, bit 0 top-left."""
+def coded_frame(index: int, size: tuple[int, int], *, colour: bool = False) -> np.ndarray:
+    """RGB frame (H, W, 3) whose block grid spells ``index`` in binary, bit 0 top-left.
+
+    Blocks are black and white, or with ``colour`` light and dark colours (each channel at least
+    160 or at most 95, changing from block to block and frame to frame), so that the colour
+    conversion of decoders can be compared while the index still reads back.
+    """
     if not 0 <= index <= MAX_FRAME_INDEX:
         raise ValueError(f"frame index {index} does not fit the {GRID_COLS}x{GRID_ROWS} grid")
     width, height = size
-    bits = np.array([(index >> b) & 1 for b in range(GRID_COLS * GRID_ROWS)], np.uint8)
-    grid = bits.reshape(GRID_ROWS, GRID_COLS) * 255
+    blocks = GRID_COLS * GRID_ROWS
+    bits = np.array([(index >> b) & 1 for b in range(blocks)], np.uint8)
+    if colour:
+        shades = np.random.default_rng(index).integers(0, 96, (blocks, 3), dtype=np.uint8)
+        grid = (np.where(bits[:, None], 255 - shades, shades)).reshape(GRID_ROWS, GRID_COLS, 3)
+    else:
+        grid = np.repeat((bits * 255).reshape(GRID_ROWS, GRID_COLS, 1), 3, axis=2)
     rows = np.arange(height) * GRID_ROWS // height
     cols = np.arange(width) * GRID_COLS // width
-    return np.repeat(grid[rows][:, cols][:, :, None], 3, axis=2)
+    return np.ascontiguousarray(grid[rows][:, cols])
 
 
 def frame_index_from_pixels(frame: np.ndarray) -> int:
@@ -100,6 +110,7 @@ def write_video(
     frame_times: Sequence[float] | None = None,
     options: dict[str, str] | None = None,
     rotation: tuple[int, bool, bool] | None = None,
+    colour: bool = False,
 ) -> Path:
     """Write ``frames`` coded frames at constant ``fps``; the container comes from the suffix.
 
@@ -108,6 +119,7 @@ def write_video(
     then only the nominal rate stored in the stream header. ``options`` replace the codec's
     default options. ``rotation=(degrees, hflip, vflip)`` stores a display matrix: a player
     shows each frame turned ``degrees`` counter-clockwise, then mirrored (see :func:`upright`).
+    ``colour`` writes :func:`coded_frame`'s coloured blocks.
     """
     path = Path(path)
     codec = codec or _CODEC_FOR_SUFFIX[path.suffix.lower()]
@@ -125,7 +137,7 @@ def write_video(
         if codec not in _CODEC_OPTIONS and options is None:
             stream.bit_rate = 2_000_000  # codecs without a CRF mode: plenty for 64x48 blocks
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(coded_frame(i, size), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(coded_frame(i, size, colour=colour), format="rgb24")
             frame.pts = round(frame_times[i] * 1000) if frame_times is not None else i
             frame.time_base = time_base
             for packet in stream.encode(frame):

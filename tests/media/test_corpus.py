@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from decord import VideoReader, cpu
 from mediafiles import corrupt_file, frame_index_from_pixels, has_encoder, truncate_file, write_image, write_video
 from PIL import Image
 
-from media import DecodeWorker, MediaError, UndecodableMedia, UnsupportedMedia
+from media import DecodeWorker, MediaError, UndecodableMedia, UnsupportedMedia, read_video
+from media.container import probe_video
 
 FRAMES, FPS, SAMPLED = 24, 12, 6
 ENCODERS = {
@@ -45,6 +47,35 @@ def _video_param(codec: str, container: str):  # -> a pytest ParameterSet
 
 
 VIDEOS = [_video_param(codec, container) for container, codecs in CONTAINERS.items() for codec in codecs]
+# Streams whose frames PyAV must return exactly as decord's get_batch: the grid above, less AV1
+# (decord cannot decode it) and H.264 in AVI (B-frames: decord returns wrong frames), plus VP8,
+# FLV, every pixel format PyAV takes over (media.container._PYAV_PIXEL_FORMATS) and sizes
+# that are not multiples of 16. name -> write_video options; each is written with coloured blocks.
+COMPARED = {
+    f"{codec}.{container}": {"codec": ENCODERS[codec]}
+    for container, codecs in CONTAINERS.items()
+    for codec in codecs
+    if codec != "av1" and (codec, container) != ("h264", "avi")
+}
+COMPARED |= {
+    "vp8.mkv": {"codec": "libvpx"},
+    "vp8.webm": {"codec": "libvpx"},
+    "flv1.flv": {"codec": "flv1"},
+    "h264.flv": {"codec": "libx264"},
+    "h264-yuvj420p.mp4": {"codec": "libx264", "pix_fmt": "yuvj420p"},
+    "h264-yuv422p.mp4": {"codec": "libx264", "pix_fmt": "yuv422p"},
+    "h264-yuv444p.mkv": {"codec": "libx264", "pix_fmt": "yuv444p"},
+    "h264-bt709-full.mp4": {"codec": "libx264", "options": {"x264-params": "colormatrix=bt709:fullrange=on"}},
+    "mjpeg-yuvj422p.avi": {"codec": "mjpeg", "pix_fmt": "yuvj422p"},
+    "mjpeg-yuvj444p.mkv": {"codec": "mjpeg", "pix_fmt": "yuvj444p"},
+    "vp9-yuv444p.webm": {"codec": "libvpx-vp9", "pix_fmt": "yuv444p"},
+    "h264-yuv444p10le.mkv": {"codec": "libx264", "pix_fmt": "yuv444p10le"},
+    "ffv1-gray.mkv": {"codec": "ffv1", "pix_fmt": "gray"},
+    "ffv1-yuv411p.mkv": {"codec": "ffv1", "pix_fmt": "yuv411p"},
+    "vp9-gbrp.mkv": {"codec": "libvpx-vp9", "pix_fmt": "gbrp"},
+    "h264-1000x562.mp4": {"codec": "libx264", "size": (1000, 562)},
+    "h264-90x50.mkv": {"codec": "libx264", "size": (90, 50)},
+}
 IMAGES = [
     ("png", "RGB"),
     ("png", "RGBA"),
@@ -146,6 +177,28 @@ def test_damaged_video_decodes_consistently_or_gets_its_error(
     assert 1 <= video.total_frames <= FRAMES
     assert video.frames.shape == (count, 36, 48, 3)
     assert video.info.frame_count == len(video.info.frame_times) == count
+
+
+def _compared_param(name: str):  # -> a pytest ParameterSet
+    encoder = COMPARED[name]["codec"]
+    marks = [] if has_encoder(encoder) else [pytest.mark.skip(reason=f"no {encoder} encoder")]
+    return pytest.param(name, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("name", [_compared_param(name) for name in COMPARED])
+def test_pyav_frames_are_decords_get_batch(tmp_path: Path, name: str) -> None:
+    # PyAV decodes these streams (one frame at a time, bounded memory) because its frames are
+    # decord's bit for bit; the frame count and fps go into the prompt, so they must be decord's too.
+    path = write_video(tmp_path / name, frames=FRAMES, fps=FPS, colour=True, **COMPARED[name])
+    reader = VideoReader(str(path), ctx=cpu(0), num_threads=1)
+
+    video = read_video(path, SAMPLED)
+
+    assert probe_video(path).decoder == "pyav-seek"
+    assert video.total_frames == len(reader) == FRAMES
+    assert video.average_fps == reader.get_avg_fps()
+    assert [frame_index_from_pixels(frame) for frame in video.frames] == video.frame_indices
+    np.testing.assert_array_equal(video.frames, reader.get_batch(video.frame_indices).asnumpy())
 
 
 @pytest.mark.parametrize(("fmt", "mode"), IMAGES)

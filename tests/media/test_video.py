@@ -13,6 +13,7 @@ from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from decord import VideoReader, cpu
@@ -69,6 +70,12 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def h264_video(video_dir: Path) -> Path:
     return write_video(video_dir / "main.mp4", frames=50, fps=25)
+
+
+@pytest.fixture(scope="module")
+def decord_video(video_dir: Path) -> Path:
+    """A stream decord still decodes: 4:1:0 chroma, which PyAV converts to RGB differently."""
+    return write_video(video_dir / "yuv410p.mkv", frames=50, fps=25, codec="ffv1", pix_fmt="yuv410p")
 
 
 def recovered_indices(frames: np.ndarray) -> list[int]:
@@ -162,8 +169,9 @@ def test_frame_size_is_pillow_bicubic_of_the_full_frames(h264_video: Path) -> No
 
 
 @pytest.mark.parametrize(("budget", "threads"), [(1, 0), (1, 1), (2, 1), (3, 2), (3, 8)])
+@pytest.mark.parametrize("decoder", ["pyav-seek", "decord"])
 def test_no_more_full_frames_than_the_budget_are_alive(
-    h264_video: Path, monkeypatch: pytest.MonkeyPatch, budget: int, threads: int
+    h264_video: Path, decord_video: Path, monkeypatch: pytest.MonkeyPatch, budget: int, threads: int, decoder: str
 ) -> None:
     # Every decoded frame is counted until it is freed; resizing is slowed down so that frames
     # would pile up if nothing held the decoder back.
@@ -175,24 +183,34 @@ def test_no_more_full_frames_than_the_budget_are_alive(
         with lock:
             alive -= 1
 
-    def counted_frame(reader, index):  # noqa: ANN001, ANN202
+    def counted(frame: np.ndarray) -> np.ndarray:
         nonlocal alive, most
-        frame = decode_frame(reader, index)
         weakref.finalize(frame, freed)
         with lock:
             alive += 1
             most = max(most, alive)
         return frame
 
+    def counted_decord_frame(reader, index):  # noqa: ANN001, ANN202
+        return counted(decord_frame(reader, index))
+
+    def counted_pyav_frames(path, probe, indices):  # noqa: ANN001, ANN202
+        frames = pyav_frames(path, probe, indices)
+        for _ in indices:  # no local name holds a frame while the next one decodes
+            yield counted(next(frames))
+
     def slow_resize(frame, size):  # noqa: ANN001, ANN202
         time.sleep(0.01)
         return resize(frame, size)
 
-    decode_frame, resize = media.video._decord_frame, media.video._resize
-    monkeypatch.setattr(media.video, "_decord_frame", counted_frame)
+    decord_frame, pyav_frames, resize = media.video._decord_frame, media.video.decode_frames, media.video._resize
+    monkeypatch.setattr(media.video, "_decord_frame", counted_decord_frame)
+    monkeypatch.setattr(media.video, "decode_frames", counted_pyav_frames)
     monkeypatch.setattr(media.video, "_resize", slow_resize)
+    path = h264_video if decoder == "pyav-seek" else decord_video
+    assert probe_video(path).decoder == decoder
 
-    video = read_video(h264_video, 12, chunk_bytes=budget * FRAME_BYTES, frame_size=(32, 24), threads=threads)
+    video = read_video(path, 12, chunk_bytes=budget * FRAME_BYTES, frame_size=(32, 24), threads=threads)
 
     assert recovered_indices(video.frames) == video.frame_indices
     assert most == (budget if threads else 1)  # the budget is used, never exceeded
@@ -320,8 +338,44 @@ def test_timestamp_misses_fall_back_to_counting_frames(video_dir: Path) -> None:
     assert recovered_indices(np.stack(frames)) == [3, 20, 39]
 
 
-def test_closed_gop_streams_stay_with_decord(h264_video: Path) -> None:
-    assert probe_video(h264_video).decoder == "decord"
+def test_8_bit_closed_gop_streams_are_decoded_with_pyav(h264_video: Path) -> None:
+    # Same frames as decord's (tests/media/test_corpus.py), decoded one at a time.
+    assert probe_video(h264_video).decoder == "pyav-seek"
+
+
+def test_pixel_formats_pyav_converts_differently_stay_with_decord(decord_video: Path) -> None:
+    reader = VideoReader(str(decord_video), ctx=cpu(0), num_threads=1)
+
+    video = read_video(decord_video, 8)
+
+    assert probe_video(decord_video).decoder == "decord"
+    assert recovered_indices(video.frames) == video.frame_indices
+    np.testing.assert_array_equal(video.frames, reader.get_batch(video.frame_indices).asnumpy())
+
+
+def test_tiny_h264_video_decodes(video_dir: Path) -> None:
+    # decord fails on it ("Check failed: from_size == to_size"), which was a false 422.
+    path = write_video(video_dir / "tiny.mp4", frames=20, fps=10, size=(72, 48))
+
+    video = read_video(path, 5)
+
+    assert video.frames.shape == (5, 48, 72, 3)
+    assert recovered_indices(video.frames) == video.frame_indices == [0, 4, 9, 14, 19]
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv422p10le"])
+def test_10_bit_subsampled_streams_stay_with_decord(video_dir: Path, pix_fmt: str) -> None:
+    # PyAV's RGB differs from decord's at colour edges here (chroma interpolated, not repeated).
+    path = write_video(video_dir / f"{pix_fmt}.mkv", frames=20, fps=10, pix_fmt=pix_fmt, colour=True)
+    reader = VideoReader(str(path), ctx=cpu(0), num_threads=1)
+
+    video = read_video(path, 5)
+
+    assert probe_video(path).decoder == "decord"
+    np.testing.assert_array_equal(video.frames, reader.get_batch(video.frame_indices).asnumpy())
+    with av.open(str(path)) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert not np.array_equal(first, video.frames[0])  # why decord keeps them
 
 
 def test_b_frames_in_avi_give_the_right_frames(video_dir: Path) -> None:
