@@ -12,6 +12,7 @@ from media.errors import (
     MediaError,
     MediaTooLarge,
     RefusedAddress,
+    SegmentOutsideVideo,
     UndecodableMedia,
     UnsupportedMedia,
     UpstreamError,
@@ -19,7 +20,7 @@ from media.errors import (
 )
 from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
-from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices
+from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices, segment_frame_indices
 from media.worker import DecodePool, DecodeWorker
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "MediaTooLarge",
     "RefusedAddress",
     "SampledVideo",
+    "SegmentOutsideVideo",
     "UndecodableMedia",
     "UnsupportedMedia",
     "UpstreamError",
@@ -44,4 +46,5 @@ __all__ = [
     "read_image",
     "read_video",
     "sample_frame_indices",
+    "segment_frame_indices",
 ]

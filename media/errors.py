@@ -18,6 +18,11 @@ class RefusedAddress(InvalidSource):
     """The URL's host is, or resolves to, an address the service does not fetch from."""
 
 
+class SegmentOutsideVideo(InvalidSource):
+    """The requested time segment holds no frame: it starts at or past the end of the video, or
+    falls between two frames. The request does not fit this video (like a bad source, a 400)."""
+
+
 class MediaTooLarge(MediaError):
     """A size limit was exceeded: bytes downloaded or uploaded, pixels, duration."""
 

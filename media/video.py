@@ -1,10 +1,11 @@
 """Sample frames from a video file the way the official LLaVA-Video example does.
 
-Frames are decoded uniformly over the whole video, one at a time, and each is turned upright and
-resized as soon as it is decoded, by a small thread pool while the decoder goes on with the next
-frame. At most ``chunk_bytes`` of full-resolution frames are held at once (always at least one),
-so this module's memory stays bounded by that budget and the sampled (resized) frames, whatever
-the video's length or resolution: a 64 MiB budget is 2 frames at 2160p, 10 at 1080p, 97 at 360p.
+Frames are decoded uniformly over the whole video (or over a segment of it, optionally at a given
+rate: see :func:`read_video`), one at a time, and each is turned upright and resized as soon as it
+is decoded, by a small thread pool while the decoder goes on with the next frame. At most
+``chunk_bytes`` of full-resolution frames are held at once (always at least one), so this
+module's memory stays bounded by that budget and the sampled (resized) frames, whatever the
+video's length or resolution: a 64 MiB budget is 2 frames at 2160p, 10 at 1080p, 97 at 360p.
 
 Before any decoder sees a file, :mod:`media.container` probes it with PyAV under a demuxer
 allow-list. That check decides between "not a supported video" and "damaged video", keeps
@@ -37,7 +38,7 @@ from decord import DECORDError, VideoReader, cpu
 from PIL import Image
 
 from media.container import Orientation, decode_frames, probe_video
-from media.errors import UndecodableMedia
+from media.errors import SegmentOutsideVideo, UndecodableMedia
 
 # Average frame rates outside this range are treated as broken metadata.
 _MIN_FPS, _MAX_FPS = 0.01, 1000.0
@@ -92,8 +93,20 @@ def read_video(
     frame_size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     threads: int | None = None,
+    fps: float | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
 ) -> SampledVideo:
-    """Decode ``min(num_frames, total_frames)`` uniformly sampled RGB frames from ``path``.
+    """Decode up to ``num_frames`` uniformly sampled RGB frames from ``path``.
+
+    Without ``fps``, ``start_time`` and ``end_time`` this samples ``min(num_frames,
+    total_frames)`` frames over the whole video, as the LLaVA-Video example does. ``start_time``
+    and ``end_time`` (seconds) narrow the analysed span to the frames whose time (index /
+    average fps) lies in [start_time, end_time]; the frames are spread over them by the same
+    rule (see :func:`segment_frame_indices`). ``fps`` samples at that rate over the span instead:
+    ``min(num_frames, max(1, floor(span_seconds * fps)))`` frames, the span being the video's
+    duration cut to [start_time, end_time]. Frame times and the duration stay those of the whole
+    video.
 
     ``frame_size=(width, height)`` resizes every frame with Pillow bicubic (what the SigLIP image
     processor does) right after it is decoded and turned upright. At most ``chunk_bytes`` of
@@ -103,9 +116,11 @@ def read_video(
     and duration use the average fps; when that is missing or absurd (0, NaN, outside
     0.01..1000) the container's stated rate is used, else 1.0 fps.
 
-    Raises UnsupportedMedia (not a supported video, no video stream), MediaTooLarge (frames over
-    ``max_pixels`` pixels) or UndecodableMedia (empty, damaged or truncated file, no decodable
-    frames).
+    Raises ValueError for bad arguments (negative or non-finite times, ``end_time <=
+    start_time``, ``fps <= 0``), UnsupportedMedia (not a supported video, no video stream),
+    MediaTooLarge (frames over ``max_pixels`` pixels), SegmentOutsideVideo (``start_time`` at or
+    past the end of the video, or no frame between ``start_time`` and ``end_time``) or
+    UndecodableMedia (empty, damaged or truncated file, no decodable frames).
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -115,6 +130,7 @@ def read_video(
         raise ValueError(f"threads must be >= 0, got {threads}")
     if frame_size is not None and min(frame_size) < 1:
         raise ValueError(f"frame_size must be positive (width, height), got {frame_size}")
+    _check_sampling(fps, start_time, end_time)
     probe = probe_video(path, max_pixels=max_pixels)
     if probe.decoder == "decord":
         reader = _open_reader(path)
@@ -126,8 +142,11 @@ def read_video(
         decoder_fps = probe.average_fps
     if total_frames < 1:
         raise UndecodableMedia("the video has no decodable frames; check that the file plays")
-    fps = _average_fps(decoder_fps, probe.stated_fps)
-    indices = sample_frame_indices(total_frames, num_frames)
+    average_fps = _average_fps(decoder_fps, probe.stated_fps)
+    if fps is None and start_time is None and end_time is None:
+        indices = sample_frame_indices(total_frames, num_frames)
+    else:
+        indices = segment_frame_indices(total_frames, average_fps, num_frames, fps, start_time, end_time)
     decoded = _decord_frames(reader, indices) if reader is not None else decode_frames(path, probe, indices)
     reader = None  # the generator closes it after the last frame
     if threads is None:
@@ -135,16 +154,88 @@ def read_video(
     frames = _collect(decoded, len(indices), probe.orientation, frame_size, chunk_bytes, threads)
     info = VideoInfo(
         frame_count=len(indices),
-        video_duration=total_frames / fps,
-        frame_times=[index / fps for index in indices],
+        video_duration=total_frames / average_fps,
+        frame_times=[index / average_fps for index in indices],
     )
     return SampledVideo(
         frames=frames,
         frame_indices=indices,
         total_frames=total_frames,
-        average_fps=fps,
+        average_fps=average_fps,
         info=info,
     )
+
+
+def segment_frame_indices(
+    total_frames: int,
+    average_fps: float,
+    num_frames: int,
+    fps: float | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
+) -> list[int]:
+    """Indices of the frames to sample from the span [start_time, end_time] (seconds).
+
+    The span's frames are those whose time ``index / average_fps`` lies in it. Of them,
+    ``min(num_frames, max(1, floor(span_seconds * fps)))`` (or ``num_frames`` without ``fps``)
+    are spread uniformly with :func:`sample_frame_indices`' rule, so that without a segment and
+    fps the result is exactly :func:`sample_frame_indices`. ``span_seconds`` is the duration
+    ``total_frames / average_fps`` cut to [start_time, end_time].
+
+    Raises SegmentOutsideVideo when ``start_time`` is at or past the end, or no frame lies in the span.
+    """
+    _check_sampling(fps, start_time, end_time)
+    duration = total_frames / average_fps
+    start = 0.0 if start_time is None else start_time
+    end = duration if end_time is None else min(end_time, duration)
+    if start >= duration:
+        raise SegmentOutsideVideo(
+            f"start_time {start:g} s is at or past the end of the video ({duration:.3f} s long); "
+            "choose a start_time inside the video"
+        )
+    first = _first_frame_at_or_after(start, average_fps)
+    last = min(total_frames - 1, _last_frame_at_or_before(end, average_fps))
+    if first > last:
+        raise SegmentOutsideVideo(
+            f"no frame of the video lies between {start:g} s and {end:g} s (it has a frame every "
+            f"{1 / average_fps:.3f} s); widen the segment"
+        )
+    count = num_frames
+    if fps is not None:
+        # The epsilon keeps (2.3 - 2.0) s x 10 fps = 2.99999... from flooring to 2 frames.
+        count = min(num_frames, max(1, math.floor((end - start) * fps + 1e-9)))
+    return [first + offset for offset in sample_frame_indices(last - first + 1, count)]
+
+
+def _check_sampling(fps: float | None, start_time: float | None, end_time: float | None) -> None:
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    for name, value in (("start_time", start_time), ("end_time", end_time)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+    if start_time is not None and end_time is not None and end_time <= start_time:
+        raise ValueError(f"end_time ({end_time}) must be after start_time ({start_time})")
+
+
+def _first_frame_at_or_after(seconds: float, average_fps: float) -> int:
+    """The smallest index whose time ``index / average_fps`` is >= ``seconds``."""
+    index = math.ceil(seconds * average_fps)
+    # seconds * fps may round across a whole number: check against the times themselves.
+    if index > 0 and (index - 1) / average_fps >= seconds:
+        index -= 1
+    elif index / average_fps < seconds:
+        index += 1
+    return index
+
+
+def _last_frame_at_or_before(seconds: float, average_fps: float) -> int:
+    """The largest index whose time ``index / average_fps`` is <= ``seconds``."""
+    index = math.floor(seconds * average_fps)
+    if (index + 1) / average_fps <= seconds:
+        index += 1
+    elif index / average_fps > seconds:
+        index -= 1
+    return index
 
 
 def _open_reader(path: Path) -> VideoReader:

@@ -34,10 +34,12 @@ import media.video
 from media import (
     MediaError,
     MediaTooLarge,
+    SegmentOutsideVideo,
     UndecodableMedia,
     UnsupportedMedia,
     read_video,
     sample_frame_indices,
+    segment_frame_indices,
 )
 from media.container import decode_frames, probe_video
 from media.video import _average_fps
@@ -518,3 +520,111 @@ def test_average_fps_falls_back_when_metadata_is_broken(
 def _write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# --- sampling controls: fps, start_time, end_time ---------------------------------------------
+# A 5 s video at 10 fps: frame i is shown at i / 10 s.
+
+
+@pytest.fixture(scope="module", params=["pyav-seek", "decord"])
+def ten_fps_video(request: pytest.FixtureRequest, video_dir: Path) -> Path:
+    """50 coded frames at 10 fps, decoded by PyAV (H.264) or by decord (4:1:0 FFV1)."""
+    if request.param == "pyav-seek":
+        path = write_video(video_dir / "ten-fps.mp4", frames=50, fps=10)
+    else:
+        path = write_video(video_dir / "ten-fps.mkv", frames=50, fps=10, codec="ffv1", pix_fmt="yuv410p")
+    assert probe_video(path).decoder == request.param
+    return path
+
+
+@pytest.mark.parametrize(
+    ("num_frames", "options", "expected"),
+    [
+        (4, {"start_time": 1.0, "end_time": 2.0}, [10, 13, 16, 20]),  # both bounds are included
+        (3, {"start_time": 4.0}, [40, 44, 49]),
+        (5, {"end_time": 0.95}, [0, 2, 4, 6, 9]),
+        (5, {"start_time": 1.05, "end_time": 1.45}, [11, 12, 13, 14]),  # fewer frames than asked
+        (3, {"start_time": 3.0, "end_time": 100.0}, [30, 39, 49]),  # the end is cut to the video's
+        (16, {"fps": 2.0}, np.linspace(0, 49, 10, dtype=int).tolist()),  # 5 s x 2 fps
+        (16, {"fps": 25.0}, np.linspace(0, 49, 16, dtype=int).tolist()),  # capped by num_frames
+        (16, {"fps": 0.01}, [0]),  # at least one frame
+        (16, {"fps": 1.5, "start_time": 1.0, "end_time": 3.0}, [10, 20, 30]),  # 2 s x 1.5 fps
+        (16, {"fps": 1.0, "start_time": 4.0}, [40]),  # 1 s left x 1 fps
+        (16, {"fps": 10.0, "start_time": 2.0, "end_time": 2.3}, [20, 21, 23]),  # 0.3 s x 10 fps: 3, not 2.99
+    ],
+)
+def test_segment_and_fps_choose_the_frames(
+    ten_fps_video: Path, num_frames: int, options: dict, expected: list[int]
+) -> None:
+    video = read_video(ten_fps_video, num_frames, **options)
+
+    assert video.frame_indices == expected
+    assert recovered_indices(video.frames) == expected
+    assert video.total_frames == 50
+    # Times and duration are those of the whole video, not of the segment.
+    assert video.info.frame_count == len(expected)
+    assert video.info.frame_times == pytest.approx([i / 10 for i in expected])
+    assert video.info.video_duration == pytest.approx(5.0)
+
+
+def test_no_sampling_option_is_todays_sampling(h264_video: Path) -> None:
+    plain = read_video(h264_video, 16, frame_size=(32, 24))
+
+    for options in ({"fps": None, "start_time": None, "end_time": None}, {"start_time": 0.0}, {"end_time": 1e6}):
+        video = read_video(h264_video, 16, frame_size=(32, 24), **options)
+        assert video.frame_indices == plain.frame_indices
+        assert video.info == plain.info
+        np.testing.assert_array_equal(video.frames, plain.frames)
+
+
+def test_segment_indices_follow_the_linspace_rule() -> None:
+    # Over the whole video they are sample_frame_indices; a segment is that rule shifted.
+    for total in (1, 7, 50, 301):
+        for wanted in (1, 3, 16, 64):
+            assert segment_frame_indices(total, 25.0, wanted) == sample_frame_indices(total, wanted)
+            assert segment_frame_indices(total, 25.0, wanted, start_time=0.0, end_time=total / 25) == (
+                sample_frame_indices(total, wanted)
+            )
+    assert segment_frame_indices(100, 10.0, 4, start_time=2.0, end_time=5.0) == [20, 30, 40, 50]
+    # Frame times that are not exact in binary (29.97 fps) still put the bounds on the right frames.
+    fps = 30000 / 1001
+    assert segment_frame_indices(300, fps, 300, start_time=100 / fps, end_time=200 / fps) == list(range(100, 201))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"start_time": 5.0},  # exactly the end
+        {"start_time": 7.5, "end_time": 9.0},
+        {"start_time": 1.01, "end_time": 1.09},  # between frames 10 and 11
+        {"start_time": 4.95},  # after the last frame (4.9 s), before the end
+    ],
+)
+def test_segment_without_frames_is_a_segment_error(ten_fps_video: Path, options: dict) -> None:
+    with pytest.raises(SegmentOutsideVideo, match="start_time|no frame"):
+        read_video(ten_fps_video, 8, **options)
+
+
+def test_segment_error_is_a_400_class() -> None:
+    from media import InvalidSource
+
+    assert issubclass(SegmentOutsideVideo, InvalidSource)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"start_time": -1.0},
+        {"end_time": -0.5},
+        {"start_time": 2.0, "end_time": 2.0},
+        {"start_time": 3.0, "end_time": 2.0},
+        {"fps": 0.0},
+        {"fps": -1.0},
+        {"fps": float("nan")},
+        {"start_time": float("nan")},
+        {"end_time": float("inf")},
+    ],
+)
+def test_bad_sampling_options_raise_value_error(h264_video: Path, options: dict) -> None:
+    with pytest.raises(ValueError):
+        read_video(h264_video, 8, **options)

@@ -19,6 +19,7 @@ from media import (
     DecodePool,
     DecodeTimeout,
     DecodeWorker,
+    SegmentOutsideVideo,
     UndecodableMedia,
     UnsupportedMedia,
     read_image,
@@ -54,6 +55,30 @@ def test_results_equal_decoding_in_process(worker: DecodeWorker, tmp_path: Path)
     assert video.info == expected.info
     np.testing.assert_array_equal(np.asarray(image), np.asarray(read_image(photo, max_pixels=10_000)))
     assert worker.pid != os.getpid()
+
+
+def test_sampling_controls_reach_the_child(worker: DecodeWorker, tmp_path: Path) -> None:
+    # read_video's keyword arguments travel as they are: fps and a segment of 1.0 to 1.8 s.
+    clip = write_video(tmp_path / "clip.mp4", frames=20, fps=10)
+    options = {"fps": 2.5, "start_time": 1.0, "end_time": 1.8, "frame_size": (32, 32)}
+
+    video = worker.read_video(clip, 8, **options)
+
+    assert video.frame_indices == [10, 18]  # 0.8 s x 2.5 fps = 2 frames, over frames 10 to 18
+    expected = read_video(clip, 8, **options)
+    np.testing.assert_array_equal(video.frames, expected.frames)
+    assert video.info == expected.info
+    with pytest.raises(SegmentOutsideVideo, match="past the end"):
+        worker.read_video(clip, 8, start_time=2.0)
+
+
+def test_pool_forwards_sampling_controls(make_pool: Callable[..., DecodePool], tmp_path: Path) -> None:
+    clip = write_video(tmp_path / "clip.mp4", frames=20, fps=10)
+
+    video = make_pool(1).read_video(clip, 8, start_time=0.5, end_time=1.5)
+
+    assert video.frame_indices == read_video(clip, 8, start_time=0.5, end_time=1.5).frame_indices
+    assert [frame_index_from_pixels(frame) for frame in video.frames] == video.frame_indices
 
 
 def test_media_errors_keep_their_class_and_message(worker: DecodeWorker, tmp_path: Path) -> None:
