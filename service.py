@@ -134,8 +134,8 @@ class LLaVAVideoService:
         )
         if kind == "image":
             return await self.analyzer.start_image(source, meta.prompt, generation)
-        num_frames = self.analyzer.frame_count(meta.num_frames)
-        return await self.analyzer.start_video(source, num_frames, meta.prompt, generation)
+        sampling = self.analyzer.video_sampling(meta)
+        return await self.analyzer.start_video(source, sampling, meta.prompt, generation)
 
 
 def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODescriptor]:

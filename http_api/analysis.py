@@ -21,6 +21,7 @@ from anyio import to_thread
 
 import media
 from http_api.errors import RequestError
+from http_api.schemas import VideoSampling
 from llava_custom import reuse
 from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
 from media import VideoInfo
@@ -104,17 +105,21 @@ class Analyzer:
             ignore_eos=ignore_eos,
         )
 
-    def frame_count(self, num_frames: int | None, param: str = "num_frames") -> int:
-        count = num_frames or self.settings.num_frames
+    def video_sampling(self, sampling: VideoSampling) -> VideoSampling:
+        """``sampling`` with the server's default frame count, checked against its limit."""
+        count = sampling.num_frames or self.settings.num_frames
         if count > self.settings.max_frames:
-            raise RequestError(f"{param} may be at most {self.settings.max_frames}", param)
-        return count
+            raise RequestError(f"num_frames may be at most {self.settings.max_frames}", "num_frames")
+        return sampling.model_copy(update={"num_frames": count})
 
     async def start_video(
-        self, source: Path, num_frames: int, question: Question, generation: GenerationSettings
+        self, source: Path, sampling: VideoSampling, question: Question, generation: GenerationSettings
     ) -> Started:
-        """Decode the video (unless seen before) and queue the question."""
-        key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames)
+        """Decode the video's frames (unless seen before) and queue the question; ``sampling`` as
+        video_sampling returns it."""
+        num_frames = sampling.num_frames or self.settings.num_frames
+        span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
+        key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames, **span)
         recalled = self.engine.recall(key)
         if recalled is not None:
             frames, info, ref = None, recalled.info, recalled
@@ -126,6 +131,7 @@ class Analyzer:
                     chunk_bytes=self.settings.decode_chunk_bytes,
                     frame_size=self.engine.frame_size,
                     max_pixels=self.settings.max_video_pixels,
+                    **span,
                 )
             )
             frames, info, ref = sampled.frames, sampled.info, MediaRef(key, sampled.info)

@@ -5,7 +5,7 @@ content parts ``text``, ``image_url`` and ``video_url`` (vLLM's part for videos)
 http(s) URL fetched through media.fetch's guarded client or a base64 ``data:`` URL. Answers and
 stream chunks are the ``openai`` package's own pydantic types, so they are what the SDK parses.
 LLaVA's own controls travel in the body beside OpenAI's parameters, as vLLM does it
-(``num_frames``, ``fps``, ``start_time``, ``end_time``, ``top_k``); from the SDK, in
+(``num_frames``, ``fps``, ``start_time``, ``end_time``, ``top_k``, ``ignore_eos``); from the SDK, in
 ``extra_body``. Errors are OpenAI's error object with the status the native endpoints give.
 
 The model answers about one picture or video per conversation: it may sit in any user turn;
@@ -49,6 +49,7 @@ from typing_extensions import Required, TypedDict
 
 from http_api.analysis import Analyzer, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, openai_error, status_for
+from http_api.schemas import VideoSampling
 from llava_custom.engine import Answer, Conversation, GenerationSettings, TokenLogprob, Turn
 
 logger = logging.getLogger("llava_video_service")
@@ -82,7 +83,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[Any] | None = None
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(VideoSampling):
     """``POST /v1/chat/completions``: OpenAI's parameters and LLaVA's extensions."""
 
     # Fields OpenAI clients send that change nothing here (user, store, metadata, ...) are ignored;
@@ -104,8 +105,8 @@ class ChatRequest(BaseModel):
     stream_options: ChatCompletionStreamOptionsParam | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-    # LLaVA's controls, as vLLM takes extra sampling and media parameters in the body.
-    num_frames: int | None = Field(None, ge=1, description="frames sampled from a video")
+    # LLaVA's controls, as vLLM takes extra sampling and media parameters in the body (the video
+    # sampling fields come from VideoSampling).
     top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens (0: all)")
     ignore_eos: bool = False
 
@@ -159,9 +160,9 @@ async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
         )
     conversation, picture = conversation_from(chat.messages)
     generation = _generation(analyzer, chat)
-    num_frames = analyzer.frame_count(chat.num_frames)
+    sampling = analyzer.video_sampling(chat)
     with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
-        started = await _start(analyzer, conversation, picture, num_frames, generation, Path(workdir))
+        started = await _start(analyzer, conversation, picture, sampling, generation, Path(workdir))
     logprobs = _LogprobsWriter(analyzer) if chat.logprobs else None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -196,6 +197,8 @@ def parse_request(body: Any) -> ChatRequest:
         chat = ChatRequest.model_validate(body)
     except ValidationError as exc:
         where, message = _first_problem(exc)
+        if not where:  # a rule across fields
+            raise RequestError(f"invalid request: {message.removeprefix('Value error, ')}") from exc
         raise RequestError(f"invalid request: {where}: {message}", where) from exc
     if chat.n != 1:
         raise RequestError("n must be 1: this service returns one choice per request; send it again for another", "n")
@@ -291,7 +294,7 @@ async def _start(
     analyzer: Analyzer,
     conversation: Conversation,
     picture: Picture | None,
-    num_frames: int,
+    sampling: VideoSampling,
     generation: GenerationSettings,
     workdir: Path,
 ) -> Started:
@@ -300,7 +303,7 @@ async def _start(
     source = await to_thread.run_sync(analyzer.source_file, picture.kind, None, picture.url, workdir)
     if picture.kind == "image":
         return await analyzer.start_image(source, conversation, generation)
-    return await analyzer.start_video(source, num_frames, conversation, generation)
+    return await analyzer.start_video(source, sampling, conversation, generation)
 
 
 class _LogprobsWriter:

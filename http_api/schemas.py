@@ -5,18 +5,37 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from media import VideoInfo
 
 
-class Metadata(BaseModel):
+class VideoSampling(BaseModel):
+    """Which frames of a video the model sees: the native ``metadata`` fields and the chat route's
+    extensions alike. Without any of them: ``LLAVA_NUM_FRAMES`` frames over the whole video."""
+
+    num_frames: int | None = Field(None, ge=1, description="frames to sample from a video (server limit applies)")
+    fps: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="sample at this rate over the analysed span, at most num_frames"
+    )
+    start_time: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="analyse from this second on (frame_times stay whole-video)"
+    )
+    end_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="analyse up to this second")
+
+    @model_validator(mode="after")
+    def _segment_is_ordered(self) -> VideoSampling:
+        if self.start_time is not None and self.end_time is not None and self.end_time <= self.start_time:
+            raise ValueError("end_time must be after start_time")
+        return self
+
+
+class Metadata(VideoSampling):
     """The optional ``metadata`` object of both endpoints."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, description="the question; a default description prompt applies when absent")
-    num_frames: int | None = Field(None, ge=1, description="frames to sample from a video (server limit applies)")
     max_new_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens (server limit applies)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, used when temperature > 0")

@@ -32,9 +32,17 @@ logger = logging.getLogger(__name__)
 V = TypeVar("V")
 
 
-def video_key(digest: str, num_frames: int) -> str:
-    """Cache key of ``num_frames`` frames sampled from the video whose bytes hash to ``digest``."""
-    return f"video/{num_frames}/{digest}"
+def video_key(
+    digest: str,
+    num_frames: int,
+    fps: float | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
+) -> str:
+    """Cache key of ``num_frames`` frames sampled from the video whose bytes hash to ``digest``,
+    at ``fps`` over [``start_time``, ``end_time``] when given: other frames, another key."""
+    span = "" if fps is None and start_time is None and end_time is None else f"@{fps!r},{start_time!r},{end_time!r}"
+    return f"video/{num_frames}{span}/{digest}"
 
 
 def image_key(digest: str) -> str:

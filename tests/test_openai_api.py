@@ -312,3 +312,17 @@ def test_closing_a_stream_stops_its_generation(sdk, model, served_folder, file_s
     while log.read_text().count("request cancelled") == before:
         assert time.monotonic() < deadline, "the service went on generating for a client that left"
         time.sleep(0.2)
+
+
+def test_video_sampling_extensions_match_the_native_metadata(sdk, model, served, file_server) -> None:
+    sampling = {"num_frames": 3, "fps": 1.5, "start_time": 0.5, "end_time": 2.5}
+    url = f"{file_server}/clip.mp4"
+    chat = sdk.chat.completions.create(model=model, messages=[user(video_part(url))], max_tokens=6, extra_body=sampling)
+    expected = native(served, "analyze_video", {"video_url": url, "metadata": {"prompt": QUESTION, **sampling}})
+    assert chat.choices[0].message.content == expected["response"]
+    assert chat.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+    assert expected["video_info"]["frame_count"] == 3
+    with pytest.raises(openai.BadRequestError, match="end_time must be after start_time"):
+        sdk.chat.completions.create(
+            model=model, messages=[user(video_part(url))], extra_body={"start_time": 2, "end_time": 1}
+        )

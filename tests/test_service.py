@@ -468,3 +468,38 @@ def test_openapi_page_documents_both_forms_metadata_and_errors(client):
         assert statuses["415"]["content"]["application/json"]["schema"]["$ref"].endswith("/Failure")
     assert set(schemas["Failure"]["properties"]) == {"response", "status", "error"}
     assert "post" in spec["paths"]["/v1/chat/completions"] and "get" in spec["paths"]["/v1/models"]
+
+
+def test_a_segment_of_the_video_at_a_rate(client, media_dir):
+    """clip.mp4: 30 frames at 10 fps. frame_times stay relative to the whole video."""
+    path = media_dir / "clip.mp4"
+    whole = upload(client, "/analyze_video", "video", path, {"num_frames": 4}).json()
+    segment = upload(
+        client, "/analyze_video", "video", path, {"num_frames": 4, "start_time": 1.0, "end_time": 2.0}
+    ).json()
+    assert segment["status"] == "success", segment
+    # The same bytes were seen before, with other frames: nothing of the first request is reused.
+    assert segment["video_info"]["frame_times"] != whole["video_info"]["frame_times"]
+    assert segment["video_info"]["frame_count"] == 4
+    assert all(1.0 <= t <= 2.0 for t in segment["video_info"]["frame_times"])
+    assert segment["video_info"]["video_duration"] == pytest.approx(3.0)
+    rated = upload(client, "/analyze_video", "video", path, {"fps": 2}).json()
+    assert rated["video_info"]["frame_count"] == 6  # 3 s at 2 fps, under the default 16
+    assert (
+        upload(client, "/analyze_video", "video", path, {"fps": 2, "num_frames": 3}).json()["video_info"]["frame_count"]
+        == 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        ({"fps": 0}, ("fps",)),
+        ({"start_time": -1}, ("start_time",)),
+        ({"start_time": 2, "end_time": 1}, ("end_time must be after start_time",)),
+        ({"start_time": 5}, ("start_time", "past the end")),
+        ({"start_time": 1.01, "end_time": 1.09}, ("segment",)),
+    ],
+)
+def test_bad_segments_and_rates_are_refused(client, media_dir, metadata, words):
+    assert_failed(upload(client, "/analyze_video", "video", media_dir / "clip.mp4", metadata), 400, *words)
