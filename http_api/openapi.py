@@ -73,10 +73,9 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for model in (Metadata, VideoAnswer, ImageAnswer, Failure):
         _add_schema(schemas, model)
-    metadata = {
-        "description": "The question and its settings; in a multipart form, a JSON string of this object",
-        "allOf": [{"$ref": REF.format(model="Metadata")}],
-    }
+    metadata = {"description": "The question and its settings", "allOf": [{"$ref": REF.format(model="Metadata")}]}
+    # In a form, metadata is a part holding the JSON text of the same object.
+    form_metadata = {"type": "string", "description": "JSON text of a Metadata object (see the JSON form)"}
     for path, (kind, answer) in _NATIVE.items():
         operation = spec.get("paths", {}).get(path, {}).get("post")
         if operation is None:
@@ -89,7 +88,7 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {kind: upload, "metadata": metadata},
+                        "properties": {kind: upload, "metadata": form_metadata},
                         "required": [kind],
                         "additionalProperties": False,
                     },
@@ -121,9 +120,30 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _add_schema(schemas: dict[str, Any], model: type[BaseModel]) -> None:
-    schema = model.model_json_schema(ref_template=REF)
+    schema = _openapi_30(model.model_json_schema(ref_template=REF))
     schemas.update(schema.pop("$defs", {}))
     schemas[model.__name__] = schema
+
+
+def _openapi_30(schema: Any) -> Any:
+    """pydantic's JSON Schema (2020-12) in OpenAPI 3.0's dialect, which BentoML's document uses:
+    ``nullable`` instead of a ``null`` type, boolean ``exclusiveMinimum``/``exclusiveMaximum``."""
+    if isinstance(schema, list):
+        return [_openapi_30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: _openapi_30(value) for key, value in schema.items()}
+    options = schema.get("anyOf")
+    if options and {"type": "null"} in options:
+        rest = [option for option in options if option != {"type": "null"}]
+        del schema["anyOf"]
+        schema.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+        schema["nullable"] = True
+    for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(schema.get(bound), (int, float)) and not isinstance(schema.get(bound), bool):
+            schema[inclusive] = schema.pop(bound)
+            schema[bound] = True
+    return schema
 
 
 def _openai_paths() -> dict[str, Any]:
