@@ -269,3 +269,13 @@ def test_refused_requests_leave_no_files(client, media_dir) -> None:
     client.post("/analyze_video", content=body, headers=headers)
     client.post("/analyze_video", content=b"http://127.0.0.1:9/x", headers={"content-type": "application/json"})
     assert request_temp_dirs() == before
+
+
+def test_chat_route_failures_have_openai_s_shape_and_the_native_status(client) -> None:
+    big = "data:image/png;base64," + base64.b64encode(b"\0" * (256 * 1024 + 1)).decode()
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}
+    response = client.post("/v1/chat/completions", json={"messages": [message]})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large" and "data: URL" in response.json()["error"]["message"]
+    bare_url = client.post("/v1/chat/completions", content=b'"http://127.0.0.1:9/x"')
+    assert bare_url.status_code == 400 and bare_url.json()["error"]["type"] == "invalid_request_error"
