@@ -32,8 +32,10 @@ from starlette.responses import Response
 import media
 import settings
 from http_api.analysis import Analyzer, Kind, Started, until_answered
+from http_api.auth import ApiKeyAuth
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
+from http_api.metrics import RequestMetrics, engine_state, process_metrics
 from http_api.native import answer_body, event_stream
 from http_api.openai_api import create_app
 from http_api.openapi import OpenAPIDocs
@@ -65,7 +67,11 @@ class LLaVAVideoService:
         self.engine.check_capacity(s.max_frames, s.max_new_tokens_limit)
         self.decoder = media.DecodePool(s.decode_workers, time_limit=s.decode_timeout)
         self.decoder.start()  # their imports overlap the rest of start-up
-        self.analyzer = Analyzer(s, self.engine, self.decoder)
+        self.analyzer = Analyzer(s, self.engine, self.decoder, process_metrics())
+
+    async def __metrics__(self, content: str) -> str:
+        """BentoML's /metrics text plus the engine's state now (http_api.metrics)."""
+        return content + engine_state(self.engine)
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -148,6 +154,10 @@ def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODe
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = refuse_unknown_fields(_api.input_spec)
 
+# The first added runs first: count every request, then refuse a missing API key before anything
+# else looks at the request.
+LLaVAVideoService.add_asgi_middleware(RequestMetrics)
+LLaVAVideoService.add_asgi_middleware(ApiKeyAuth)
 LLaVAVideoService.add_asgi_middleware(OpenAPIDocs)
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
 # Added after it, so it runs inside FailureBodyMiddleware (its answers already have our body).

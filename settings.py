@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from http_api.guard import GuardLimits
@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     model: str = "lmms-lab/LLaVA-Video-7B-Qwen2"
     served_model_name: str = Field(
         "", description="the model's id in the OpenAI API (/v1/models); default: the hub id, or the folder's name"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="when set, every route but health and metrics needs 'Authorization: Bearer <key>'"
     )
     load_4bit: bool = True
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -127,6 +130,13 @@ class Settings(BaseSettings):
             # The running batch plus the requests allowed to wait; more are refused at once.
             max_in_flight=self.max_batch_size + self.max_pending_requests,
         )
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("LLAVA_API_KEY is set but empty: set a key, or unset it to serve without one")
+        return value
 
     @field_validator("url_allowlist")
     @classmethod

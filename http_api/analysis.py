@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from anyio import to_thread
 
 import media
 from http_api.errors import RequestError
+from http_api.metrics import Metrics
 from http_api.schemas import VideoSampling
 from llava_custom import reuse
 from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
@@ -44,10 +46,13 @@ class Started:
 class Analyzer:
     """Turns validated requests into engine streams; shared by all routes of one worker."""
 
-    def __init__(self, settings: Settings, engine: Engine, decoder: media.DecodePool) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, decoder: media.DecodePool, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.decoder = decoder
+        self.metrics = metrics
         self.fetch_limits = settings.fetch_limits()
         self.model_id = settings.model_id
 
@@ -124,6 +129,7 @@ class Analyzer:
         if recalled is not None:
             frames, info, ref = None, recalled.info, recalled
         else:
+            began = time.monotonic()
             sampled = await to_thread.run_sync(
                 lambda: self.decoder.read_video(
                     source,
@@ -134,11 +140,12 @@ class Analyzer:
                     **span,
                 )
             )
+            self._decoded("video", began, sampled.info.frame_count)
             frames, info, ref = sampled.frames, sampled.info, MediaRef(key, sampled.info)
         stream = await to_thread.run_sync(
             self.engine.submit_video, frames, info.video_duration, info.frame_times, question, generation, ref
         )
-        return Started(stream, info)
+        return self._started(stream, info)
 
     async def start_image(self, source: Path, question: Question, generation: GenerationSettings) -> Started:
         """Read the image (unless seen before) and queue the question."""
@@ -146,16 +153,27 @@ class Analyzer:
         ref = self.engine.recall(key)
         image = None
         if ref is None:
+            began = time.monotonic()
             image = await to_thread.run_sync(
                 lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
             )
+            self._decoded("image", began)
             ref = MediaRef(key)
         stream = await to_thread.run_sync(self.engine.submit_image, image, question, generation, ref)
-        return Started(stream)
+        return self._started(stream)
 
     async def start_text(self, conversation: Conversation, generation: GenerationSettings) -> Started:
         """Queue a conversation about no media (the language model alone)."""
-        return Started(await to_thread.run_sync(self.engine.submit_text, conversation, generation))
+        return self._started(await to_thread.run_sync(self.engine.submit_text, conversation, generation))
+
+    def _decoded(self, kind: str, began: float, frames: int = 0) -> None:
+        if self.metrics is not None:
+            self.metrics.decoded(kind, time.monotonic() - began, frames)
+
+    def _started(self, stream: TokenStream, info: VideoInfo | None = None) -> Started:
+        if self.metrics is not None:
+            stream.on_answer(self.metrics.answered)  # however the answer is read: whole or streamed
+        return Started(stream, info)
 
 
 # How often a request waiting for its answer checks whether its client is still there.

@@ -42,7 +42,15 @@ from transformers.cache_utils import DynamicLayer
 from llava_custom.errors import EngineBusy, EngineClosed, PromptTooLong, RequestCancelled, RequestTimeout
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser, row_generator
-from llava_custom.streaming import Answer, Delta, FinishReason, IncrementalDetokenizer, TokenLogprob, TokenStream
+from llava_custom.streaming import (
+    Answer,
+    Delta,
+    FinishReason,
+    IncrementalDetokenizer,
+    Timings,
+    TokenLogprob,
+    TokenStream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,11 @@ class _Request:
     length: int = 0  # tokens in its KV cache
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when its settings ask for them
+    # time.monotonic() of submission, prefill start and first token; seconds in the vision tower.
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    first_token: float | None = None
+    vision_seconds: float = 0.0
 
     @property
     def settings(self) -> GenerationSettings:
@@ -142,9 +155,16 @@ class _Request:
             tuple(self.token_ids),
             reason,
             tuple(self.logprobs) if self.settings.logprobs is not None else None,
+            self._timings(),
         )
         self.stream.finish(Delta(text, (token,), reason, answer, logprobs))
         return True
+
+    def _timings(self) -> Timings:
+        now = time.monotonic()
+        started = self.started if self.started is not None else now
+        first = self.first_token if self.first_token is not None else now
+        return Timings(started - self.submitted, self.vision_seconds, first - started, now - first)
 
 
 @dataclass(eq=False)
@@ -276,6 +296,11 @@ class Scheduler:
         """Requests being prefilled or decoded."""
         return len(self._batch.requests) + (self._prefill is not None)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a free row."""
+        return len(self._waiting)
+
     def _free_rows(self) -> int:
         # Requests that will start at once do not count as waiting.
         return max(0, self.limits.max_batch_size - self.running)
@@ -314,7 +339,8 @@ class Scheduler:
                     self._waiting.remove(request)
             if self._prefill is None and self._waiting and self._fits(self._waiting[0]):
                 request = self._waiting.popleft()
-                self._prefill = _Prefill(request, self._prefill_steps(request.prepared))
+                request.started = time.monotonic()
+                self._prefill = _Prefill(request, self._prefill_steps(request))
         return True
 
     def _fits(self, request: _Request) -> bool:
@@ -370,6 +396,7 @@ class Scheduler:
         request.length = request.prepared.prompt_tokens
         generated = torch.zeros_like(logits, dtype=torch.bool)
         token, logprobs = self.chooser.choose(logits, generated, [request.settings], [request.generator])
+        request.first_token = time.monotonic()
         if request.accept(int(token[0]), logprobs[0]):
             self.stats.completed += 1
             return
@@ -377,11 +404,12 @@ class Scheduler:
         self._batch.add(request, cache, token, generated)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._batch.requests))
 
-    def _prefill_steps(self, prepared: PreparedRequest) -> Generator[None, None, tuple[DynamicCache, torch.Tensor]]:
+    def _prefill_steps(self, request: _Request) -> Generator[None, None, tuple[DynamicCache, torch.Tensor]]:
         """Prefill one request, yielding between units of work; returns its cache and last logits.
 
         With a cached prefix of the same media, only the tokens after the common prefix are
         prefilled (text only: the visual tokens are inside the prefix)."""
+        prepared = request.prepared
         input_ids = prepared.input_ids.to(self.device)
         reused, cache = self._reused_prefix(prepared)
         if prepared.media is not None:
@@ -397,7 +425,7 @@ class Scheduler:
         if reused:
             embeds = self.model.model.get_input_embeddings()(input_ids[:, reused:])
         else:
-            embeds = self._embed(prepared, input_ids)
+            embeds = self._embed(request, input_ids)
             yield
             cache = DynamicCache(config=self.model.config)
         total, chunk = embeds.shape[1], self.limits.prefill_chunk_tokens
@@ -430,9 +458,10 @@ class Scheduler:
         reused = prefix.usable_length(prepared.input_ids, visual_end) if prefix is not None else 0
         return reused, prefix.to_cache(reused, config) if reused else None
 
-    def _embed(self, prepared: PreparedRequest, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, request: _Request, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt's embeddings with the visual features in the placeholders' places, as
         LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
+        prepared = request.prepared
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
         if prepared.modality == "text":
@@ -441,7 +470,11 @@ class Scheduler:
         if media is not None and media.features is not None:
             features = media.features.to(self.device)
         else:
+            began = time.monotonic()
             features = self._visual_features(prepared)
+            if features.is_cuda:  # kernels run asynchronously: wait for them to time the tower
+                torch.cuda.synchronize(features.device)
+            request.vision_seconds = time.monotonic() - began
             if media is not None:
                 self.reuse.store_features(media, features)
         if prepared.modality == "video":

@@ -14,8 +14,8 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,16 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """Where a request's time went in the engine, in seconds (for metrics and logs)."""
+
+    queued: float  # from submission until its prefill started
+    vision: float  # vision tower and projector (0 when its features were recalled)
+    prefill: float  # from the start of its prefill to its first token (vision included)
+    generate: float  # from its first token to its last
+
+
+@dataclass(frozen=True)
 class Answer:
     """A finished generation."""
 
@@ -45,6 +55,8 @@ class Answer:
     token_ids: tuple[int, ...]  # every generated id: an end-of-turn or the last of a stop string too
     finish_reason: FinishReason = "stop"
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated id, when asked for
+    # Not part of what the answer is: two equal answers may have taken different times.
+    timings: Timings | None = field(default=None, compare=False)
 
     @property
     def completion_tokens(self) -> int:
@@ -82,6 +94,7 @@ class TokenStream:
         self._item_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._end_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cancelled = threading.Event()
+        self._on_answer: list[Callable[[Answer], None]] = []
 
     # --- the scheduler's side ---------------------------------------------------------------
 
@@ -108,11 +121,25 @@ class TokenStream:
             if end is not None:
                 waiters += self._end_waiters
                 self._end_waiters = []
+            callbacks = self._on_answer if end is not None and end.answer is not None else []
         for loop, future in waiters:
             try:
                 loop.call_soon_threadsafe(_wake, future)
             except RuntimeError:  # that loop has closed: its reader is gone; others must not suffer
                 pass
+        for callback in callbacks:
+            _call(callback, end.answer)  # type: ignore[union-attr]
+
+    def on_answer(self, callback: Callable[[Answer], None]) -> None:
+        """Call ``callback`` with the whole answer when the stream finishes well (at once if it
+        has), on the thread that finishes it; a failing callback is logged, never raised."""
+        with self._condition:
+            if self._end is None:
+                self._on_answer.append(callback)
+                return
+            answer = self._end.answer
+        if answer is not None:
+            _call(callback, answer)
 
     # --- the request's side -----------------------------------------------------------------
 
@@ -189,6 +216,13 @@ class TokenStream:
             raise self._end.error
         assert self._end.answer is not None
         return self._end.answer
+
+
+def _call(callback: Callable[[Answer], None], answer: Answer) -> None:
+    try:
+        callback(answer)
+    except Exception:  # an observer's fault must not fail the scheduler or other requests
+        logger.exception("answer callback failed")
 
 
 def _wake(future: asyncio.Future) -> None:

@@ -312,3 +312,20 @@ def test_a_reader_whose_event_loop_closed_does_not_disturb_the_batch(loaded):
         assert abandoned.result().completion_tokens == 30
         assert neighbour.result().completion_tokens == 120
         assert engine.scheduler.stats.failed == 0
+
+
+def test_answers_say_where_their_time_went_and_tell_observers(loaded):
+    with engine_with(loaded, max_batch_size=1) as engine:
+        seen = []
+        first = submit_video(engine, 1, GenerationSettings(max_new_tokens=6, ignore_eos=True))
+        second = submit_video(engine, 2, GenerationSettings(max_new_tokens=3, ignore_eos=True))
+        second.on_answer(seen.append)
+        answers = [first.result(), second.result()]
+        second.on_answer(seen.append)  # after the end: called at once
+    assert seen == [answers[1], answers[1]]
+    for answer in answers:
+        timings = answer.timings
+        assert timings is not None and min(timings.queued, timings.prefill, timings.generate) >= 0
+        assert 0 < timings.vision <= timings.prefill  # new frames went through the vision tower
+    # One row: the second waited for the first to finish.
+    assert answers[1].timings.queued >= answers[0].timings.generate * 0.5

@@ -45,7 +45,9 @@ def test_guard_limits_follow_the_settings() -> None:
     assert limits.max_in_flight == 5 and limits.max_upload_bytes == 5_000_000
 
 
-@pytest.mark.parametrize("env", [{"LLAVA_NUM_FRAMES": "100"}, {"LLAVA_URL_ALLOWLIST": "not a host!"}])
+@pytest.mark.parametrize(
+    "env", [{"LLAVA_NUM_FRAMES": "100"}, {"LLAVA_URL_ALLOWLIST": "not a host!"}, {"LLAVA_API_KEY": "  "}]
+)
 def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -1,0 +1,47 @@
+"""Optional API key: ``Authorization: Bearer <LLAVA_API_KEY>`` on every route but health and metrics.
+
+The OpenAI SDK sends its ``api_key`` in exactly that header, so one key serves curl, BentoML's
+client (``bentoml.SyncHTTPClient(url, token=key)``) and OpenAI clients. A request without the
+right key gets 401 with the route's failure body and ``WWW-Authenticate: Bearer``, before its
+body is read. Keys are compared in constant time, so response timing tells nothing about them.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from http_api.errors import Receive, Scope, Send, send_error
+
+# Probes and scrapers must not need the key (Kubernetes probes and Prometheus carry none).
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+
+
+class ApiKeyAuth:
+    """ASGI middleware; the key is LLAVA_API_KEY unless given; without one, everything passes."""
+
+    def __init__(self, app: Any, key: str | None = None) -> None:
+        if key is None:
+            import settings  # read when BentoML builds the app, like the request guard's limits
+
+            secret = settings.current().api_key
+            key = secret.get_secret_value() if secret is not None else None
+        self.app = app
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope.get("headers", []) if name.lower() == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "wrong API key in the Authorization header"
+            if given
+            else "this service needs an API key: send the header 'Authorization: Bearer <key>'"
+        )
+        # The body is not read: close the connection rather than leave it half-read.
+        headers = [(b"www-authenticate", b'Bearer realm="llava-video-service"'), (b"connection", b"close")]
+        await send_error(send, scope["path"], 401, message, headers)

@@ -1,0 +1,98 @@
+"""A served demo with LLAVA_API_KEY: who gets in, with which clients; and what /metrics shows."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import TEST_MAX_NEW_TOKENS, free_port, running_service
+
+pytestmark = pytest.mark.served
+KEY = "test-key-3f9a1c"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("keyed")
+    port = free_port()
+    command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
+    env = os.environ | {
+        "LLAVA_API_KEY": KEY,
+        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
+        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
+    }
+    with running_service(command, env, port, folder / "serve.log") as base:
+        yield base
+
+
+def post_clip(base: str, media_dir: Path, headers: dict[str, str]) -> httpx.Response:
+    with (media_dir / "clip.mp4").open("rb") as clip:
+        return httpx.post(
+            f"{base}/analyze_video",
+            files={"video": ("clip.mp4", clip)},
+            data={"metadata": '{"num_frames": 2}'},
+            headers=headers,
+            timeout=120,
+        )
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_without_the_right_key_requests_get_401(keyed, media_dir, headers) -> None:
+    response = post_clip(keyed, media_dir, headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["status"] == "failed" and "key" in response.json()["error"]
+    chat = httpx.post(f"{keyed}/v1/chat/completions", json={"messages": []}, headers=headers, timeout=30)
+    assert chat.status_code == 401 and chat.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{keyed}/docs.json", headers=headers, timeout=30).status_code == 401
+
+
+def test_the_right_key_gets_in_from_every_client(keyed, media_dir, file_server) -> None:
+    assert post_clip(keyed, media_dir, {"Authorization": f"Bearer {KEY}"}).status_code == 200
+    sdk = openai.OpenAI(base_url=f"{keyed}/v1", api_key=KEY, max_retries=0, timeout=120)
+    model = sdk.models.list().data[0].id
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{file_server}/photo.jpg"}}]}]
+    assert sdk.chat.completions.create(model=model, messages=messages).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed}/v1", api_key="wrong", max_retries=0).models.list()
+    import bentoml
+
+    with bentoml.SyncHTTPClient(keyed, token=KEY, timeout=120) as client:
+        assert client.analyze_image(image_url=f"{file_server}/photo.jpg")["status"] == "success"
+
+
+def test_health_and_metrics_need_no_key(keyed) -> None:
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(f"{keyed}{path}", timeout=30).status_code == 200, path
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    found = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, flags=re.M)
+    assert found, f"{name}{labels} not in /metrics"
+    return float(found.group(1))
+
+
+def test_metrics_move_with_a_request(keyed, media_dir) -> None:
+    before = httpx.get(f"{keyed}/metrics", timeout=30).text
+    assert post_clip(keyed, media_dir, {"Authorization": f"Bearer {KEY}"}).status_code == 200
+    after = httpx.get(f"{keyed}/metrics", timeout=30).text
+    route = '{route="/analyze_video",status="200"}'
+    assert metric(after, "llava_requests_total", route) == metric(before, "llava_requests_total", route) + 1
+    assert metric(after, "llava_requests_total", '{route="/analyze_video",status="401"}') >= 3
+    for name in ("llava_prompt_tokens_total", "llava_generated_tokens_total", "llava_visual_tokens_total"):
+        assert metric(after, name) > metric(before, name), name
+    assert metric(after, "llava_frames_decoded_total") - metric(before, "llava_frames_decoded_total") in (0, 2)
+    for name in ("llava_queue_wait_seconds_count", "llava_prefill_seconds_count", "llava_generate_seconds_count"):
+        assert metric(after, name) == metric(before, name) + 1, name
+    assert metric(after, "llava_decode_seconds_count", '{kind="video"}') >= 1
+    assert metric(after, "llava_requests_running") == 0 and metric(after, "llava_requests_waiting") == 0
+    hits = metric(after, "llava_cache_hits_total", '{cache="features"}')
+    misses = metric(after, "llava_cache_misses_total", '{cache="features"}')
+    assert hits + misses >= 1 and metric(after, "llava_cache_bytes", '{cache="features"}') > 0
+    assert "bentoml_service_request_total" in after or "bentoml_" in after  # BentoML's own are kept
