@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import tomllib
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +22,7 @@ def pinned(path: Path) -> dict[str, str]:
         line = line.strip()
         if line and not line.startswith(("#", "-r")):
             name, version = line.split("==")
-            pins[name.lower().replace("_", "-")] = version
+            pins[canonicalize_name(name)] = version
     return pins
 
 
@@ -29,7 +31,7 @@ def test_pinned_set_satisfies_pyproject():
     pins = pinned(REPO / "requirements.txt") | pinned(REPO / "requirements-dev.txt")
     wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
     for requirement in map(Requirement, wanted):
-        name = requirement.name.lower().replace("_", "-")
+        name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not pinned"
         assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
 
@@ -60,6 +62,25 @@ def test_bentofile_uses_the_pinned_set_without_relocking():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / "README.md").read_text()
     assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_pinned_sets_are_closed():
+    """Every requirement of every pinned package is pinned too, at a version it accepts: pip and
+    uv (the container build) then install exactly these files, nothing newest-of-the-day (torch's
+    setuptools was once left out by `pip freeze`). Read from the installed packages' metadata, so
+    the environment must hold the pinned set, as `make test`'s does."""
+    runtime = pinned(REPO / "requirements.txt")
+    everything = runtime | pinned(REPO / "requirements-dev.txt")
+    for pins, allowed in ((runtime, runtime), (everything, everything)):
+        for name, version in pins.items():
+            dist = metadata.distribution(name)
+            assert dist.version == version, f"{name} {dist.version} is installed, {version} is pinned"
+            for requirement in map(Requirement, dist.requires or []):
+                if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+                    continue
+                needed = canonicalize_name(requirement.name)
+                assert needed in allowed, f"{name} requires {requirement}, which is not pinned"
+                assert requirement.specifier.contains(allowed[needed], prereleases=True), (name, str(requirement))
 
 
 def test_bentoml_build_records_the_pinned_torch(tmp_path):
