@@ -94,11 +94,12 @@ def test_everything_lives_in_one_namespace():
 def test_probes_are_routes_of_the_service_on_its_port():
     """The probe paths are routes of the app `bentoml serve` runs, on the port the Service uses."""
     from _bentoml_impl.server.app import ServiceAppFactory
-    from bentoml._internal.service.loader import load
 
-    service = load("service:LLaVAVideoService", working_dir=str(REPO))
-    service.inject_config()
-    routes = {getattr(route, "path", None) for route in ServiceAppFactory(service, is_main=True)().routes}
+    import service
+
+    service.LLaVAVideoService.inject_config()  # as `bentoml serve` does before building the app
+    app = ServiceAppFactory(service.LLaVAVideoService, is_main=True)()
+    routes = {getattr(route, "path", None) for route in app.routes}
     spec = container()
     probes = {kind: spec[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert {kind: probe["path"] for kind, probe in probes.items()} == {
