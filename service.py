@@ -50,7 +50,13 @@ logger = logging.getLogger("llava_video_service")
 openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
 
 
-@bentoml.service(name="llava_video_service", traffic={"timeout": 900})
+@bentoml.service(
+    name="llava_video_service",
+    traffic={"timeout": 900},
+    # One GPU with at least 12 GB (an L4's 24 GB is BentoCloud's hint); CPU and memory for the
+    # decode workers and host caches, sized in deploy/kubernetes/deployment.yaml.
+    resources={"gpu": 1, "gpu_type": "nvidia-l4", "cpu": "6", "memory": "16Gi"},
+)
 @bentoml.asgi_app(openai_app, path="/v1")
 class LLaVAVideoService:
     """Loads the model once per worker and answers /analyze_video and /analyze_image."""
