@@ -314,6 +314,7 @@ class Scheduler:
                     self._waiting.remove(request)
             if self._prefill is None and self._waiting and self._fits(self._waiting[0]):
                 request = self._waiting.popleft()
+                request.stream.mark_started()
                 self._prefill = _Prefill(request, self._prefill_steps(request.prepared))
         return True
 
