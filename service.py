@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 import media
 import settings
+from http_api import request_log
 from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
@@ -48,7 +49,13 @@ logger = logging.getLogger("llava_video_service")
 openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
 
 
-@bentoml.service(name="llava_video_service", traffic={"timeout": 900})
+@bentoml.service(
+    name="llava_video_service",
+    traffic={"timeout": 900},
+    # http_api.request_log writes one line per request, with the X-Request-ID; BentoML's access
+    # log would be a second one.
+    logging={"access": {"enabled": False}},
+)
 @bentoml.asgi_app(openai_app, path="/v1")
 class LLaVAVideoService:
     """Loads the model once per worker and answers /analyze_video and /analyze_image."""
@@ -59,6 +66,7 @@ class LLaVAVideoService:
         # BentoML's server logging shows WARNING and up from other loggers; ours say more.
         for name in (logger.name, "llava_custom", "media"):
             logging.getLogger(name).setLevel(s.log_level)
+        request_log.install_framework_filter()
         logger.info("loading %s (4-bit=%s, device=%s)", s.model, s.load_4bit, s.device)
         loaded = load_pretrained_model(s.model, load_4bit=s.load_4bit, device=s.device, dtype=s.dtype, attn=s.attn)
         self.engine = Engine(loaded, s.engine_limits(), ReuseCache(s.feature_cache_bytes, s.prefix_cache_bytes))
@@ -117,8 +125,8 @@ class LLaVAVideoService:
             for name, value in error_headers(ctx.response.status_code):
                 ctx.response.headers[name.decode()] = value.decode()
             return Failure(error=str(error)).model_dump()
-        except Exception:  # a bug or a device failure: log it, tell the caller without internals
-            logger.exception("%s request failed", kind)
+        except Exception as error:  # a bug or a device failure: log it, tell the caller without internals
+            request_log.note_failure(error, f"{kind} request failed")
             ctx.response.status_code = 500
             return Failure(error=f"internal error while analysing the {kind}; see the server log").model_dump()
 
@@ -148,6 +156,8 @@ def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODe
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = refuse_unknown_fields(_api.input_spec)
 
+# Added first, so it runs outermost of ours: it sees every answer, refusals included.
+LLaVAVideoService.add_asgi_middleware(request_log.RequestLog)
 LLaVAVideoService.add_asgi_middleware(OpenAPIDocs)
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
 # Added after it, so it runs inside FailureBodyMiddleware (its answers already have our body).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Literal
 from anyio import to_thread
 
 import media
+from http_api import request_log
 from http_api.errors import RequestError
 from http_api.schemas import VideoSampling
 from llava_custom import reuse
@@ -124,6 +126,7 @@ class Analyzer:
         if recalled is not None:
             frames, info, ref = None, recalled.info, recalled
         else:
+            decoding = time.monotonic()
             sampled = await to_thread.run_sync(
                 lambda: self.decoder.read_video(
                     source,
@@ -134,10 +137,12 @@ class Analyzer:
                     **span,
                 )
             )
+            request_log.note_decode(time.monotonic() - decoding)
             frames, info, ref = sampled.frames, sampled.info, MediaRef(key, sampled.info)
         stream = await to_thread.run_sync(
             self.engine.submit_video, frames, info.video_duration, info.frame_times, question, generation, ref
         )
+        request_log.note_stream(stream)
         return Started(stream, info)
 
     async def start_image(self, source: Path, question: Question, generation: GenerationSettings) -> Started:
@@ -146,16 +151,21 @@ class Analyzer:
         ref = self.engine.recall(key)
         image = None
         if ref is None:
+            decoding = time.monotonic()
             image = await to_thread.run_sync(
                 lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
             )
+            request_log.note_decode(time.monotonic() - decoding)
             ref = MediaRef(key)
         stream = await to_thread.run_sync(self.engine.submit_image, image, question, generation, ref)
+        request_log.note_stream(stream)
         return Started(stream)
 
     async def start_text(self, conversation: Conversation, generation: GenerationSettings) -> Started:
         """Queue a conversation about no media (the language model alone)."""
-        return Started(await to_thread.run_sync(self.engine.submit_text, conversation, generation))
+        stream = await to_thread.run_sync(self.engine.submit_text, conversation, generation)
+        request_log.note_stream(stream)
+        return Started(stream)
 
 
 # How often a request waiting for its answer checks whether its client is still there.
