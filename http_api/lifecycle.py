@@ -95,7 +95,7 @@ class Lifecycle:
         self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
             return self.in_flight == 0
         finally:
             self._idle = None
