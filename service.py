@@ -16,6 +16,13 @@ threads and the answer is awaited from the engine's stream, so every request in 
 the engine's batch at once, and a client that disconnects is noticed and its request cancelled.
 Media is identified by a hash of its bytes: media seen before is not decoded again (the engine
 keeps its features and prompt KV cache, llava_custom/reuse.py).
+
+Start-up and shutdown (startup.py, http_api/lifecycle.py): `bentoml serve` checks the settings and
+the checkpoint in its main process before any worker starts (``preflight``) and exits with one
+line when something is wrong; a worker loads the model in the background, so /livez answers at
+once and /readyz only once a warm-up generation succeeded; SIGTERM lets the requests in flight
+finish (up to LLAVA_SHUTDOWN_GRACE_SECONDS) while new ones get 503. Every request is logged as one
+line under a request id (http_api/request_log.py).
 """
 
 from __future__ import annotations
@@ -31,21 +38,24 @@ from starlette.responses import Response
 
 import media
 import settings
+import startup
+from http_api import request_log
 from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.auth import ApiKeyAuth
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
-from http_api.metrics import RequestMetrics, engine_state, process_metrics
+from http_api.lifecycle import Lifecycle, LifecycleGate, drain_on_sigterm
+from http_api.metrics import RequestMetrics, engine_state
 from http_api.native import answer_body, event_stream
 from http_api.openai_api import create_app
 from http_api.openapi import OpenAPIDocs
 from http_api.schemas import Failure, Metadata
-from llava_custom.builder import load_pretrained_model
-from llava_custom.engine import Engine, ReuseCache
 
 logger = logging.getLogger("llava_video_service")
 
-
+# This process's phase (loading, ready, failed, draining), shared by the service and the gate in
+# front of its routes; a worker process holds one service.
+lifecycle = Lifecycle()
 # Routes under /v1 (OpenAI's API); they reach this worker's service once it is instantiated.
 openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
 
@@ -56,10 +66,19 @@ openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
     # One GPU with at least 12 GB (an L4's 24 GB is BentoCloud's hint); CPU and memory for the
     # decode workers and host caches, sized in deploy/kubernetes/deployment.yaml.
     resources={"gpu": 1, "gpu_type": "nvidia-l4", "cpu": "6", "memory": "16Gi"},
+    # http_api.request_log writes one line per request, with the X-Request-ID; BentoML's access
+    # log would be a second one.
+    logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(openai_app, path="/v1")
 class LLaVAVideoService:
-    """Loads the model once per worker and answers /analyze_video and /analyze_image."""
+    """Loads the model once per worker and answers /analyze_video, /analyze_image and /v1."""
+
+    @bentoml.on_deployment
+    def preflight() -> None:
+        """In `bentoml serve`'s main process, once, before any worker starts (see startup.py)."""
+        startup.check_before_serving()
+        startup.stop_server_when_a_worker_fails()
 
     def __init__(self) -> None:
         self.settings = settings.current()
@@ -67,22 +86,41 @@ class LLaVAVideoService:
         # BentoML's server logging shows WARNING and up from other loggers; ours say more.
         for name in (logger.name, "llava_custom", "media"):
             logging.getLogger(name).setLevel(s.log_level)
-        logger.info("loading %s (4-bit=%s, device=%s)", s.model, s.load_4bit, s.device)
-        loaded = load_pretrained_model(s.model, load_4bit=s.load_4bit, device=s.device, dtype=s.dtype, attn=s.attn)
-        self.engine = Engine(loaded, s.engine_limits(), ReuseCache(s.feature_cache_bytes, s.prefix_cache_bytes))
-        self.engine.check_capacity(s.max_frames, s.max_new_tokens_limit)
+        request_log.install_framework_filter()
         self.decoder = media.DecodePool(s.decode_workers, time_limit=s.decode_timeout)
-        self.decoder.start()  # their imports overlap the rest of start-up
-        self.analyzer = Analyzer(s, self.engine, self.decoder, process_metrics())
+        self.decoder.start()  # their imports overlap the model's loading
+        # The model loads in the background: uvicorn accepts connections only once this returns.
+        self.startup = startup.ModelStartup(s, self.decoder, lifecycle)
+        self.startup.start()
+        drain_on_sigterm(lifecycle, s.shutdown_grace_seconds, self.startup.close)
+
+    @property
+    def analyzer(self) -> Analyzer:
+        """The worker's Analyzer; the gate lets requests through only once it exists."""
+        analyzer = self.startup.analyzer
+        if analyzer is None:
+            raise RuntimeError("the model is not loaded")
+        return analyzer
+
+    # Coroutines, so that BentoML answers probes on the event loop instead of a worker thread
+    # (those may all be busy downloading and decoding).
+    async def __is_alive__(self) -> bool:
+        """/livez: 200 from the start, 503 once the model failed to load."""
+        return lifecycle.alive
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: 200 once the model is loaded and warmed up, 503 before and while draining."""
+        return lifecycle.ready
 
     async def __metrics__(self, content: str) -> str:
-        """BentoML's /metrics text plus the engine's state now (http_api.metrics)."""
-        return content + engine_state(self.engine)
+        """BentoML's /metrics text plus the engine's state now (http_api.metrics), once loaded."""
+        analyzer = self.startup.analyzer
+        return content + (engine_state(analyzer.engine) if analyzer is not None else "")
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.decoder.close()
-        self.engine.close()
+        self.startup.close()
 
     @bentoml.api(route="/analyze_video")
     async def analyze_video(
@@ -129,8 +167,8 @@ class LLaVAVideoService:
             for name, value in error_headers(ctx.response.status_code):
                 ctx.response.headers[name.decode()] = value.decode()
             return Failure(error=str(error)).model_dump()
-        except Exception:  # a bug or a device failure: log it, tell the caller without internals
-            logger.exception("%s request failed", kind)
+        except Exception as error:  # a bug or a device failure: log it, tell the caller without internals
+            request_log.note_failure(error, f"{kind} request failed")
             ctx.response.status_code = 500
             return Failure(error=f"internal error while analysing the {kind}; see the server log").model_dump()
 
@@ -160,11 +198,14 @@ def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODe
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = refuse_unknown_fields(_api.input_spec)
 
-# The first added runs first: count every request, then refuse a missing API key before anything
-# else looks at the request.
+# Added first, so it runs outermost of ours: it sees every answer, refusals included. Then count
+# every request, then refuse a missing API key before anything else looks at the request.
+LLaVAVideoService.add_asgi_middleware(request_log.RequestLog)
 LLaVAVideoService.add_asgi_middleware(RequestMetrics)
 LLaVAVideoService.add_asgi_middleware(ApiKeyAuth)
 LLaVAVideoService.add_asgi_middleware(OpenAPIDocs)
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
-# Added after it, so it runs inside FailureBodyMiddleware (its answers already have our body).
+# Added after it, so these run inside FailureBodyMiddleware (their answers already have our body);
+# the gate first, so that a loading or draining worker refuses before the guard reads the body.
+LLaVAVideoService.add_asgi_middleware(LifecycleGate, lifecycle=lifecycle)
 LLaVAVideoService.add_asgi_middleware(RequestGuard)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from http_api.guard import GuardLimits
@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         2048 * MiB, ge=0, description="device memory for the KV cache of prompts about media seen before; 0 disables"
     )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
+    )
 
     @property
     def max_json_body_bytes(self) -> int:
@@ -147,10 +150,43 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Settings:
         if self.num_frames > self.max_frames:
-            raise ValueError(f"LLAVA_NUM_FRAMES={self.num_frames} exceeds LLAVA_MAX_FRAMES={self.max_frames}")
+            raise ValueError(
+                f"LLAVA_NUM_FRAMES={self.num_frames} exceeds LLAVA_MAX_FRAMES={self.max_frames}: "
+                "lower LLAVA_NUM_FRAMES or raise LLAVA_MAX_FRAMES"
+            )
         if self.max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError("LLAVA_MAX_NEW_TOKENS exceeds LLAVA_MAX_NEW_TOKENS_LIMIT")
+            raise ValueError(
+                f"LLAVA_MAX_NEW_TOKENS={self.max_new_tokens} exceeds LLAVA_MAX_NEW_TOKENS_LIMIT="
+                f"{self.max_new_tokens_limit}: lower LLAVA_MAX_NEW_TOKENS or raise LLAVA_MAX_NEW_TOKENS_LIMIT"
+            )
         return self
+
+    def describe_limits(self) -> str:
+        """The limits in force, for the start-up log."""
+        return (
+            f"limits: frames {self.num_frames} by default, at most {self.max_frames}; new tokens "
+            f"{self.max_new_tokens} by default, at most {self.max_new_tokens_limit}; batch "
+            f"{self.max_batch_size} + {self.max_pending_requests} waiting; KV cache {self.kv_cache_tokens} tokens; "
+            f"upload {_size(self.max_upload_bytes)}, download {_size(self.max_download_bytes)}, data: URL "
+            f"{_size(self.max_data_url_bytes)}; {self.decode_workers} decode workers, {self.decode_timeout:g} s "
+            f"per file; request timeout {self.request_timeout:g} s; shutdown grace {self.shutdown_grace_seconds:g} s"
+        )
+
+
+def explain(error: ValidationError) -> str:
+    """A ValidationError of :class:`Settings` on one line, naming each variable as it is set."""
+    problems = []
+    for item in error.errors(include_url=False):
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        if item.get("loc"):
+            name = "LLAVA_" + str(item["loc"][0]).upper()
+            message = f"{name}={item.get('input')!r}: {message}"
+        problems.append(message)
+    return "invalid setting: " + "; ".join(problems)
+
+
+def _size(count: int) -> str:
+    return f"{count / MiB:g} MiB" if count >= MiB else f"{count} bytes"
 
 
 @functools.cache

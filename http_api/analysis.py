@@ -21,6 +21,7 @@ from typing import Literal
 from anyio import to_thread
 
 import media
+from http_api import request_log
 from http_api.errors import RequestError
 from http_api.metrics import Metrics
 from http_api.schemas import VideoSampling
@@ -167,10 +168,13 @@ class Analyzer:
         return self._started(await to_thread.run_sync(self.engine.submit_text, conversation, generation))
 
     def _decoded(self, kind: str, began: float, frames: int = 0) -> None:
+        seconds = time.monotonic() - began
+        request_log.note_decode(seconds)
         if self.metrics is not None:
-            self.metrics.decoded(kind, time.monotonic() - began, frames)
+            self.metrics.decoded(kind, seconds, frames)
 
     def _started(self, stream: TokenStream, info: VideoInfo | None = None) -> Started:
+        request_log.note_stream(stream)
         if self.metrics is not None:
             stream.on_answer(self.metrics.answered)  # however the answer is read: whole or streamed
         return Started(stream, info)

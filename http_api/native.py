@@ -16,17 +16,15 @@ with ``event: error`` and the failure body.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
+from http_api import request_log
 from http_api.analysis import Started
 from http_api.errors import CLIENT_ERRORS
 from http_api.schemas import Failure, ImageAnswer, Usage, VideoAnswer
 from llava_custom.engine import Answer
-
-logger = logging.getLogger("llava_video_service")
 
 
 def answer_body(answer: Answer, started: Started) -> ImageAnswer | VideoAnswer:
@@ -56,8 +54,8 @@ async def _events(started: Started) -> AsyncIterator[str]:
                 yield _event("answer", answer_body(delta.answer, started).model_dump_json())
     except CLIENT_ERRORS as error:
         yield _event("error", Failure(error=str(error)).model_dump_json())
-    except Exception:
-        logger.exception("streamed request failed")
+    except Exception as error:
+        request_log.note_failure(error, "streamed request failed")
         yield _event("error", Failure(error="internal error while answering; see the server log").model_dump_json())
     finally:
         stream.cancel()  # a no-op once finished; stops the generation of a client that left

@@ -47,6 +47,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from typing_extensions import Required, TypedDict
 
+from http_api import request_log
 from http_api.analysis import Analyzer, Started, until_answered
 from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, openai_error, status_for
 from http_api.schemas import VideoSampling
@@ -131,8 +132,8 @@ def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
             return await _chat(analyzer(), request, body)
         except CLIENT_ERRORS as error:
             return _error(status_for(error), str(error), getattr(error, "param", None))
-        except Exception:  # a bug or a device failure: log it, tell the caller without internals
-            logger.exception("chat completion failed")
+        except Exception as error:  # a bug or a device failure: log it, tell the caller without internals
+            request_log.note_failure(error, "chat completion failed")
             return _error(500, "internal error while answering; see the server log")
 
     async def models(request: Request) -> Response:
@@ -374,8 +375,8 @@ async def _events(
             yield event([], answer)
     except CLIENT_ERRORS as error:  # the headers are sent: the error goes into the stream
         yield f"data: {json.dumps(openai_error(status_for(error), str(error)))}\n\n"
-    except Exception:
-        logger.exception("streamed chat completion failed")
+    except Exception as error:
+        request_log.note_failure(error, "streamed chat completion failed")
         yield f"data: {json.dumps(openai_error(500, 'internal error while answering; see the server log'))}\n\n"
     finally:
         stream.cancel()  # a no-op once finished

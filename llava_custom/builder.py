@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -40,6 +41,9 @@ class LoadedModel:
     load_4bit: bool
     attn_implementation: str
     repetition_penalty: float = 1.0  # from the checkpoint's generation_config.json
+    location: str = ""  # LLAVA_MODEL as resolved: a local directory or a hub id
+    folder: Path | None = None  # the files loaded (a hub id's snapshot in the Hugging Face cache)
+    layout: str = ""  # "original" (LLaVA-NeXT) or "transformers" (llava-hf)
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -78,6 +82,16 @@ def resolve_attention(attn: Attention, device: torch.device) -> str:
     return attn
 
 
+def check_requirements(*, load_4bit: bool, device: Device, attn: Attention) -> torch.device:
+    """The device the model would load on, once the hardware and packages these settings need
+    are known to be there (raises ModelLoadError saying which setting to change)."""
+    target = resolve_device(device)
+    resolve_attention(attn, target)
+    if load_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("LLAVA_LOAD_4BIT=true needs bitsandbytes; install it or set LLAVA_LOAD_4BIT=false")
+    return target
+
+
 def load_pretrained_model(
     model_path: str,
     *,
@@ -87,14 +101,12 @@ def load_pretrained_model(
     attn: Attention = "auto",
 ) -> LoadedModel:
     """Load model and processor; see the module docstring for what is quantised."""
-    target = resolve_device(device)
+    target = check_requirements(load_4bit=load_4bit, device=device, attn=attn)
     torch_dtype = resolve_dtype(dtype, target)
     attn_implementation = resolve_attention(attn, target)
     checkpoint = read_checkpoint(model_path)
     quantization = None
     if load_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelLoadError("4-bit loading needs bitsandbytes; install it or set LLAVA_LOAD_4BIT=false")
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -133,4 +145,38 @@ def load_pretrained_model(
         load_4bit,
         attn_implementation,
         repetition_penalty=checkpoint.generation_config.repetition_penalty or 1.0,
+        location=checkpoint.location,
+        folder=checkpoint.folder,
+        layout=checkpoint.layout,
+    )
+
+
+def describe(loaded: LoadedModel) -> str:
+    """One log line saying what was loaded, how, and where."""
+    files = f" from {loaded.folder}" if loaded.folder and str(loaded.folder) != loaded.location else ""
+    layout = {"original": "original LLaVA-NeXT layout", "transformers": "transformers layout"}.get(
+        loaded.layout, loaded.layout or "unknown layout"
+    )
+    language = "nf4 4-bit (double quantisation)" if loaded.load_4bit else str(loaded.dtype).removeprefix("torch.")
+    vision = str(loaded.vision_dtype).removeprefix("torch.")
+    where = str(loaded.device)
+    if loaded.device.type == "cuda":
+        index = loaded.device.index if loaded.device.index is not None else torch.cuda.current_device()
+        where += f" ({torch.cuda.get_device_name(index)})"
+    return (
+        f"model {loaded.location}{files} ({layout}): language model {language}, vision tower {vision}, "
+        f"attention {loaded.attn_implementation}, device {where}"
+    )
+
+
+def gpu_memory(device: torch.device) -> str | None:
+    """GPU memory in use by this process and on the whole card, for the start-up log (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    gib = 1024**3
+    free, total = torch.cuda.mem_get_info(device)
+    return (
+        f"GPU memory: {torch.cuda.memory_allocated(device) / gib:.2f} GiB allocated, "
+        f"{torch.cuda.memory_reserved(device) / gib:.2f} GiB reserved by this worker; "
+        f"{(total - free) / gib:.2f} of {total / gib:.2f} GiB in use on the card"
     )

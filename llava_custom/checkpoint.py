@@ -100,20 +100,52 @@ class Checkpoint:
     processor: LlavaOnevisionProcessor
     key_mapping: dict[str, str] | None
     generation_config: GenerationConfig
+    folder: Path | None = None  # where config.json was found (a hub id's snapshot in the cache)
 
 
 def read_checkpoint(model_path: str) -> Checkpoint:
     """Find the checkpoint (local directory or hub id), recognise its layout and read it."""
-    location, raw = _read_raw_config(model_path)
+    source = locate_checkpoint(model_path)
+    if source.layout == "transformers":
+        checkpoint = _read_transformers_layout(source.location)
+    else:
+        checkpoint = _read_original_layout(source.location, source.raw_config)
+    checkpoint.folder = source.folder
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a checkpoint's files are and which layout they are in, found without reading weights."""
+
+    location: str  # what from_pretrained takes: the local directory, or the hub id
+    folder: Path  # the directory holding config.json (a hub id's snapshot in the Hugging Face cache)
+    layout: Literal["transformers", "original"]
+    raw_config: dict[str, Any]
+
+
+def locate_checkpoint(model_path: str) -> CheckpointSource:
+    """The checkpoint ``model_path`` names, its layout recognised and its weight files present.
+
+    A local directory needs config.json and its weights; a hub id is read from the Hugging Face
+    cache, or downloaded into it (only config.json here: the weights download while the model
+    loads). Offline (HF_HUB_OFFLINE=1) every weight file must already be in the cache. Raises
+    ModelLoadError with what to do; cheap enough to run before the service starts.
+    """
+    location, folder, raw = _read_raw_config(model_path)
     if raw.get("model_type") == "llava_onevision":
-        return _read_transformers_layout(location)
-    if is_original_layout(raw):
-        return _read_original_layout(location, raw)
-    kind = ", ".join(raw.get("architectures") or []) or raw.get("model_type", "unknown")
-    raise ModelLoadError(
-        f"{model_path} is a {kind} checkpoint, not LLaVA-Video/LLaVA-OneVision "
-        "(original LlavaQwenForCausalLM layout or transformers llava_onevision layout)"
-    )
+        layout: Literal["transformers", "original"] = "transformers"
+    elif is_original_layout(raw):
+        layout = "original"
+    else:
+        kind = ", ".join(raw.get("architectures") or []) or raw.get("model_type", "unknown")
+        raise ModelLoadError(
+            f"{model_path} is a {kind} checkpoint, not LLaVA-Video/LLaVA-OneVision "
+            "(original LlavaQwenForCausalLM layout or transformers llava_onevision layout)"
+        )
+    if location == str(folder) or _hub_offline():
+        _check_weight_files(model_path, folder, local=location == str(folder))
+    return CheckpointSource(location, folder, layout, raw)
 
 
 def is_original_layout(raw: dict[str, Any]) -> bool:
@@ -121,25 +153,111 @@ def is_original_layout(raw: dict[str, Any]) -> bool:
     return "LlavaQwenForCausalLM" in (raw.get("architectures") or []) and "mm_vision_tower" in raw
 
 
-def _read_raw_config(model_path: str) -> tuple[str, dict[str, Any]]:
+def download_hint(model_id: str) -> str:
+    """The command that fetches a hub checkpoint ahead (huggingface_hub's ``hf`` command line)."""
+    folder = "/models/" + model_id.rsplit("/", 1)[-1]
+    return f"`hf download {model_id} --local-dir {folder}` and set LLAVA_MODEL={folder}"
+
+
+def _read_raw_config(model_path: str) -> tuple[str, Path, dict[str, Any]]:
     local = Path(model_path).expanduser()
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
             raise ModelLoadError(f"{local} has no config.json: point LLAVA_MODEL at a checkpoint directory")
-        return str(local), json.loads(config_file.read_text())
+        return str(local), local, _json(config_file)
     if model_path.startswith((".", "/", "~")) or model_path.count("/") != 1:
-        raise ModelLoadError(f"model path {model_path!r} does not exist and is not a hub id (org/name)")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        config_file = Path(hf_hub_download(model_path, "config.json"))
-    except Exception as exc:  # offline, unknown repo, auth: all mean "not reachable"
         raise ModelLoadError(
-            f"could not fetch {model_path!r} from the Hugging Face hub ({exc.__class__.__name__}); "
-            "download it first (huggingface-cli download) and set LLAVA_MODEL to the local directory"
+            f"LLAVA_MODEL={model_path!r} does not exist and is not a hub id (org/name): "
+            "set it to a checkpoint directory or a Hugging Face hub id"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        config_file = Path(hf_hub_download(model_path, "config.json"))
+    except GatedRepoError as exc:
+        raise ModelLoadError(
+            f"{model_path} is gated on the Hugging Face hub: accept its terms on the hub and set HF_TOKEN "
+            f"(or log in with `hf auth login`), or fetch it ahead with {download_hint(model_path)}"
         ) from exc
-    return model_path, json.loads(config_file.read_text())
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(
+            f"LLAVA_MODEL={model_path}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        if _hub_offline():
+            raise ModelLoadError(
+                f"{model_path} is not in the Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE=1 forbids "
+                f"downloading it: fetch it ahead with `hf download {model_path}` (same HF_HOME), "
+                f"or with {download_hint(model_path)}"
+            ) from exc
+        raise ModelLoadError(
+            f"could not reach the Hugging Face hub to download {model_path} (not in the cache {_hub_cache()}): "
+            f"check the network, or fetch it ahead with {download_hint(model_path)}"
+        ) from exc
+    except Exception as exc:  # a hub error we did not foresee: still one line, with its name
+        raise ModelLoadError(
+            f"could not fetch {model_path!r} from the Hugging Face hub ({exc.__class__.__name__}: {exc}); "
+            f"fetch it ahead with {download_hint(model_path)}"
+        ) from exc
+    return model_path, config_file.parent, _json(config_file)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON ({exc}); the download may be incomplete") from exc
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a model config (a JSON object)")
+    return value
+
+
+# Weight files as transformers looks for them, sharded (an index naming the shards) or not.
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _check_weight_files(model_path: str, folder: Path, *, local: bool) -> None:
+    """Every weight file of the checkpoint is in ``folder`` (a directory, or a hub snapshot)."""
+
+    def present(name: str) -> bool:
+        return (folder / name).is_file()
+
+    where = str(folder) if local else f"the Hugging Face cache ({_hub_cache()})"
+    fetch = (
+        f"fetch it again with `hf download <hub id> --local-dir {folder}`"
+        if local
+        else f"fetch it with `hf download {model_path}` (same HF_HOME) or {download_hint(model_path)}"
+    )
+    index = next((name for name in _WEIGHT_INDEXES if present(name)), None)
+    if index is None:
+        if not any(present(name) for name in _WEIGHT_FILES):
+            raise ModelLoadError(
+                f"no weights for {model_path} in {where} (model.safetensors or model.safetensors.index.json "
+                f"and its shards): the download is missing or incomplete; {fetch}"
+            )
+        return
+    shards = sorted(set(_json(folder / index).get("weight_map", {}).values()))
+    missing = [name for name in shards if not present(name)]
+    if missing:
+        raise ModelLoadError(
+            f"{len(missing)} of the {len(shards)} weight files of {model_path} are missing from {where} "
+            f"(e.g. {missing[0]}): the download is incomplete; {fetch}"
+        )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def _read_transformers_layout(location: str) -> Checkpoint:

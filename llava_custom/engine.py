@@ -20,6 +20,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
 from llava_custom.errors import InvalidPrompt
+from llava_custom.modeling import VideoLayout
 from llava_custom.prompting import Conversation, Turn
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
@@ -74,14 +75,15 @@ class Engine:
 
     def check_capacity(self, max_frames: int, max_new_tokens: int) -> None:
         """Refuse limits under which the largest allowed video request could never run."""
-        visual = self.model.video_layout.num_video_tokens(max_frames)
-        budget = self.scheduler.limits.kv_cache_tokens
-        if visual + max_new_tokens > budget:
-            raise ValueError(
-                f"LLAVA_KV_CACHE_TOKENS={budget} cannot hold a request of LLAVA_MAX_FRAMES={max_frames} frames "
-                f"({visual} visual tokens) and LLAVA_MAX_NEW_TOKENS_LIMIT={max_new_tokens} new tokens: "
-                "raise the budget or lower those limits"
-            )
+        check_capacity(self.model.video_layout, self.scheduler.limits.kv_cache_tokens, max_frames, max_new_tokens)
+
+    def warm_up(self, max_new_tokens: int = 2) -> Answer:
+        """Answer one tiny synthetic image request through the whole path (pre-processing, vision
+        tower, prefill, batched decode): a model that loads but cannot run is found before the
+        service says it is ready, and the first client does not pay for lazy initialisation."""
+        image = Image.new("RGB", (64, 48), (128, 96, 64))
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, ignore_eos=True)
+        return self.submit_image(image, "What colour is this?", settings).result()
 
     def recall(self, key: str) -> MediaRef | None:
         """The media under ``key`` (reuse.video_key / image_key) with its features, if cached:
@@ -241,6 +243,17 @@ class Engine:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id not in ids:
                 ids.append(token_id)
         return ids
+
+
+def check_capacity(layout: VideoLayout, kv_cache_tokens: int, max_frames: int, max_new_tokens: int) -> None:
+    """Raise ValueError when the KV cache budget cannot hold one video request at the limits."""
+    visual = layout.num_video_tokens(max_frames)
+    if visual + max_new_tokens > kv_cache_tokens:
+        raise ValueError(
+            f"LLAVA_KV_CACHE_TOKENS={kv_cache_tokens} cannot hold a request of LLAVA_MAX_FRAMES={max_frames} frames "
+            f"({visual} visual tokens) and LLAVA_MAX_NEW_TOKENS_LIMIT={max_new_tokens} new tokens: "
+            "raise LLAVA_KV_CACHE_TOKENS or lower those limits"
+        )
 
 
 def _render(render: Callable[..., str], *args: Any) -> str:

@@ -340,6 +340,7 @@ class Scheduler:
             if self._prefill is None and self._waiting and self._fits(self._waiting[0]):
                 request = self._waiting.popleft()
                 request.started = time.monotonic()
+                request.stream.mark_started()
                 self._prefill = _Prefill(request, self._prefill_steps(request))
         return True
 

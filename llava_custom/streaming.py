@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -95,8 +96,15 @@ class TokenStream:
         self._end_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cancelled = threading.Event()
         self._on_answer: list[Callable[[Answer], None]] = []
+        # time.monotonic() when queued and when the scheduler took it up (request logs).
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
 
     # --- the scheduler's side ---------------------------------------------------------------
+
+    def mark_started(self) -> None:
+        """The scheduler took the request out of its queue (its prefill begins)."""
+        self.started_at = time.monotonic()
 
     def push(self, delta: Delta) -> None:
         self._put(delta, None)
@@ -150,6 +158,11 @@ class TokenStream:
     @property
     def done(self) -> bool:
         return self._end is not None
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """How long the request waited in the engine's queue (None while it still waits)."""
+        return None if self.started_at is None else self.started_at - self.submitted_at
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (a no-op once it has finished)."""

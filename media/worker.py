@@ -304,8 +304,12 @@ class _Channel:
 
 def _serve(channel: _Channel) -> None:
     """The child's loop: run each call received, send back its result or exception, until EOF."""
-    # Ctrl-C on `bentoml serve` reaches the whole process group; the parent decides when we stop.
+    # Ctrl-C on `bentoml serve` reaches the whole process group, and circus sends its stop signal
+    # (SIGTERM) to the worker's children too: the parent decides when we stop (it closes our
+    # socket, and we exit at EOF; also when it dies), so that a graceful shutdown can still
+    # decode the requests in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         try:
             call = channel.recv()

@@ -103,6 +103,11 @@ def client(tiny_checkpoint: Path) -> Iterator:
         from service import LLaVAVideoService
 
         with TestClient(LLaVAVideoService.to_asgi(), raise_server_exceptions=False) as test_client:
+            # The model loads in the background; /readyz says when it is there.
+            deadline = time.monotonic() + 240
+            while test_client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the in-process service did not become ready"
+                time.sleep(0.2)
             yield test_client
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from llava_custom.builder import load_pretrained_model
-from llava_custom.checkpoint import SO400M_ID, _vision_config
+from llava_custom.checkpoint import SO400M_ID, _vision_config, locate_checkpoint
 from llava_custom.engine import Engine, GenerationSettings
 from llava_custom.errors import ModelLoadError
 from llava_custom.tiny import TINY_TOWER_ID, TinySpec
@@ -168,3 +170,25 @@ def test_unsupported_original_options_are_refused(tiny_original_checkpoint, tmp_
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=message):
         load_pretrained_model(str(copy), load_4bit=False, device="cpu")
+
+
+def test_an_incomplete_download_is_found_before_loading(tiny_original_checkpoint, tmp_path):
+    """A shard missing from a local directory, or from the cache when offline, is named with the
+    command that fetches it, before any weight is read."""
+    local = shutil.copytree(tiny_original_checkpoint, tmp_path / "local")
+    (local / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"1 of the 2 weight files .* missing .* `hf download"):
+        locate_checkpoint(str(local))
+    (local / "model.safetensors.index.json").unlink()
+    with pytest.raises(ModelLoadError, match="no weights"):
+        locate_checkpoint(str(local))
+
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)  # the session's own, offline (conftest)
+    repo = cache / "models--llava-tiny--half-downloaded"
+    snapshot = shutil.copytree(tiny_original_checkpoint, repo / "snapshots" / ("2" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("2" * 40)
+    assert locate_checkpoint("llava-tiny/half-downloaded").layout == "original"
+    (snapshot / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing from the Hugging Face cache .* `hf download llava-tiny/"):
+        locate_checkpoint("llava-tiny/half-downloaded")

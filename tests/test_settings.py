@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from llava_custom.scheduler import EngineLimits
 from media.fetch import FetchLimits
-from settings import Settings
+from settings import Settings, explain
 
 
 @pytest.fixture(autouse=True)
@@ -53,3 +54,22 @@ def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"LLAVA_DEVICE": "gpu"}, "LLAVA_DEVICE='gpu': Input should be 'auto', 'cuda' or 'cpu'"),
+        ({"LLAVA_NUM_FRAMES": "100"}, "LLAVA_NUM_FRAMES=100 exceeds LLAVA_MAX_FRAMES=64: lower LLAVA_NUM_FRAMES"),
+        ({"LLAVA_SHUTDOWN_GRACE_SECONDS": "-1"}, "LLAVA_SHUTDOWN_GRACE_SECONDS='-1'"),
+    ],
+)
+def test_an_invalid_setting_is_explained_in_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    text = explain(error.value)
+    assert expected in text and "\n" not in text

@@ -1,0 +1,338 @@
+"""Running in production: start-up that fails fast, health routes, request ids and logs, SIGTERM.
+
+Each test starts real `bentoml serve` (or `make demo`) processes on the tiny checkpoint. The
+failures end within seconds, before or right after the worker starts; the grace period is shown on
+a server of its own; one healthy server, loaded offline from a Hugging Face cache, serves the other
+tests and is stopped with SIGTERM by the last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.served
+
+HUB_ID = "llava-tiny/tiny-llava-video"
+GENERATED_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def serve_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
+
+
+def tiny_env(model: Path | str, **extra: str) -> dict[str, str]:
+    return os.environ | {
+        "LLAVA_MODEL": str(model),
+        "LLAVA_LOAD_4BIT": "false",
+        "LLAVA_DEVICE": "cpu",
+        "LLAVA_DTYPE": "float32",
+        "LLAVA_MAX_NEW_TOKENS": "6",
+        **extra,
+    }
+
+
+def run_to_exit(command: list[str], env: dict[str, str], limit: float = 120) -> tuple[int, str, float]:
+    """Run ``command`` in its own process group; its exit status, output and seconds taken. A
+    process still running after ``limit`` seconds (a restart loop) fails the test."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} still ran after {limit} s:\n{output[-3000:]}")
+    return process.returncode, output, time.monotonic() - started
+
+
+def status_of(url: str) -> int:
+    """The status a GET of ``url`` gets, 0 when nothing answers."""
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def put_in_hub_cache(checkpoint: Path, cache: Path, repo_id: str) -> None:
+    """The checkpoint's files where `hf download repo_id` leaves them in a Hugging Face cache."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "1" * 40
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+# --- start-up that fails --------------------------------------------------------------------------
+
+
+def test_an_invalid_setting_ends_make_demo_at_once_with_one_line(tiny_checkpoint):
+    command = ["make", "demo", f"PORT={free_port()}", f"DEMO_MODEL={tiny_checkpoint}", f"VENV={sys.prefix}"]
+    status, output, seconds = run_to_exit(command, os.environ | {"LLAVA_NUM_FRAMES": "100"})
+    assert status != 0, output
+    assert seconds < 60
+    failures = [line for line in output.splitlines() if "cannot start" in line]
+    assert len(failures) == 1, output
+    assert "LLAVA_NUM_FRAMES=100" in failures[0] and "LLAVA_MAX_FRAMES" in failures[0]
+    assert "Traceback" not in output and "listening" not in output
+
+
+@pytest.mark.parametrize("where", ["local directory", "hub id offline"])
+def test_a_missing_model_ends_the_server_before_any_worker_starts(where, tmp_path):
+    if where == "local directory":
+        model, extra, expected = tmp_path / "nowhere", {}, "does not exist"
+    else:
+        empty_cache = tmp_path / "hub"
+        empty_cache.mkdir()
+        model, extra = "llava-tiny/never-downloaded", {"HF_HUB_CACHE": str(empty_cache), "HF_HUB_OFFLINE": "1"}
+        expected = "hf download llava-tiny/never-downloaded"
+    status, output, seconds = run_to_exit(serve_command(free_port()), tiny_env(model, **extra))
+    assert status == 2, output
+    failures = [line for line in output.splitlines() if "cannot start" in line]
+    assert len(failures) == 1 and expected in failures[0], output
+    assert "huggingface-cli" not in output
+    assert "Traceback" not in output and "listening" not in output
+
+
+def test_a_model_that_fails_to_load_in_the_worker_stops_the_server(tiny_checkpoint, tmp_path):
+    """Damaged weights pass the main process's checks (the files are there); the worker's load
+    fails, and the server ends with status 3 instead of restarting the worker."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(os.urandom(4096))
+    status, output, seconds = run_to_exit(serve_command(free_port()), tiny_env(broken))
+    assert status == 3, output
+    failures = [line for line in output.splitlines() if "cannot start" in line]
+    assert len(failures) == 1 and f"LLAVA_MODEL={broken}" in failures[0], output
+    assert output.count(f"loading {broken}") == 1, "the worker was started again"
+    assert "Traceback" not in output
+
+
+def test_a_request_longer_than_the_grace_period_is_stopped_with_503(tiny_checkpoint, media_dir, tmp_path):
+    """LLAVA_SHUTDOWN_GRACE_SECONDS bounds the drain: the generation still running then is
+    stopped, its client gets a 503, and the server exits soon after."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = tiny_env(tiny_checkpoint, LLAVA_SHUTDOWN_GRACE_SECONDS="1")
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            serve_command(port), cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while status_of(f"{base}/readyz") != 200:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        answer: dict[str, httpx.Response] = {}
+
+        def endless() -> None:
+            with (media_dir / "photo.jpg").open("rb") as image:
+                metadata = json.dumps({"max_new_tokens": 4000, "ignore_eos": True})
+                answer["long"] = httpx.post(
+                    f"{base}/analyze_image", files={"image": image}, data={"metadata": metadata}, timeout=120
+                )
+
+        thread = threading.Thread(target=endless)
+        thread.start()
+        while "reuse image/" not in log.read_text():
+            assert thread.is_alive(), answer
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        thread.join(timeout=60)
+        assert answer["long"].status_code == 503, answer["long"].text
+        assert process.wait(timeout=60) == 0
+        assert time.monotonic() - signalled < 20
+        assert "grace period over: stopping the generation of the 1 requests" in log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+# --- one healthy server, loaded offline from a Hugging Face cache ---------------------------------
+
+
+@dataclass
+class Served:
+    base: str
+    process: subprocess.Popen
+    log: Path
+    probes: list[tuple[int, int]] = field(default_factory=list)  # (readyz, livez) from the very start
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def hub_served(tiny_checkpoint, tmp_path_factory) -> Iterator[Served]:
+    """`bentoml serve` of LLAVA_MODEL=<hub id> with HF_HUB_OFFLINE=1, the checkpoint in the cache;
+    /readyz and /livez polled from the moment the process starts."""
+    folder = tmp_path_factory.mktemp("hub-served")
+    cache = folder / "hub"
+    put_in_hub_cache(tiny_checkpoint, cache, HUB_ID)
+    port = free_port()
+    env = tiny_env(HUB_ID, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", LLAVA_SHUTDOWN_GRACE_SECONDS="60")
+    log = folder / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            serve_command(port), cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    served = Served(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 240
+        while not served.probes or served.probes[-1][0] != 200:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+            served.probes.append((status_of(f"{served.base}/readyz"), status_of(f"{served.base}/livez")))
+            time.sleep(0.05)
+        yield served
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_livez_answers_while_the_model_loads_and_readyz_only_once_warmed_up(hub_served):
+    answered = [probe for probe in hub_served.probes if probe != (0, 0)]
+    assert (503, 200) in answered, "no moment where the process answered but was not ready"
+    assert answered[-1] == (200, 200)
+    first_ready = answered.index((200, 200))
+    assert all(readyz in (0, 503) and livez in (0, 200) for readyz, livez in answered[:first_ready])
+    log = hub_served.log.read_text()
+    assert log.index("warm-up generation: 2 tokens") < log.index("ready after")
+
+
+def test_the_start_up_log_says_what_was_loaded(hub_served):
+    log = hub_served.log.read_text()
+    model = next(line for line in hub_served.log_lines() if f"model {HUB_ID} from " in line)
+    assert "/snapshots/" in model and "(transformers layout)" in model
+    assert "language model float32" in model and "attention sdpa" in model and "device cpu" in model
+    assert "limits: frames 16 by default, at most 64" in log and "shutdown grace 60 s" in log
+
+
+def request_lines(served: Served, request_id: str) -> list[str]:
+    return [line for line in served.log_lines() if f"request {request_id} " in line]
+
+
+def wait_for_line(served: Served, request_id: str) -> str:
+    """The request's log line (written when its response has ended)."""
+    deadline = time.monotonic() + 10
+    while not (lines := request_lines(served, request_id)):
+        assert time.monotonic() < deadline, f"no log line for {request_id}"
+        time.sleep(0.05)
+    return lines[0]
+
+
+def test_request_ids_are_echoed_or_generated_on_every_route_and_answer(hub_served, media_dir):
+    base = hub_served.base
+    with (media_dir / "photo.jpg").open("rb") as photo:
+        native_ok = httpx.post(
+            f"{base}/analyze_image", files={"image": photo}, headers={"X-Request-ID": "client-1"}, timeout=120
+        )
+    native_bad = httpx.post(f"{base}/analyze_image", content=b'{"image_url": ', timeout=30)
+    chat = {"model": HUB_ID, "messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 3}
+    v1_ok = httpx.post(f"{base}/v1/chat/completions", json=chat, headers={"X-Request-ID": "chat.2:b"}, timeout=120)
+    unknown_model = chat | {"model": "other"}
+    v1_bad = httpx.post(
+        f"{base}/v1/chat/completions", json=unknown_model, headers={"X-Request-ID": "not sane"}, timeout=30
+    )
+    livez = httpx.get(f"{base}/livez", headers={"X-Request-ID": "x" * 200}, timeout=10)
+
+    assert native_ok.status_code == 200 and native_ok.headers["x-request-id"] == "client-1"
+    assert native_bad.status_code == 400 and GENERATED_ID.fullmatch(native_bad.headers["x-request-id"])
+    assert v1_ok.status_code == 200 and v1_ok.headers["x-request-id"] == "chat.2:b"
+    assert v1_bad.status_code == 404 and GENERATED_ID.fullmatch(v1_bad.headers["x-request-id"])
+    assert livez.status_code == 200 and GENERATED_ID.fullmatch(livez.headers["x-request-id"])
+
+    line = wait_for_line(hub_served, "client-1")
+    assert "POST /analyze_image 200 total=" in line and "decode=" in line and "queue=" in line
+    assert "POST /v1/chat/completions 200" in wait_for_line(hub_served, "chat.2:b")
+    assert "POST /v1/chat/completions 404" in wait_for_line(hub_served, v1_bad.headers["x-request-id"])
+
+
+def test_client_errors_are_one_info_line_each_without_traceback(hub_served):
+    base = hub_served.base
+    before = len(hub_served.log_lines())
+    sent = {
+        "bad-json": httpx.post(
+            f"{base}/analyze_video", content=b'{"video_url": "x', headers={"X-Request-ID": "bad-json"}, timeout=30
+        ),
+        "wrong-type": httpx.post(
+            f"{base}/analyze_image", json={"image_url": 5}, headers={"X-Request-ID": "wrong-type"}, timeout=30
+        ),
+        "unknown-field": httpx.post(
+            f"{base}/analyze_image", json={"prompt": "hi"}, headers={"X-Request-ID": "unknown-field"}, timeout=30
+        ),
+    }
+    for request_id, response in sent.items():
+        assert response.status_code == 400, response.text
+        line = wait_for_line(hub_served, request_id)
+        assert len(request_lines(hub_served, request_id)) == 1
+        assert "[INFO]" in line and " 400 " in line and "error=" in line
+    new = hub_served.log_lines()[before:]
+    assert not [line for line in new if "Traceback" in line or "Exception on" in line or "[ERROR]" in line], new
+    assert len(new) == len(sent), new  # nothing but the three request lines
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(hub_served, media_dir):
+    """Must run last in this module: it stops the shared server."""
+    process = hub_served.process
+    worker_tree = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    decoders = [pid for pid in worker_tree if "media.worker" in " ".join(psutil.Process(pid).cmdline())]
+    assert decoders, worker_tree
+    reuse_lines = sum("reuse image/" in line for line in hub_served.log_lines())
+    answer: dict[str, httpx.Response] = {}
+
+    def long_request() -> None:
+        with (media_dir / "wide.png").open("rb") as image:
+            metadata = json.dumps({"max_new_tokens": 2000, "ignore_eos": True})
+            answer["long"] = httpx.post(
+                f"{hub_served.base}/analyze_image", files={"image": image}, data={"metadata": metadata}, timeout=120
+            )
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while sum("reuse image/" in line for line in hub_served.log_lines()) == reuse_lines:  # prefilled: generating
+        assert time.monotonic() < deadline and thread.is_alive(), answer
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    try:
+        late = httpx.post(f"{hub_served.base}/analyze_image", json={"image_url": "http://127.0.0.1/x"}, timeout=10)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]
+        assert late.headers["retry-after"] and late.headers["x-request-id"]
+        assert httpx.get(f"{hub_served.base}/readyz", timeout=10).status_code == 503
+    except httpx.TransportError:
+        pass  # the server has already closed its socket: refused, as a stopped server is
+    thread.join(timeout=120)
+    assert answer["long"].status_code == 200, answer["long"].text
+    assert answer["long"].json()["usage"]["completion_tokens"] == 2000
+    assert process.wait(timeout=60) == 0
+    time.sleep(0.5)
+    left = [pid for pid in worker_tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert left == [], "processes of the server outlived it"
+    log = hub_served.log.read_text()
+    assert "SIGTERM: refusing new requests, 1 in flight" in log
