@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         2048 * MiB, ge=0, description="device memory for the KV cache of prompts about media seen before; 0 disables"
     )
+    warmup_frames: int = Field(
+        0, ge=0, description="frames of a synthetic video warmed up after the image at start-up; 0: the image only"
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
     )
@@ -154,6 +157,8 @@ class Settings(BaseSettings):
                 f"LLAVA_NUM_FRAMES={self.num_frames} exceeds LLAVA_MAX_FRAMES={self.max_frames}: "
                 "lower LLAVA_NUM_FRAMES or raise LLAVA_MAX_FRAMES"
             )
+        if self.warmup_frames > self.max_frames:
+            raise ValueError(f"LLAVA_WARMUP_FRAMES={self.warmup_frames} exceeds LLAVA_MAX_FRAMES={self.max_frames}")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 f"LLAVA_MAX_NEW_TOKENS={self.max_new_tokens} exceeds LLAVA_MAX_NEW_TOKENS_LIMIT="

@@ -177,7 +177,7 @@ class ModelStartup:
                 self.engine = engine
             engine.check_capacity(s.max_frames, s.max_new_tokens_limit)
             warm = time.monotonic()
-            answer = engine.warm_up()
+            answer = engine.warm_up(video_frames=s.warmup_frames)
             logger.info("warm-up generation: %d tokens in %.2f s", answer.completion_tokens, time.monotonic() - warm)
             if memory := gpu_memory(loaded.device):
                 logger.info(memory)

@@ -77,13 +77,21 @@ class Engine:
         """Refuse limits under which the largest allowed video request could never run."""
         check_capacity(self.model.video_layout, self.scheduler.limits.kv_cache_tokens, max_frames, max_new_tokens)
 
-    def warm_up(self, max_new_tokens: int = 2) -> Answer:
+    def warm_up(self, max_new_tokens: int = 2, video_frames: int = 0) -> Answer:
         """Answer one tiny synthetic image request through the whole path (pre-processing, vision
         tower, prefill, batched decode): a model that loads but cannot run is found before the
-        service says it is ready, and the first client does not pay for lazy initialisation."""
+        service says it is ready, and the first client does not pay for lazy initialisation.
+        With ``video_frames``, a synthetic video of that many frames follows, so that the first
+        long video does not pay for the memory and kernels its size needs either."""
         image = Image.new("RGB", (64, 48), (128, 96, 64))
         settings = GenerationSettings(max_new_tokens=max_new_tokens, ignore_eos=True)
-        return self.submit_image(image, "What colour is this?", settings).result()
+        answer = self.submit_image(image, "What colour is this?", settings).result()
+        if video_frames:
+            width, height = self.frame_size
+            frames = np.full((video_frames, height, width, 3), 128, np.uint8)
+            times = [float(second) for second in range(video_frames)]
+            answer = self.submit_video(frames, float(video_frames), times, "What happens?", settings).result()
+        return answer
 
     def recall(self, key: str) -> MediaRef | None:
         """The media under ``key`` (reuse.video_key / image_key) with its features, if cached:

@@ -76,7 +76,12 @@ def test_real_size_checkpoint_reads_back_as_llava_video_7b(tmp_path, monkeypatch
     """The 7B writer's config and tensor names/shapes, without drawing 16 GB: what the loader's
     config reading gives must build a model of exactly the written shapes (after key renames)."""
     written: dict[str, tuple[int, ...]] = {}
-    monkeypatch.setattr(tiny, "_save_drawn_shards", lambda shapes, draw, path, shard_bytes: written.update(shapes))
+
+    def record_shapes(shapes, draw, path, shard_bytes) -> None:
+        written.update(shapes)
+        (path / "model.safetensors").touch()  # what read_checkpoint looks for; nothing is loaded
+
+    monkeypatch.setattr(tiny, "_save_drawn_shards", record_shapes)
     folder = tiny.write_random_checkpoint(tmp_path / "7b", tiny.LLAVA_VIDEO_7B)
     config = json.loads((folder / "config.json").read_text())
     assert config["mm_vision_tower"] == SO400M_ID and config["vocab_size"] == 152064

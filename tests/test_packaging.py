@@ -168,7 +168,7 @@ def test_image_environment(bento_yaml: dict, dockerfile: str):
 def test_image_sources_are_the_service_packages_without_tests_or_tiny_checkpoints(bento: Path):
     src = bento / "src"
     shipped = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
-    expected = {"service.py", "settings.py", "bentofile.yaml"} | {
+    expected = {"service.py", "settings.py", "startup.py", "bentofile.yaml"} | {
         p.relative_to(REPO).as_posix()
         for package in ("http_api", "llava_custom", "media")
         for p in REPO.glob(f"{package}/*.py")

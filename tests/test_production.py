@@ -190,7 +190,15 @@ def hub_served(tiny_checkpoint, tmp_path_factory) -> Iterator[Served]:
     cache = folder / "hub"
     put_in_hub_cache(tiny_checkpoint, cache, HUB_ID)
     port = free_port()
-    env = tiny_env(HUB_ID, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", LLAVA_SHUTDOWN_GRACE_SECONDS="60")
+    # A 64-frame warm-up (seconds on this CPU) keeps the server answering but not ready for long
+    # enough to be seen, however loaded the machine is.
+    env = tiny_env(
+        HUB_ID,
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+        LLAVA_SHUTDOWN_GRACE_SECONDS="60",
+        LLAVA_WARMUP_FRAMES="64",
+    )
     log = folder / "serve.log"
     with log.open("w") as output:
         process = subprocess.Popen(
