@@ -47,7 +47,13 @@ def test_guard_limits_follow_the_settings() -> None:
 
 
 @pytest.mark.parametrize(
-    "env", [{"LLAVA_NUM_FRAMES": "100"}, {"LLAVA_URL_ALLOWLIST": "not a host!"}, {"LLAVA_API_KEY": "  "}]
+    "env",
+    [
+        {"LLAVA_NUM_FRAMES": "100"},
+        {"LLAVA_URL_ALLOWLIST": "not a host!"},
+        {"LLAVA_API_KEY": "  "},
+        {"LLAVA_WARMUP_FRAMES": "65"},
+    ],
 )
 def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     for name, value in env.items():
