@@ -57,6 +57,14 @@ def tiny_original_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def loaded(tiny_checkpoint: Path):
+    """The tiny checkpoint loaded as the service loads it (CPU, float32), shared by engine tests."""
+    from llava_custom.builder import load_pretrained_model
+
+    return load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """clip.mp4: 30 frames at 10 fps (3.0 s); clip.webm: 24 frames at 8 fps; images; junk."""
     folder = tmp_path_factory.mktemp("media")

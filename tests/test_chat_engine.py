@@ -17,18 +17,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from llava_custom.builder import LoadedModel, load_pretrained_model
+from llava_custom.builder import LoadedModel
 from llava_custom.engine import Answer, Conversation, Engine, EngineLimits, GenerationSettings, ReuseCache, Turn
 from llava_custom.sampling import TokenChooser
 from llava_custom.streaming import IncrementalDetokenizer, TokenStream
 
 TIMES = [0.0, 0.5]
 LONG = GenerationSettings(max_new_tokens=40, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint) -> LoadedModel:
-    return load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu")
 
 
 @pytest.fixture(scope="module")

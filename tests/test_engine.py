@@ -19,15 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from llava_custom.builder import LoadedModel, load_pretrained_model
+from llava_custom.builder import LoadedModel
 from llava_custom.engine import Engine, EngineLimits, GenerationSettings
 from llava_custom.errors import EngineBusy, PromptTooLong, RequestCancelled, RequestTimeout
 from llava_custom.streaming import IncrementalDetokenizer, TokenStream
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint) -> LoadedModel:
-    return load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu")
 
 
 @contextlib.contextmanager

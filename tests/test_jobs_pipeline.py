@@ -12,17 +12,11 @@ from mediafiles import frame_index_from_pixels, write_video
 import media
 from jobs.pipeline import LongVideoJob
 from jobs.segments import Segment, plan_segments
-from llava_custom.builder import LoadedModel, load_pretrained_model
 from llava_custom.engine import Engine, EngineLimits, GenerationSettings
 from llava_custom.errors import RequestCancelled
 
 FPS = 2
 TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint) -> LoadedModel:
-    return load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_custom.builder import LoadedModel, load_pretrained_model
+from llava_custom.builder import LoadedModel
 from llava_custom.engine import (
     Answer,
     Conversation,
@@ -29,11 +29,6 @@ from llava_custom.reuse import ByteLRU, image_key, video_key
 GREEDY = GenerationSettings(max_new_tokens=16)
 TIMES = [0.0, 0.5, 1.0, 1.5]
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint) -> LoadedModel:
-    return load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
