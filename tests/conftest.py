@@ -64,6 +64,18 @@ def loaded(tiny_checkpoint: Path):
     return load_pretrained_model(str(tiny_checkpoint), load_4bit=False, device="cpu")
 
 
+@contextlib.contextmanager
+def engine_with(loaded, **limits) -> Iterator:
+    """An engine on ``loaded`` with these EngineLimits, closed afterwards."""
+    from llava_custom.engine import Engine, EngineLimits
+
+    engine = Engine(loaded, EngineLimits(**limits))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """clip.mp4: 30 frames at 10 fps (3.0 s); clip.webm: 24 frames at 8 fps; images; junk."""

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import engine_with
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from llava_custom.builder import LoadedModel
-from llava_custom.engine import Answer, Conversation, Engine, EngineLimits, GenerationSettings, ReuseCache, Turn
+from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, ReuseCache, Turn
 from llava_custom.sampling import TokenChooser
 from llava_custom.streaming import IncrementalDetokenizer, TokenStream
 
@@ -31,15 +31,6 @@ def engine(loaded) -> Iterator[Engine]:
     engine = Engine(loaded)
     yield engine
     engine.close()
-
-
-@contextlib.contextmanager
-def engine_with(loaded: LoadedModel, **limits) -> Iterator[Engine]:
-    engine = Engine(loaded, EngineLimits(**limits))
-    try:
-        yield engine
-    finally:
-        engine.close()
 
 
 def frames(seed: int) -> np.ndarray:

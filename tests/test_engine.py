@@ -11,27 +11,17 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import engine_with
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from llava_custom.builder import LoadedModel
 from llava_custom.engine import Engine, EngineLimits, GenerationSettings
 from llava_custom.errors import EngineBusy, PromptTooLong, RequestCancelled, RequestTimeout
 from llava_custom.streaming import IncrementalDetokenizer, TokenStream
-
-
-@contextlib.contextmanager
-def engine_with(loaded: LoadedModel, **limits) -> Iterator[Engine]:
-    engine = Engine(loaded, EngineLimits(**limits))
-    try:
-        yield engine
-    finally:
-        engine.close()
 
 
 def frames(seed: int, count: int = 2) -> np.ndarray:

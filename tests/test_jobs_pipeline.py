@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import engine_with
 from mediafiles import frame_index_from_pixels, write_video
 
 import media
@@ -42,12 +43,9 @@ def job_for(
 def test_every_segment_is_captioned_in_order_from_its_own_frames(loaded, long_video) -> None:
     segments = plan_segments(20.0, segment_seconds=4, overlap_seconds=1)
     seen: list = []
-    engine = Engine(loaded, EngineLimits(max_batch_size=2))
-    try:
+    with engine_with(loaded, max_batch_size=2) as engine:
         job = job_for(engine, long_video, segments, seen)
         result = job.run()
-    finally:
-        engine.close()
     assert [c.segment for c in result.captions] == segments
     assert all(c.caption and c.error is None for c in result.captions)
     for segment, sampled, _ in seen:
@@ -64,11 +62,8 @@ def test_every_segment_is_captioned_in_order_from_its_own_frames(loaded, long_vi
 def test_captions_that_do_not_fit_are_summarised_in_groups_first(loaded, long_video) -> None:
     segments = plan_segments(20.0, segment_seconds=1)
     # Room for one 2-frame caption request, not for twenty 24-token captions at once.
-    engine = Engine(loaded, EngineLimits(max_batch_size=2, kv_cache_tokens=660))
-    try:
+    with engine_with(loaded, max_batch_size=2, kv_cache_tokens=660) as engine:
         result = job_for(engine, long_video, segments, tokens=24).run()
-    finally:
-        engine.close()
     assert len(result.captions) == 20 and result.answer
     assert result.completion_tokens > 24 * (len(segments) + 1)  # group summaries were generated
 
@@ -104,11 +99,8 @@ def test_segments_that_cannot_be_decoded_are_reported_and_the_job_completes(load
     cut = tmp_path / "cut.mkv"
     cut.write_bytes(data[: len(data) * 2 // 3])
     segments = plan_segments(20.0, segment_seconds=4)
-    engine = Engine(loaded, EngineLimits(max_batch_size=2))
-    try:
+    with engine_with(loaded, max_batch_size=2) as engine:
         result = job_for(engine, cut, segments).run()
-    finally:
-        engine.close()
     failed = [c for c in result.captions if c.caption is None]
     assert failed and all(c.error for c in failed)
     assert result.captions[0].caption and result.answer
