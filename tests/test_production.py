@@ -327,12 +327,15 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(hub_ser
         assert time.monotonic() < deadline and thread.is_alive(), answer
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGTERM)
-    time.sleep(0.5)
     try:
+        # The signal reaches the worker through BentoML's arbiter: wait until it says it drains.
+        draining_by = time.monotonic() + 15
+        while httpx.get(f"{hub_served.base}/readyz", timeout=10).status_code != 503:
+            assert time.monotonic() < draining_by, "the worker did not start draining"
+            time.sleep(0.05)
         late = httpx.post(f"{hub_served.base}/analyze_image", json={"image_url": "http://127.0.0.1/x"}, timeout=10)
         assert late.status_code == 503 and "shutting down" in late.json()["error"]
         assert late.headers["retry-after"] and late.headers["x-request-id"]
-        assert httpx.get(f"{hub_served.base}/readyz", timeout=10).status_code == 503
     except httpx.TransportError:
         pass  # the server has already closed its socket: refused, as a stopped server is
     thread.join(timeout=120)
