@@ -44,20 +44,24 @@ from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.auth import ApiKeyAuth
 from http_api.errors import CLIENT_ERRORS, FailureBodyMiddleware, RequestError, error_headers, status_for
 from http_api.guard import RequestGuard
+from http_api.jobs_api import create_app as create_jobs_app
 from http_api.lifecycle import Lifecycle, LifecycleGate, drain_on_sigterm
 from http_api.metrics import RequestMetrics, engine_state
 from http_api.native import answer_body, event_stream
 from http_api.openai_api import create_app
 from http_api.openapi import OpenAPIDocs
 from http_api.schemas import Failure, Metadata
+from jobs.manager import JobManager
 
 logger = logging.getLogger("llava_video_service")
 
 # This process's phase (loading, ready, failed, draining), shared by the service and the gate in
 # front of its routes; a worker process holds one service.
 lifecycle = Lifecycle()
-# Routes under /v1 (OpenAI's API); they reach this worker's service once it is instantiated.
+# Routes under /v1 (OpenAI's API) and /jobs (long videos); they reach this worker's service once
+# it is instantiated.
 openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
+jobs_app = create_jobs_app(lambda: bentoml.get_current_service().jobs, lambda: bentoml.get_current_service().analyzer)
 
 
 @bentoml.service(
@@ -71,6 +75,7 @@ openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
     logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.asgi_app(jobs_app, path="/jobs")
 class LLaVAVideoService:
     """Loads the model once per worker and answers /analyze_video, /analyze_image and /v1."""
 
@@ -93,6 +98,14 @@ class LLaVAVideoService:
         self.startup = startup.ModelStartup(s, self.decoder, lifecycle)
         self.startup.start()
         drain_on_sigterm(lifecycle, s.shutdown_grace_seconds, self.startup.close)
+
+    @property
+    def jobs(self) -> JobManager:
+        """The worker's long-video jobs (http_api.jobs_api); they exist once the model is loaded."""
+        jobs = self.startup.jobs
+        if jobs is None:
+            raise RuntimeError("the model is not loaded")
+        return jobs
 
     @property
     def analyzer(self) -> Analyzer:
@@ -119,8 +132,8 @@ class LLaVAVideoService:
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        self.startup.close()  # first: running jobs end, recorded as stopped, before their decoder
         self.decoder.close()
-        self.startup.close()
 
     @bentoml.api(route="/analyze_video")
     async def analyze_video(

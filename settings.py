@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from http_api.guard import GuardLimits
+from jobs.manager import JobLimits
 from llava_custom.scheduler import EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
 
@@ -91,6 +92,21 @@ class Settings(BaseSettings):
     warmup_frames: int = Field(
         0, ge=0, description="frames of a synthetic video warmed up after the image at start-up; 0: the image only"
     )
+    job_dir: Path = Field(
+        Path("~/.cache/llava-video-service/jobs"),
+        description="where long-video job records live (status, captions, answer); put it on a volume to keep them",
+    )
+    job_result_seconds: float = Field(
+        86400.0, gt=0, description="seconds a finished job's result stays available (and its follow-up questions)"
+    )
+    max_job_bytes: int = Field(8192 * MiB, ge=1, description="largest video a job may upload or download")
+    max_job_video_seconds: float = Field(4 * 3600.0, gt=0, description="longest video a job may analyse, in seconds")
+    max_job_segments: int = Field(500, ge=1, description="most segments one job may cut its video into")
+    max_running_jobs: int = Field(1, ge=1, description="jobs captioning at once; more wait in order")
+    max_pending_jobs: int = Field(16, ge=0, description="jobs allowed to wait; one more is refused with 503")
+    job_captions_in_flight: int = Field(
+        2, ge=1, description="captions one job keeps in the engine at once (interactive requests queue behind no more)"
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
     )
@@ -118,9 +134,20 @@ class Settings(BaseSettings):
             vision_chunk_frames=self.vision_chunk_frames,
         )
 
-    def fetch_limits(self) -> FetchLimits:
+    def job_limits(self) -> JobLimits:
+        return JobLimits(
+            max_video_seconds=self.max_job_video_seconds,
+            max_segments=self.max_job_segments,
+            max_frames=self.max_frames,
+            max_running=self.max_running_jobs,
+            max_pending=self.max_pending_jobs,
+            captions_in_flight=self.job_captions_in_flight,
+        )
+
+    def fetch_limits(self, max_bytes: int | None = None) -> FetchLimits:
+        """The fetcher's limits; ``max_bytes`` instead of LLAVA_MAX_DOWNLOAD_BYTES (jobs)."""
         return FetchLimits(
-            max_bytes=self.max_download_bytes,
+            max_bytes=max_bytes or self.max_download_bytes,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             total_timeout=self.download_timeout,
@@ -133,6 +160,7 @@ class Settings(BaseSettings):
         return GuardLimits(
             max_upload_bytes=self.max_upload_bytes,
             max_json_bytes=self.max_json_body_bytes,
+            max_job_upload_bytes=self.max_job_bytes,
             # The running batch plus the requests allowed to wait; more are refused at once.
             max_in_flight=self.max_batch_size + self.max_pending_requests,
         )
@@ -174,7 +202,10 @@ class Settings(BaseSettings):
             f"{self.max_batch_size} + {self.max_pending_requests} waiting; KV cache {self.kv_cache_tokens} tokens; "
             f"upload {_size(self.max_upload_bytes)}, download {_size(self.max_download_bytes)}, data: URL "
             f"{_size(self.max_data_url_bytes)}; {self.decode_workers} decode workers, {self.decode_timeout:g} s "
-            f"per file; request timeout {self.request_timeout:g} s; shutdown grace {self.shutdown_grace_seconds:g} s"
+            f"per file; request timeout {self.request_timeout:g} s; shutdown grace {self.shutdown_grace_seconds:g} s; "
+            f"jobs: {self.max_running_jobs} at once + {self.max_pending_jobs} waiting, videos up to "
+            f"{self.max_job_video_seconds:g} s and {_size(self.max_job_bytes)} in {self.max_job_segments} segments, "
+            f"results kept {self.job_result_seconds:g} s in {self.job_dir}"
         )
 
 

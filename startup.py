@@ -44,6 +44,8 @@ import settings
 from http_api.analysis import Analyzer
 from http_api.lifecycle import Lifecycle
 from http_api.metrics import process_metrics
+from jobs.manager import JobManager
+from jobs.store import JobStore
 from llava_custom.builder import check_requirements, describe, gpu_memory, load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
 from llava_custom.engine import Engine, ReuseCache, check_capacity
@@ -75,12 +77,25 @@ def check_before_serving() -> settings.Settings:
             checkpoint = read_checkpoint(current.model)
             layout = VideoLayout.from_config(checkpoint.config)
         check_capacity(layout, current.kv_cache_tokens, current.max_frames, current.max_new_tokens_limit)
+        job_store(current)
     except _EXPLAINED as error:
         exit_with(str(error), EXIT_INVALID_CONFIG)
     except Exception as error:  # the checkpoint's files could not be read: still one line
         _debug_traceback(current)
         exit_with(f"cannot read the checkpoint LLAVA_MODEL={current.model}: {_one_line(error)}", EXIT_INVALID_CONFIG)
     return current
+
+
+def job_store(current: settings.Settings) -> JobStore:
+    """The job records' store; ValueError when LLAVA_JOB_DIR cannot be made or written."""
+    try:
+        store = JobStore(current.job_dir, current.job_result_seconds)
+        probe = store.directory / ".writable"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"LLAVA_JOB_DIR={current.job_dir} cannot be used for job records: {error}") from error
+    return store
 
 
 def exit_with(message: str, status: int) -> NoReturn:
@@ -140,6 +155,7 @@ class ModelStartup:
         self.lifecycle = lifecycle
         self.engine: Engine | None = None
         self.analyzer: Analyzer | None = None
+        self.jobs: JobManager | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="llava-model-load", daemon=True)
@@ -151,7 +167,9 @@ class ModelStartup:
         """Stop the engine if it was built; a load still running closes it when it ends."""
         with self._lock:
             self._closed = True
-            engine = self.engine
+            engine, jobs = self.engine, self.jobs
+        if jobs is not None:  # first: its captions are in the engine
+            jobs.close()
         if engine is not None:
             engine.close()
 
@@ -186,6 +204,12 @@ class ModelStartup:
             self._fail(error)
             return
         self.analyzer = Analyzer(s, engine, self.decoder, process_metrics())
+        decode_options = {
+            "frame_size": engine.frame_size,
+            "max_pixels": s.max_video_pixels,
+            "chunk_bytes": s.decode_chunk_bytes,
+        }
+        self.jobs = JobManager(engine, self.decoder, job_store(s), s.job_limits(), decode_options)
         self.lifecycle.set_ready()
         logger.info("ready after %.1f s", time.monotonic() - started)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import media
 from http_api.schemas import Failure
+from jobs.manager import JobNotFinished, TooManyJobs, UnknownJob
+from jobs.segments import SegmentPlanError
 from llava_custom.errors import (
     EngineBusy,
     EngineClosed,
@@ -30,6 +32,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 OPENAI_PREFIX = "/v1/"
+JOBS_PREFIX = "/jobs/"
 # Seconds a 503 asks the client to wait before retrying.
 RETRY_AFTER_SECONDS = 10
 
@@ -47,6 +50,9 @@ class RequestError(Exception):
 # Most specific classes first: the first match decides the status.
 ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (RequestError, 400),
+    (SegmentPlanError, 400),
+    (UnknownJob, 404),
+    (JobNotFinished, 409),
     (InvalidPrompt, 400),
     (media.InvalidSource, 400),
     (media.MediaTooLarge, 413),
@@ -56,6 +62,7 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (media.UpstreamTimeout, 504),
     (media.UpstreamError, 502),
     (EngineBusy, 503),
+    (TooManyJobs, 503),
     (RequestTimeout, 503),
     (EngineClosed, 503),
     (RequestCancelled, 499),  # nginx's "client closed request": only the access log sees it
@@ -70,6 +77,7 @@ _OPENAI_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "too_large"),
     415: ("invalid_request_error", "unsupported_media_type"),
     422: ("invalid_request_error", "undecodable_media"),
@@ -86,6 +94,10 @@ def status_for(error: Exception) -> int:
 
 def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PREFIX)
+
+
+def is_jobs_path(path: str) -> bool:
+    return path.startswith(JOBS_PREFIX)
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -133,7 +145,7 @@ class FailureBodyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path in self.paths or is_openai_path(path)):
+        if scope["type"] != "http" or not (path in self.paths or is_openai_path(path) or is_jobs_path(path)):
             await self.app(scope, receive, send)
             return
         started: Message | None = None

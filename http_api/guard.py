@@ -27,6 +27,7 @@ After a later refusal the app is told that the client disconnected, and its resp
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ GUARDED_PATHS: dict[str, str | None] = {
     "/analyze_video": "video",
     "/analyze_image": "image",
     "/v1/chat/completions": None,
+    "/jobs/submit": "video",
 }
+# Guarded routes whose uploads may reach ``max_job_upload_bytes`` instead of ``max_upload_bytes``.
+JOB_PATHS = frozenset({"/jobs/submit"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class GuardLimits:
     max_json_bytes: int
     max_in_flight: int
     file_fields: frozenset[str] = frozenset({"video", "image"})
+    max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
 
 
 class Refusal(Exception):
@@ -105,6 +110,8 @@ class _GuardedRequest:
     def __init__(self, guard: RequestGuard, scope: Scope, receive: Receive, send: Send) -> None:
         self.guard = guard
         self.limits = guard.limits
+        if scope["path"] in JOB_PATHS and guard.limits.max_job_upload_bytes is not None:
+            self.limits = dataclasses.replace(guard.limits, max_upload_bytes=guard.limits.max_job_upload_bytes)
         self.scope = scope
         self.receive = receive
         self.send = send

@@ -23,7 +23,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable
 
-from http_api.errors import Receive, Scope, Send, error_body, error_headers, is_openai_path
+from http_api.errors import Receive, Scope, Send, error_body, error_headers, is_jobs_path, is_openai_path
 
 logger = logging.getLogger("llava_video_service")
 # Routes that need the model; everything else (health, docs, metrics) is always answered.
@@ -117,7 +117,7 @@ class LifecycleGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path in self.paths or is_openai_path(path)):
+        if scope["type"] != "http" or not (path in self.paths or is_openai_path(path) or is_jobs_path(path)):
             await self.app(scope, receive, send)
             return
         reason = self.lifecycle.refusal()

@@ -19,6 +19,7 @@ Requests waiting (``llava_requests_waiting``) is what an autoscaler should follo
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,18 @@ if TYPE_CHECKING:
 
 # Routes get their own label value; anything else is "other", so scanners cannot blow up the
 # number of time series.
-ROUTES = ("/analyze_video", "/analyze_image", "/v1/chat/completions", "/v1/models", "/livez", "/readyz", "/healthz")
+ROUTES = (
+    "/analyze_video",
+    "/analyze_image",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/jobs/submit",
+    "/livez",
+    "/readyz",
+    "/healthz",
+)
+# /jobs/<task id>[/<action>] is counted under /jobs/{task_id}[/<action>]: one label, not one per job.
+_JOB_ROUTE = re.compile(r"^/jobs/[0-9a-f]{32}(/(result|cancel|ask))?$")
 # Seconds: from a cached image's few milliseconds to a long video's minutes.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -72,7 +84,12 @@ class Metrics:
             self.generate_seconds.observe(answer.timings.generate)
 
     def responded(self, path: str, status: int, seconds: float) -> None:
-        route = path if path in ROUTES else "other"
+        if path in ROUTES:
+            route = path
+        elif match := _JOB_ROUTE.match(path):
+            route = "/jobs/{task_id}" + (match.group(1) or "")
+        else:
+            route = "other"
         self.requests.labels(route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 

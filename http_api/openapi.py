@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from http_api.errors import Message, Receive, Scope, Send
-from http_api.schemas import Failure, ImageAnswer, Metadata, VideoAnswer
+from http_api.schemas import Failure, ImageAnswer, JobMetadata, JobQuestion, Metadata, VideoAnswer
 
 DOCS_PATH = "/docs.json"
 REF = "#/components/schemas/{model}"
@@ -69,7 +69,7 @@ class OpenAPIDocs:
 
 
 def complete(spec: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI document with our schemas, input forms, errors and the /v1 routes."""
+    """The OpenAPI document with our schemas, input forms, errors, the /v1 and /jobs routes."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for model in (Metadata, VideoAnswer, ImageAnswer, Failure):
         _add_schema(schemas, model)
@@ -116,7 +116,91 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
             **{status: {"description": text, "content": failure} for status, text in ERROR_STATUSES.items()},
         }
     spec.setdefault("paths", {}).update(_openai_paths())
+    spec["paths"].update(_jobs_paths(schemas))
     return spec
+
+
+def _jobs_paths(schemas: dict[str, Any]) -> dict[str, Any]:
+    """The /jobs routes (http_api.jobs_api): a long video segment by segment in the background."""
+    for model in (JobMetadata, JobQuestion):
+        _add_schema(schemas, model)
+    failure = {"application/json": {"schema": {"$ref": REF.format(model="Failure")}}}
+    statuses = ERROR_STATUSES | {"404": "No such job, or its result expired", "409": "The job has no result (yet)"}
+    errors = {status: {"description": text, "content": failure} for status, text in sorted(statuses.items())}
+    job = {"application/json": {"schema": {"type": "object"}}}
+    task_id = [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    metadata = {"description": "The job's parameters", "allOf": [{"$ref": REF.format(model="JobMetadata")}]}
+    tags = ["Long videos (jobs)"]
+    return {
+        "/jobs/submit": {
+            "post": {
+                "tags": tags,
+                "description": "Submit a long video: checked at once, then captioned segment by segment",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "video": {"type": "string", "format": "binary"},
+                                    "metadata": {"type": "string", "description": "JSON text of a JobMetadata object"},
+                                },
+                                "required": ["video"],
+                            }
+                        },
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"video_url": {"type": "string"}, "metadata": metadata},
+                                "required": ["video_url"],
+                            }
+                        },
+                    },
+                },
+                "responses": {
+                    "202": {"description": "Accepted: task_id, status, video_info", "content": job},
+                    **errors,
+                },
+            }
+        },
+        "/jobs/{task_id}": {
+            "get": {
+                "tags": tags,
+                "parameters": task_id,
+                "description": "Status, progress and the segment captions done so far",
+                "responses": {"200": {"description": "The job's status", "content": job}, **errors},
+            }
+        },
+        "/jobs/{task_id}/result": {
+            "get": {
+                "tags": tags,
+                "parameters": task_id,
+                "description": "answer, segments (start, end, caption, error, frame_times), video_info, usage",
+                "responses": {"200": {"description": "The result", "content": job}, **errors},
+            }
+        },
+        "/jobs/{task_id}/cancel": {
+            "post": {
+                "tags": tags,
+                "parameters": task_id,
+                "description": "Cancel the job (it stops within a segment)",
+                "responses": {"200": {"description": "task_id and status", "content": job}, **errors},
+            }
+        },
+        "/jobs/{task_id}/ask": {
+            "post": {
+                "tags": tags,
+                "parameters": task_id,
+                "description": "A new question about a finished job, answered from its captions",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": REF.format(model="JobQuestion")}}},
+                },
+                "responses": {"200": {"description": "response, status, usage", "content": job}, **errors},
+            }
+        },
+    }
 
 
 def _add_schema(schemas: dict[str, Any], model: type[BaseModel]) -> None:

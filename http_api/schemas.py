@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from media import VideoInfo
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class VideoSampling(BaseModel):
@@ -66,6 +68,79 @@ class Metadata(VideoSampling):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"invalid metadata: {problems}") from exc
+
+
+class JobMetadata(BaseModel):
+    """The optional ``metadata`` object of ``POST /jobs/submit`` (a long video, segment by segment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str | None = Field(
+        None, description="what the final answer answers; default: a summary of the whole video, in order"
+    )
+    caption_prompt: str | None = Field(
+        None, description="what each segment's caption describes; default: a dense, factual description"
+    )
+    segment_seconds: float = Field(30.0, gt=0, allow_inf_nan=False, description="length of each captioned segment")
+    overlap_seconds: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="each segment starts this long before the previous one ends"
+    )
+    frames_per_segment: int = Field(16, ge=1, description="frames each caption sees (server limit applies)")
+    start_time: float | None = Field(None, ge=0, allow_inf_nan=False, description="analyse from this second on")
+    end_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="analyse up to this second")
+    max_new_tokens: int | None = Field(None, ge=1, description="longest caption and answer, in tokens")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    ignore_eos: bool = Field(False, description="generate exactly max_new_tokens per caption (load tests)")
+
+    @model_validator(mode="after")
+    def _span_is_ordered(self) -> JobMetadata:
+        if self.start_time is not None and self.end_time is not None and self.end_time <= self.start_time:
+            raise ValueError("end_time must be after start_time")
+        if self.overlap_seconds >= self.segment_seconds:
+            raise ValueError("overlap_seconds must be shorter than segment_seconds")
+        return self
+
+    @classmethod
+    def parse(cls, raw: Any) -> JobMetadata:
+        return _parse(cls, raw)
+
+
+class JobQuestion(BaseModel):
+    """The body of ``POST /jobs/{task_id}/ask``: a new question about a finished job's video."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="answered from the job's captions, citing times")
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @classmethod
+    def parse(cls, raw: Any) -> JobQuestion:
+        return _parse(cls, raw)
+
+
+def _parse(model: type[M], raw: Any) -> M:
+    """``raw`` as ``model``: an object, a JSON string of one, or absent; ValueError says what is wrong."""
+    if raw is None or raw == "":
+        raw = {}
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"metadata is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError("expected a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid parameters: {problems}") from exc
 
 
 class Usage(BaseModel):

@@ -43,6 +43,7 @@ class SegmentCaption:
     segment: Segment
     caption: str | None  # None when the segment could not be decoded
     error: str | None = None
+    frame_times: tuple[float, ...] = ()  # seconds from the start of the video of the frames seen
 
 
 @dataclass
@@ -111,7 +112,7 @@ class LongVideoJob:
 
     def run(self) -> JobResult:
         """Caption every segment, then answer; raises RequestCancelled when cancelled."""
-        pending: deque[tuple[Segment, TokenStream]] = deque()
+        pending: deque[tuple[Segment, tuple[float, ...], TokenStream]] = deque()
         captions: dict[int, SegmentCaption] = {}
         for segment in self.segments:
             self._check_cancelled()
@@ -124,12 +125,17 @@ class LongVideoJob:
                 self._finished(captions[segment.index])
                 continue
             self.progress.decoded += 1
-            pending.append((segment, self._caption(segment, sampled)))
+            pending.append((segment, tuple(sampled.info.frame_times), self._caption(segment, sampled)))
         while pending:
             self._collect(pending.popleft(), captions)
         ordered = [captions[segment.index] for segment in self.segments]
         answer = self.answer(ordered, self.question)
         return JobResult(answer, ordered, *self._usage)
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        """Prompt and completion tokens of every generation so far (captions, summaries, answers)."""
+        return self._usage[0], self._usage[1]
 
     def answer(self, captions: Sequence[SegmentCaption], question: str) -> str:
         """``question`` answered from ``captions`` (text only); also for questions after the job."""
@@ -158,12 +164,14 @@ class LongVideoJob:
             self._streams.append(stream)
             return stream
 
-    def _collect(self, item: tuple[Segment, TokenStream], captions: dict[int, SegmentCaption]) -> None:
-        segment, stream = item
+    def _collect(
+        self, item: tuple[Segment, tuple[float, ...], TokenStream], captions: dict[int, SegmentCaption]
+    ) -> None:
+        segment, times, stream = item
         answer = stream.result()  # raises RequestCancelled when the job was cancelled
         self._streams.remove(stream)
         self._count(answer)
-        captions[segment.index] = SegmentCaption(segment, answer.text)
+        captions[segment.index] = SegmentCaption(segment, answer.text, frame_times=times)
         self._finished(captions[segment.index])
 
     def _finished(self, caption: SegmentCaption) -> None:

@@ -20,7 +20,7 @@ from media.errors import (
 )
 from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
-from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices, segment_frame_indices
+from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices, segment_frame_indices, video_duration
 from media.worker import DecodePool, DecodeWorker
 
 __all__ = [
@@ -47,4 +47,5 @@ __all__ = [
     "read_video",
     "sample_frame_indices",
     "segment_frame_indices",
+    "video_duration",
 ]

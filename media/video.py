@@ -37,7 +37,7 @@ import numpy as np
 from decord import DECORDError, VideoReader, cpu
 from PIL import Image
 
-from media.container import Orientation, decode_frames, probe_video
+from media.container import Orientation, VideoProbe, decode_frames, probe_video
 from media.errors import SegmentOutsideVideo, UndecodableMedia
 
 # Average frame rates outside this range are treated as broken metadata.
@@ -131,18 +131,7 @@ def read_video(
     if frame_size is not None and min(frame_size) < 1:
         raise ValueError(f"frame_size must be positive (width, height), got {frame_size}")
     _check_sampling(fps, start_time, end_time)
-    probe = probe_video(path, max_pixels=max_pixels)
-    if probe.decoder == "decord":
-        reader = _open_reader(path)
-        total_frames = len(reader)
-        decoder_fps = reader.get_avg_fps()
-    else:
-        reader = None
-        total_frames = probe.frame_count
-        decoder_fps = probe.average_fps
-    if total_frames < 1:
-        raise UndecodableMedia("the video has no decodable frames; check that the file plays")
-    average_fps = _average_fps(decoder_fps, probe.stated_fps)
+    probe, reader, total_frames, average_fps = _timing(path, max_pixels)
     if fps is None and start_time is None and end_time is None:
         indices = sample_frame_indices(total_frames, num_frames)
     else:
@@ -164,6 +153,29 @@ def read_video(
         average_fps=average_fps,
         info=info,
     )
+
+
+def video_duration(path: Path, *, max_pixels: int | None = None) -> float:
+    """The video's length in seconds as :func:`read_video` reports it (``video_duration``),
+    without decoding frames; raises as read_video does for files it cannot read."""
+    _, _, total_frames, average_fps = _timing(path, max_pixels)
+    return total_frames / average_fps
+
+
+def _timing(path: Path, max_pixels: int | None) -> tuple[VideoProbe, VideoReader | None, int, float]:
+    """The probe, decord's reader when decord decodes this stream, the frame count and average fps."""
+    probe = probe_video(path, max_pixels=max_pixels)
+    if probe.decoder == "decord":
+        reader = _open_reader(path)
+        total_frames = len(reader)
+        decoder_fps = reader.get_avg_fps()
+    else:
+        reader = None
+        total_frames = probe.frame_count
+        decoder_fps = probe.average_fps
+    if total_frames < 1:
+        raise UndecodableMedia("the video has no decodable frames; check that the file plays")
+    return probe, reader, total_frames, _average_fps(decoder_fps, probe.stated_fps)
 
 
 def segment_frame_indices(

@@ -29,6 +29,10 @@ HUB_CACHE = tempfile.mkdtemp(prefix="llava-tests-hub-")
 atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
 os.environ["HF_HUB_CACHE"] = HUB_CACHE
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Job records of every service the tests start, in-process or served, unless a test says otherwise.
+JOB_DIR = tempfile.mkdtemp(prefix="llava-tests-jobs-")
+atexit.register(shutil.rmtree, JOB_DIR, ignore_errors=True)
+os.environ["LLAVA_JOB_DIR"] = JOB_DIR
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402

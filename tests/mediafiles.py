@@ -240,3 +240,25 @@ def truncate_file(path: Path, keep: float = 0.5) -> Path:
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[: int(len(data) * keep)])
     return Path(path)
+
+
+def write_minutes_video(
+    path: Path, minutes: float, *, fps: int = 2, size: tuple[int, int] = (288, 216), noise: bool = True
+) -> Path:
+    """A recording whose content changes every minute: the top quarter of every frame has the
+    colour of its minute (:func:`frame_color`), the rest is noise (so that, as in a real
+    recording, the file grows with its length: about 45 KB a frame at the default size)."""
+    width, height = size
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "g": str(10 * fps)})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(int(minutes * 60 * fps)):
+            frame = np.empty((height, width, 3), np.uint8)
+            frame[: height // 4] = frame_color(index // (60 * fps))
+            frame[height // 4 :] = rng.integers(0, 256, (height - height // 4, width, 3), np.uint8) if noise else 128
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -1,0 +1,213 @@
+"""The ``/jobs`` routes: a long video analysed segment by segment in the background.
+
+    POST /jobs/submit              video upload (multipart ``video``) or JSON ``video_url``, + ``metadata``
+    GET  /jobs/{task_id}           status, progress and the segment captions done so far
+    GET  /jobs/{task_id}/result    {"answer", "segments", "video_info", "usage", "status"}
+    POST /jobs/{task_id}/cancel    stops the job within a segment
+    POST /jobs/{task_id}/ask       {"question": ...} answered from the finished job's captions
+
+BentoML's ``@bentoml.task`` gives submit/status/get/cancel routes too, but not what these jobs
+need: its local server cannot cancel a running task (its cancel answers 400), its status has no
+progress, it keeps the whole request body, upload included, in memory and base64 in SQLite, and
+it deletes every result when the server starts. Failures have the native failure body.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from anyio import to_thread
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import media
+from http_api import request_log
+from http_api.analysis import Analyzer
+from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, status_for
+from http_api.schemas import Failure, JobMetadata, JobQuestion
+from jobs.manager import JobFailed, JobManager, JobParameters
+from jobs.store import valid_task_id
+
+# Form fields of a submission; anything else is a mistake worth a 400.
+SUBMIT_FIELDS = frozenset({"video", "video_url", "metadata"})
+COPY_CHUNK_BYTES = 1024 * 1024
+
+
+def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer]) -> Starlette:
+    """The ``/jobs`` app; ``jobs`` and ``analyzer`` return the worker's (they exist once loaded)."""
+
+    async def submit(request: Request) -> Response:
+        folder = Path(tempfile.mkdtemp(prefix="llava-job-"))
+        try:
+            fields = await _fields(request, folder)
+            meta = JobMetadata.parse(fields.get("metadata"))
+        except ValueError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            return _failure(RequestError(str(error), "metadata"))
+        except Exception as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            return _failure(error)
+        try:
+            source = await to_thread.run_sync(_source, analyzer(), fields, folder)
+            parameters = _parameters(analyzer(), meta)
+            # The job owns the folder from here on and deletes it when it ends.
+            status = await to_thread.run_sync(jobs().submit, source, folder, parameters)
+        except Exception as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            return _failure(error)
+        return JSONResponse(status, status_code=202)
+
+    async def status(request: Request) -> Response:
+        return await _answer(lambda task_id: jobs().status(task_id), request)
+
+    async def result(request: Request) -> Response:
+        return await _answer(lambda task_id: jobs().result(task_id), request)
+
+    async def cancel(request: Request) -> Response:
+        return await _answer(lambda task_id: jobs().cancel(task_id), request)
+
+    async def ask(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _failure(RequestError("the body is not valid JSON"))
+        try:
+            question = JobQuestion.parse(body)
+        except ValueError as error:
+            return _failure(RequestError(str(error)))
+        generation = analyzer().generation(
+            max_new_tokens=question.max_new_tokens,
+            temperature=question.temperature,
+            top_p=question.top_p,
+            top_k=question.top_k,
+            seed=question.seed,
+        )
+
+        def answer(task_id: str) -> dict[str, Any]:
+            text, (prompt_tokens, completion_tokens) = jobs().ask(task_id, question.question, generation)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+            return {"response": text, "status": "success", "usage": usage}
+
+        return await _answer(answer, request)
+
+    return Starlette(
+        routes=[
+            Route("/submit", submit, methods=["POST"]),
+            Route("/{task_id}", status, methods=["GET"]),
+            Route("/{task_id}/result", result, methods=["GET"]),
+            Route("/{task_id}/cancel", cancel, methods=["POST"]),
+            Route("/{task_id}/ask", ask, methods=["POST"]),
+        ]
+    )
+
+
+async def _answer(action: Callable[[str], dict[str, Any]], request: Request) -> Response:
+    """``action(task_id)`` in a worker thread, as JSON; its failures as failure bodies."""
+    task_id = request.path_params["task_id"]
+    if not valid_task_id(task_id):
+        return _failure(RequestError(f"{task_id!r} is not a task id (32 hex digits, as /jobs/submit answered)"), 404)
+    try:
+        return JSONResponse(await to_thread.run_sync(action, task_id))
+    except Exception as error:
+        return _failure(error)
+
+
+async def _fields(request: Request, folder: Path) -> dict[str, Any]:
+    """The submission's fields; an uploaded ``video`` is copied into ``folder`` (as ``Path``)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        fields: dict[str, Any] = {}
+        try:
+            async with request.form(max_files=1) as form:
+                for name, value in form.multi_items():
+                    if name in fields:
+                        raise ValueError(f"the field '{name}' is given twice")
+                    if isinstance(value, UploadFile):
+                        if name != "video":
+                            raise ValueError(f"only the 'video' field may be a file, not '{name}'")
+                        fields[name] = await to_thread.run_sync(_save_upload, value, folder / "upload")
+                    else:
+                        fields[name] = value
+        except MultiPartException as error:
+            raise ValueError(f"the multipart body cannot be read: {error}") from error
+    else:
+        try:
+            fields = json.loads(await request.body() or b"{}")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError("the body is not valid JSON") from error
+        if not isinstance(fields, dict):
+            raise ValueError('the body must be a JSON object such as {"video_url": "https://...", "metadata": {}}')
+    unknown = sorted(set(fields) - SUBMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a field of /jobs/submit; the job's parameters go inside metadata")
+    return fields
+
+
+def _save_upload(upload: UploadFile, target: Path) -> Path:
+    with target.open("wb") as out:
+        shutil.copyfileobj(upload.file, out, COPY_CHUNK_BYTES)
+    return target
+
+
+def _source(analyzer: Analyzer, fields: dict[str, Any], folder: Path) -> Path:
+    """The video file of a submission: the upload, or ``video_url`` downloaded (blocking)."""
+    upload, url = fields.get("video"), fields.get("video_url")
+    if upload is not None and url:
+        raise RequestError("send either a 'video' file or a 'video_url', not both")
+    if upload is not None:
+        if upload.stat().st_size == 0:
+            raise media.InvalidSource("the uploaded video file is empty")
+        return upload
+    if isinstance(url, str) and url:
+        limits = analyzer.settings.fetch_limits(max_bytes=analyzer.settings.max_job_bytes)
+        return media.download_to_file(url, folder, limits)
+    raise RequestError(
+        'no video given: upload it as the multipart field \'video\' or send {"video_url": "https://..."} as JSON'
+    )
+
+
+def _parameters(analyzer: Analyzer, meta: JobMetadata) -> JobParameters:
+    limit = analyzer.settings.max_frames
+    if meta.frames_per_segment > limit:
+        raise RequestError(f"frames_per_segment may be at most {limit}", "frames_per_segment")
+    generation = analyzer.generation(
+        max_new_tokens=meta.max_new_tokens,
+        temperature=meta.temperature,
+        top_p=meta.top_p,
+        top_k=meta.top_k,
+        seed=meta.seed,
+        ignore_eos=meta.ignore_eos,
+    )
+    return JobParameters(
+        generation=generation,
+        segment_seconds=meta.segment_seconds,
+        overlap_seconds=meta.overlap_seconds,
+        frames_per_segment=meta.frames_per_segment,
+        start_time=meta.start_time,
+        end_time=meta.end_time,
+        caption_prompt=meta.caption_prompt,
+        question=meta.question,
+    )
+
+
+def _failure(error: Exception, status: int | None = None) -> JSONResponse:
+    if isinstance(error, JobFailed):
+        status = error.status
+    elif status is None:
+        if not isinstance(error, CLIENT_ERRORS):  # a bug or a device failure: logged, no internals
+            request_log.note_failure(error, "job request failed")
+            error = RuntimeError("internal error while handling the job; see the server log")
+            status = 500
+        else:
+            status = status_for(error)
+    headers = {k.decode(): v.decode() for k, v in error_headers(status)}
+    return JSONResponse(Failure(error=str(error)).model_dump(), status_code=status, headers=headers)
