@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -34,6 +36,8 @@ logger = logging.getLogger("llava_video_service")
 
 
 STOPPED = "the server stopped while this job ran; submit it again"
+# What GET /jobs/{task_id} answers, from the job's record.
+STATUS_FIELDS = ("task_id", "status", "created_at", "ended_at", "video_info", "progress", "segments", "error")
 
 
 class UnknownJob(LookupError):
@@ -136,12 +140,15 @@ class JobManager:
             caption_prompt=parameters.caption_prompt or DEFAULT_CAPTION_PROMPT,
             question=parameters.question or DEFAULT_QUESTION,
             in_flight=self.limits.captions_in_flight,
+            on_progress=lambda: self._progressed(task_id),
         )
         record = {
             "task_id": task_id,
+            "owner": f"{socket.gethostname()}:{os.getpid()}",
             "status": "pending",
             "created_at": time.time(),
             "ended_at": None,
+            "error": None,
             "video_info": {
                 "video_duration": duration,
                 "start_time": segments[0].start,
@@ -158,7 +165,7 @@ class JobManager:
                 raise TooManyJobs(f"{waiting} jobs are already waiting to run; submit again when one has started")
             running = _Running(task_id, job, folder, record)
             self._running[task_id] = running
-            self.store.save(record)
+            self.store.save(_snapshot(running))
             self._pool.submit(self._run, running)
         logger.info("job %s: %d segments over %.0f s of video", task_id, len(segments), duration)
         return self.status(task_id)
@@ -166,64 +173,40 @@ class JobManager:
     # --- reading ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> dict[str, Any]:
-        """The job's status, progress and the captions done so far (all of them once it ended)."""
+        """The job's status, progress and the captions done so far (all of them once it ended);
+        for a job another process runs (a replica sharing the folder), as of its last caption."""
         with self._lock:
             running = self._running.get(task_id)
-            if running is not None:
-                progress = running.job.progress
-                return {
-                    **_public(running.record),
-                    "status": running.record["status"],
-                    "progress": {
-                        "segments_total": progress.total,
-                        "segments_decoded": progress.decoded,
-                        "segments_captioned": progress.captioned,
-                        "generated_tokens": progress.generated_tokens,
-                        "elapsed_seconds": progress.elapsed if running.started else 0.0,
-                        "remaining_seconds": progress.remaining,
-                    },
-                    "segments": [_caption_body(c) for c in progress.captions],
-                    "error": None,
-                }
-        record = self._record(task_id)
-        segments = (record.get("result") or {}).get("segments", [])
-        total = record["video_info"]["segment_count"]
-        done = len(segments) if record["status"] == "completed" else record.get("captioned", 0)
-        return {
-            **_public(record),
-            "progress": {
-                "segments_total": total,
-                "segments_decoded": record.get("decoded", done),
-                "segments_captioned": done,
-                "generated_tokens": record.get("generated_tokens", 0),
-                "elapsed_seconds": record.get("elapsed_seconds", 0.0),
-                "remaining_seconds": 0.0 if record["status"] == "completed" else None,
-            },
-            "segments": segments or record.get("segments", []),
-            "error": record.get("error"),
-        }
+            record = _snapshot(running) if running is not None else None
+        if record is None:
+            record = self._record(task_id)
+        return {key: record.get(key) for key in STATUS_FIELDS}
 
     def result(self, task_id: str) -> dict[str, Any]:
-        """The finished job's result body; raises UnknownJob or JobNotFinished."""
-        with self._lock:
-            if task_id in self._running:
-                raise JobNotFinished(f"job {task_id} has not finished; GET /jobs/{task_id} shows its progress")
+        """The finished job's result body; raises UnknownJob, JobNotFinished or JobFailed."""
         record = self._record(task_id)
         if record["status"] == "completed":
             return record["result"]
         if record["status"] == "canceled":
             raise JobNotFinished(f"job {task_id} was cancelled; it has no result")
+        if record["status"] in ("pending", "in_progress"):
+            raise JobNotFinished(f"job {task_id} has not finished; GET /jobs/{task_id} shows its progress")
         raise JobFailed(record.get("error") or "the job failed", record.get("error_status", 500))
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        """Stop the job (a waiting one never starts; a running one within a segment)."""
+        """Stop the job (a waiting one never starts; a running one within a segment). A job that
+        another process runs is asked to stop through the store; an ended job stays as it ended."""
         with self._lock:
             running = self._running.get(task_id)
-        if running is None:
-            return {"task_id": task_id, "status": self._record(task_id)["status"]}  # ended: stays so
-        with self._lock:
-            running.record["status"] = "canceled"  # at once; the thread ends within a segment
-        running.job.cancel()
+            if running is not None:
+                running.record["status"] = "canceled"  # at once; the thread ends within a segment
+        if running is not None:
+            running.job.cancel()
+            return {"task_id": task_id, "status": "canceled"}
+        record = self._record(task_id)
+        if record["status"] not in ("pending", "in_progress"):
+            return {"task_id": task_id, "status": record["status"]}
+        self.store.request_cancel(task_id)
         return {"task_id": task_id, "status": "canceled"}
 
     def ask(self, task_id: str, question: str, generation: GenerationSettings) -> tuple[str, tuple[int, int]]:
@@ -254,6 +237,8 @@ class JobManager:
             job.progress.started = time.monotonic()
             if record["status"] == "pending":  # not when cancelled while waiting: run() then stops at once
                 record["status"] = "in_progress"
+        if self.store.cancel_requested(running.task_id):
+            job.cancel()
         try:
             result = job.run()
         except Exception as error:
@@ -268,37 +253,39 @@ class JobManager:
                 message = f"internal error while running the job ({type(error).__name__}); see the server log"
                 self._end(running, "failed", message)
         else:
-            prompt_tokens, completion_tokens = result.prompt_tokens, result.completion_tokens
             record["result"] = {
                 "answer": result.answer,
                 "segments": [_caption_body(c) for c in result.captions],
                 "video_info": record["video_info"],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
                 "status": "success",
             }
             self._end(running, "completed")
         finally:
             shutil.rmtree(running.folder, ignore_errors=True)
 
-    def _end(self, running: _Running, status: str, error: str | None = None, error_status: int = 500) -> None:
-        progress = running.job.progress
-        record = running.record
-        record.update(
-            status=status,
-            ended_at=time.time(),
-            decoded=progress.decoded,
-            captioned=progress.captioned,
-            generated_tokens=progress.generated_tokens,
-            elapsed_seconds=progress.elapsed if running.started else 0.0,
-        )
-        if status != "completed":
-            record["segments"] = [_caption_body(c) for c in progress.captions]
-        if error is not None:
-            record.update(error=error, error_status=error_status)
+    def _progressed(self, task_id: str) -> None:
+        """After each caption: the progress goes to the store (other replicas read it there), and a
+        cancel asked through the store stops the job."""
         with self._lock:
+            running = self._running.get(task_id)
+            if running is None:
+                return
+            self.store.save(_snapshot(running))
+        if self.store.cancel_requested(task_id):
+            self.cancel(task_id)
+
+    def _end(self, running: _Running, status: str, error: str | None = None, error_status: int = 500) -> None:
+        with self._lock:
+            record = _snapshot(running)
+            record.update(status=status, ended_at=time.time())
+            if status == "completed":
+                record["progress"]["remaining_seconds"] = 0.0
+            if error is not None:
+                record.update(error=error, error_status=error_status)
             self.store.save(record)
             self._running.pop(running.task_id, None)
-        logger.info("job %s %s after %.1f s", running.task_id, status, record["elapsed_seconds"])
+        logger.info("job %s %s after %.1f s", running.task_id, status, record["progress"]["elapsed_seconds"])
 
     def _read_segment(self, source: Path, frames: int, segment: Segment, last_end: float) -> media.SampledVideo:
         # A segment is [start, end): a frame right at its end opens the next segment (with no
@@ -313,8 +300,13 @@ class JobManager:
         return record
 
     def _mark_cut_off(self, reason: str) -> None:
+        """Record as failed the unfinished jobs of this process, or of a process on this host
+        that is gone (this worker before a restart); other replicas' jobs are theirs."""
         for record in self.store.records():
-            if record["status"] in ("pending", "in_progress"):
+            if record["status"] not in ("pending", "in_progress"):
+                continue
+            host, _, pid = str(record.get("owner", "")).rpartition(":")
+            if host == socket.gethostname() and (not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid))):
                 record.update(status="failed", ended_at=time.time(), error=reason, error_status=503)
                 self.store.save(record)
 
@@ -341,14 +333,29 @@ class JobFailed(Exception):
         self.status = status
 
 
-def _public(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "task_id": record["task_id"],
-        "status": record["status"],
-        "created_at": record["created_at"],
-        "ended_at": record.get("ended_at"),
-        "video_info": record["video_info"],
+def _snapshot(running: _Running) -> dict[str, Any]:
+    """The running job's record with its progress and captions as of now (call under the lock)."""
+    progress = running.job.progress
+    running.record["progress"] = {
+        "segments_total": progress.total,
+        "segments_decoded": progress.decoded,
+        "segments_captioned": progress.captioned,
+        "generated_tokens": progress.generated_tokens,
+        "elapsed_seconds": progress.elapsed if running.started else 0.0,
+        "remaining_seconds": progress.remaining,
     }
+    running.record["segments"] = [_caption_body(c) for c in progress.captions]
+    return running.record
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _caption_body(caption: SegmentCaption) -> dict[str, Any]:

@@ -90,6 +90,7 @@ class LongVideoJob:
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
         question: str | None = None,
         in_flight: int = 2,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.read_segment = read_segment
@@ -98,6 +99,7 @@ class LongVideoJob:
         self.caption_prompt = caption_prompt
         self.question = question or DEFAULT_QUESTION
         self.in_flight = max(1, in_flight)
+        self.on_progress = on_progress  # called from run()'s thread after each caption
         self.progress = Progress(total=len(self.segments))
         self.hours = bool(self.segments) and self.segments[-1].end >= 3600
         self._cancelled = threading.Event()
@@ -177,6 +179,8 @@ class LongVideoJob:
     def _finished(self, caption: SegmentCaption) -> None:
         self.progress.captioned += 1
         self.progress.captions = sorted([*self.progress.captions, caption], key=lambda c: c.segment.index)
+        if self.on_progress is not None:
+            self.on_progress()
 
     # --- answering from text -----------------------------------------------------------------
 

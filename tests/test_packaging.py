@@ -160,6 +160,7 @@ def test_image_environment(bento_yaml: dict, dockerfile: str):
     assert envs["LLAVA_MODEL"] == Settings.model_fields["model"].default
     assert envs["LLAVA_DEVICE"] == "cuda"
     assert envs["HF_HOME"] == "/models/hf"
+    assert envs["LLAVA_JOB_DIR"] == "/models/jobs"
     assert "LLAVA_API_KEY" not in envs
     for name, value in envs.items():
         assert f"ARG {name}={value}\nENV {name}=${name}\n" in dockerfile
@@ -170,10 +171,17 @@ def test_image_sources_are_the_service_packages_without_tests_or_tiny_checkpoint
     shipped = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     expected = {"service.py", "settings.py", "startup.py", "bentofile.yaml"} | {
         p.relative_to(REPO).as_posix()
-        for package in ("http_api", "llava_custom", "media")
+        for package in ("http_api", "jobs", "llava_custom", "media")
         for p in REPO.glob(f"{package}/*.py")
     }
     assert shipped == expected - {"llava_custom/tiny.py"}
+    # Nothing the service imports is missing: it imports from the shipped sources alone.
+    probe = "import sys; sys.path.remove(''); sys.path.insert(0, '.'); import service; print(service.__file__)"
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], cwd=src, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ""}
+    )
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert Path(imported.stdout.strip()).resolve() == (src / "service.py").resolve()
     for path in shipped - {"bentofile.yaml"}:
         imports_tiny = re.search(r"^\s*(?:from|import)\b.*\btiny\b", (src / path).read_text(), re.M)
         assert not imports_tiny, f"{path} imports llava_custom.tiny, which the image does not ship"

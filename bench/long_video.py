@@ -1,0 +1,223 @@
+"""Long videos as jobs on the demo: total time, segments per second, memory, interactive latency.
+
+    python -m bench.long_video [--minutes 5 20] [--segment-seconds 30] [--frames 16] [--tokens 32] [--out F]
+
+Serves the demo (tiny checkpoint on CPU, `bentoml serve`, loopback) twice in one run: the
+baseline keeps one caption of a job in the engine at a time (LLAVA_JOB_CAPTIONS_IN_FLIGHT=1: a
+segment is decoded only after the previous caption is done), the default keeps two (the next
+segment decodes while a caption generates, and the two batch). Each service runs one job per
+length on generated videos whose content changes every minute (tests/mediafiles), uploaded, and
+reports the job's total time, segments per second and the peak resident memory of the whole
+server (main process, worker, decode children) while it ran. The default service also answers
+interactive questions about a short clip, idle and while a job runs (median latency).
+
+Then, in-process: decoding one segment (16 frames) at the start, middle and end of a 5, 20 and
+60-minute video, since every segment probes its file (a scan of its packets) before seeking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.load import REPO, served
+from bench.machine import machine
+
+MiB = 1024 * 1024
+
+
+def server_memory(base: str) -> int:
+    """Resident bytes of the `bentoml serve` process listening at ``base`` and its descendants."""
+    port = base.rsplit(":", 1)[1]
+    root = next(p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and port in p.info["cmdline"])
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
+
+
+class JobRunner:
+    def __init__(self, base: str, segment_seconds: float, frames: int, tokens: int) -> None:
+        self.base = base
+        self.metadata = {
+            "segment_seconds": segment_seconds,
+            "frames_per_segment": frames,
+            "max_new_tokens": tokens,
+            "ignore_eos": True,
+        }
+        self.client = httpx.Client(timeout=600)
+
+    def run(self, video: Path) -> dict:
+        """One job on ``video``: seconds from submit to completed, segments, peak memory."""
+        peak = [server_memory(self.base)]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(server_memory(self.base))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started = time.perf_counter()
+        try:
+            with video.open("rb") as file:
+                response = self.client.post(
+                    f"{self.base}/jobs/submit",
+                    files={"video": (video.name, file, "video/mp4")},
+                    data={"metadata": json.dumps(self.metadata)},
+                )
+            if response.status_code != 202:
+                raise RuntimeError(f"submit failed: {response.status_code} {response.text}")
+            task_id = response.json()["task_id"]
+            while (status := self.client.get(f"{self.base}/jobs/{task_id}").json())["ended_at"] is None:
+                time.sleep(0.2)
+        finally:
+            done.set()
+            sampler.join()
+        seconds = time.perf_counter() - started
+        if status["status"] != "completed":
+            raise RuntimeError(f"job ended {status['status']}: {status['error']}")
+        segments = status["progress"]["segments_total"]
+        return {"seconds": seconds, "segments": segments, "per_second": segments / seconds, "peak": max(peak)}
+
+    def interactive(self, clip: Path, count: int) -> float:
+        """Median seconds of ``count`` questions about ``clip`` (new question each, same clip)."""
+        times = []
+        for index in range(count):
+            metadata = {"prompt": f"Question {index}: what happens?", "max_new_tokens": 32, "ignore_eos": True}
+            started = time.perf_counter()
+            with clip.open("rb") as file:
+                response = self.client.post(
+                    f"{self.base}/analyze_video",
+                    files={"video": (clip.name, file, "video/mp4")},
+                    data={"metadata": json.dumps(metadata)},
+                )
+            if response.status_code != 200:
+                raise RuntimeError(f"question failed: {response.status_code} {response.text}")
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    def interactive_during_job(self, video: Path, clip: Path, count: int) -> float:
+        result: dict = {}
+        job = threading.Thread(target=lambda: result.update(self.run(video)))
+        job.start()
+        time.sleep(2)  # the job is captioning
+        latency = self.interactive(clip, count)
+        job.join()
+        return latency
+
+
+def segment_decoding(videos: dict[int, Path], frames: int, segment_seconds: float) -> dict:
+    """Seconds to decode one segment at the start, middle and end of each video (in-process)."""
+    import media
+
+    found = {}
+    for minutes, path in videos.items():
+        duration = media.video_duration(path)
+        times = {}
+        for where, start in (("start", 0.0), ("middle", duration / 2), ("end", duration - segment_seconds)):
+            runs = []
+            for _ in range(3):
+                began = time.perf_counter()
+                media.read_video(
+                    path, frames, start_time=start, end_time=start + segment_seconds, frame_size=(384, 384)
+                )
+                runs.append(time.perf_counter() - began)
+            times[where] = statistics.median(runs)
+        began = time.perf_counter()
+        media.video_duration(path)  # the probe alone
+        times["probe"] = time.perf_counter() - began
+        found[minutes] = times
+    return found
+
+
+def report(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}", f"Workload: {results['workload']}", ""]
+    lines += ["| video | in flight 1 (baseline) | in flight 2 (default) | peak memory (1 / 2) |", "|---|---|---|---|"]
+    for minutes in results["minutes"]:
+        one, two = results["in_flight_1"][str(minutes)], results["in_flight_2"][str(minutes)]
+        lines.append(
+            f"| {minutes} min, {one['segments']} segments | {one['seconds']:.1f} s ({one['per_second']:.2f} seg/s) | "
+            f"{two['seconds']:.1f} s ({two['per_second']:.2f} seg/s), x{two['seconds'] / one['seconds']:.2f} | "
+            f"{one['peak'] / MiB:.0f} / {two['peak'] / MiB:.0f} MiB |"
+        )
+    idle, busy = results["interactive"]["idle"], results["interactive"]["during_job"]
+    lines += [
+        "",
+        f"Interactive question (short clip, 32 tokens), median: idle {idle:.2f} s, while a job runs {busy:.2f} s "
+        f"(x{busy / idle:.2f}).",
+        "",
+        "| decoding one segment | probe | start | middle | end |",
+        "|---|---|---|---|---|",
+    ]
+    for minutes, times in results["segment_decoding"].items():
+        lines.append(
+            f"| {minutes} min | {times['probe']:.3f} s | {times['start']:.3f} s | {times['middle']:.3f} s | "
+            f"{times['end']:.3f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--segment-seconds", type=float, default=30)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per caption (make demo's default)")
+    parser.add_argument("--decode-minutes", type=int, nargs="+", default=[5, 20, 60])
+    parser.add_argument("--out", type=Path, help="also write the results as JSON")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "tests"))
+    from mediafiles import write_minutes_video, write_video
+
+    from llava_custom.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
+        folder = Path(tmp)
+        checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
+        videos = {m: write_minutes_video(folder / f"{m}min.mp4", m) for m in sorted(set(args.minutes))}
+        clip = write_video(folder / "clip.mp4", frames=100, fps=25, size=(640, 360))
+        results: dict = {
+            "machine": machine(),
+            "workload": (
+                f"288x216 H.264 at 2 fps, {args.segment_seconds:g} s segments, {args.frames} frames and "
+                f"{args.tokens} new tokens per caption; uploads"
+            ),
+            "minutes": sorted(videos),
+        }
+        for in_flight in (1, 2):
+            settings = {"job_captions_in_flight": str(in_flight), "job_dir": str(folder / "jobs")}
+            with served(checkpoint, folder / f"in-flight-{in_flight}.log", **settings) as base:
+                runner = JobRunner(base, args.segment_seconds, args.frames, args.tokens)
+                runner.run(videos[min(videos)])  # warm-up: allocators, kernels
+                results[f"in_flight_{in_flight}"] = {str(m): runner.run(path) for m, path in videos.items()}
+                if in_flight == 2:
+                    results["interactive"] = {
+                        "idle": runner.interactive(clip, 5),
+                        "during_job": runner.interactive_during_job(videos[max(videos)], clip, 5),
+                    }
+        for path in videos.values():
+            path.unlink()
+        decode_videos = {
+            m: write_minutes_video(folder / f"decode-{m}min.mp4", m, size=(160, 120)) for m in args.decode_minutes
+        }
+        results["segment_decoding"] = segment_decoding(decode_videos, args.frames, args.segment_seconds)
+    print(report(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
