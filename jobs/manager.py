@@ -12,6 +12,7 @@ restart until it expires. A job cut off by a restart or a shutdown is recorded a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -136,7 +137,8 @@ class JobManager:
             self.engine,
             lambda segment: self._read_segment(source, parameters.frames_per_segment, segment, segments[-1].end),
             segments,
-            settings=parameters.generation,
+            # Captions and the job's answer wait behind every interactive request in the engine.
+            settings=dataclasses.replace(parameters.generation, background=True),
             caption_prompt=parameters.caption_prompt or DEFAULT_CAPTION_PROMPT,
             question=parameters.question or DEFAULT_QUESTION,
             in_flight=self.limits.captions_in_flight,

@@ -37,6 +37,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()  # the answer ends before the first of these it would contain
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n likeliest
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (load tests, as vLLM's)
+    background: bool = False  # waits behind every request that is not (long-video captions)
 
     def __post_init__(self) -> None:
         if self.top_k < 0:

@@ -2,7 +2,8 @@
 
 Continuous batching over the model's own forward and transformers' ``DynamicCache``:
 
-- Requests wait in a FIFO queue. The head of the queue starts when the running batch has a free
+- Requests wait in a FIFO queue, background ones (``GenerationSettings.background``: a long-video
+  job's captions) behind all others. The head of the queue starts when the running batch has a free
   row (``max_batch_size``) and the KV budget allows it (``kv_cache_tokens``, counted for the
   padded batch, see :meth:`Scheduler._fits`); past ``max_waiting`` queued requests, a new one is
   refused with :class:`EngineBusy` instead of queueing.
@@ -280,7 +281,11 @@ class Scheduler:
                 raise EngineBusy(
                     f"the service is busy ({len(self._waiting)} requests wait for the model); retry in a few seconds"
                 )
-            self._waiting.append(request)
+            if settings.background:
+                self._waiting.append(request)
+            else:  # ahead of the background requests waiting, behind the others (FIFO each)
+                position = next((i for i, r in enumerate(self._waiting) if r.prepared.settings.background), None)
+                self._waiting.insert(len(self._waiting) if position is None else position, request)
             self._condition.notify()
         return request.stream
 

@@ -314,3 +314,28 @@ def test_answers_say_where_their_time_went_and_tell_observers(loaded):
         assert 0 < timings.vision <= timings.prefill  # new frames went through the vision tower
     # One row: the second waited for the first to finish.
     assert answers[1].timings.queued >= answers[0].timings.generate * 0.5
+
+
+def test_requests_go_ahead_of_waiting_background_requests_and_keep_their_order(loaded) -> None:
+    """A long-video job's captions (background) never make an interactive request wait behind them."""
+    from llava_custom.prompting import Conversation, Turn
+
+    finished: list[str] = []
+    with engine_with(loaded, max_batch_size=1) as engine:
+
+        def submit(name: str, background: bool, tokens: int = 4) -> None:
+            settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True, background=background)
+            stream = engine.submit_text(Conversation((Turn("user", f"Say {name}."),)), settings)
+            stream.on_answer(lambda _: finished.append(name))
+
+        submit("running", False, tokens=24)  # takes the only row; the rest wait
+        submit("caption 1", True)
+        submit("caption 2", True)
+        submit("question 1", False)
+        submit("question 2", False)
+        submit("caption 3", True)
+        deadline = time.monotonic() + 60
+        while len(finished) < 6:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert finished == ["running", "question 1", "question 2", "caption 1", "caption 2", "caption 3"]
