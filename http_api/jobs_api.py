@@ -1,12 +1,14 @@
 """The ``/jobs`` routes: a long video analysed segment by segment in the background.
 
     POST /jobs/submit              video upload (multipart ``video``) or JSON ``video_url``, + ``metadata``
-    GET  /jobs/{task_id}           status, progress and the segment captions done so far
-    GET  /jobs/{task_id}/result    {"answer", "segments", "video_info", "usage", "status"}
-    POST /jobs/{task_id}/cancel    stops the job within a segment
-    POST /jobs/{task_id}/ask       {"question": ...} answered from the finished job's captions
+    GET  /jobs/status?task_id=...  status, progress and the segment captions done so far
+    GET  /jobs/get?task_id=...     {"answer", "segments", "video_info", "usage", "status"}
+    POST /jobs/cancel?task_id=...  stops the job within a segment (PUT too, as BentoML's)
+    POST /jobs/ask                 {"task_id", "question"}: answered from the finished job's captions
 
-BentoML's ``@bentoml.task`` gives submit/status/get/cancel routes too, but not what these jobs
+The task id travels in the query (or the body), never in the path, as in BentoML's task routes:
+paths stay a fixed set, so metrics labelled by path (ours and BentoML's) get no series per job.
+BentoML's ``@bentoml.task`` gives these submit/status/get/cancel routes too, but not what jobs
 need: its local server cannot cancel a running task (its cancel answers 400), its status has no
 progress, it keeps the whole request body, upload included, in memory and base64 in SQLite, and
 it deletes every result when the server starts. Failures have the native failure body.
@@ -34,7 +36,7 @@ from http_api import request_log
 from http_api.analysis import Analyzer
 from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, status_for
 from http_api.schemas import Failure, JobMetadata, JobQuestion
-from jobs.manager import JobFailed, JobManager, JobParameters
+from jobs.manager import JobFailed, JobManager, JobParameters, UnknownJob
 from jobs.store import valid_task_id
 
 # Form fields of a submission; anything else is a mistake worth a 400.
@@ -67,13 +69,13 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
         return JSONResponse(status, status_code=202)
 
     async def status(request: Request) -> Response:
-        return await _answer(lambda task_id: jobs().status(task_id), request)
+        return await _answer(lambda task_id: jobs().status(task_id), request.query_params.get("task_id"))
 
     async def result(request: Request) -> Response:
-        return await _answer(lambda task_id: jobs().result(task_id), request)
+        return await _answer(lambda task_id: jobs().result(task_id), request.query_params.get("task_id"))
 
     async def cancel(request: Request) -> Response:
-        return await _answer(lambda task_id: jobs().cancel(task_id), request)
+        return await _answer(lambda task_id: jobs().cancel(task_id), request.query_params.get("task_id"))
 
     async def ask(request: Request) -> Response:
         try:
@@ -97,24 +99,25 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
             return {"response": text, "status": "success", "usage": usage}
 
-        return await _answer(answer, request)
+        return await _answer(answer, question.task_id)
 
     return Starlette(
         routes=[
             Route("/submit", submit, methods=["POST"]),
-            Route("/{task_id}", status, methods=["GET"]),
-            Route("/{task_id}/result", result, methods=["GET"]),
-            Route("/{task_id}/cancel", cancel, methods=["POST"]),
-            Route("/{task_id}/ask", ask, methods=["POST"]),
+            Route("/status", status, methods=["GET"]),
+            Route("/get", result, methods=["GET"]),
+            Route("/cancel", cancel, methods=["POST", "PUT"]),
+            Route("/ask", ask, methods=["POST"]),
         ]
     )
 
 
-async def _answer(action: Callable[[str], dict[str, Any]], request: Request) -> Response:
+async def _answer(action: Callable[[str], dict[str, Any]], task_id: str | None) -> Response:
     """``action(task_id)`` in a worker thread, as JSON; its failures as failure bodies."""
-    task_id = request.path_params["task_id"]
+    if not task_id:
+        return _failure(RequestError("task_id is required: the id /jobs/submit answered", "task_id"))
     if not valid_task_id(task_id):
-        return _failure(RequestError(f"{task_id!r} is not a task id (32 hex digits, as /jobs/submit answered)"), 404)
+        return _failure(UnknownJob(f"{task_id!r} is not a task id (32 hex digits, as /jobs/submit answered)"))
     try:
         return JSONResponse(await to_thread.run_sync(action, task_id))
     except Exception as error:
@@ -199,15 +202,14 @@ def _parameters(analyzer: Analyzer, meta: JobMetadata) -> JobParameters:
     )
 
 
-def _failure(error: Exception, status: int | None = None) -> JSONResponse:
+def _failure(error: Exception) -> JSONResponse:
     if isinstance(error, JobFailed):
         status = error.status
-    elif status is None:
-        if not isinstance(error, CLIENT_ERRORS):  # a bug or a device failure: logged, no internals
-            request_log.note_failure(error, "job request failed")
-            error = RuntimeError("internal error while handling the job; see the server log")
-            status = 500
-        else:
-            status = status_for(error)
+    elif isinstance(error, CLIENT_ERRORS):
+        status = status_for(error)
+    else:  # a bug or a device failure: logged, no internals
+        request_log.note_failure(error, "job request failed")
+        error = RuntimeError("internal error while handling the job; see the server log")
+        status = 500
     headers = {k.decode(): v.decode() for k, v in error_headers(status)}
     return JSONResponse(Failure(error=str(error)).model_dump(), status_code=status, headers=headers)

@@ -19,7 +19,6 @@ Requests waiting (``llava_requests_waiting``) is what an autoscaler should follo
 from __future__ import annotations
 
 import functools
-import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -37,12 +36,14 @@ ROUTES = (
     "/v1/chat/completions",
     "/v1/models",
     "/jobs/submit",
+    "/jobs/status",
+    "/jobs/get",
+    "/jobs/cancel",
+    "/jobs/ask",
     "/livez",
     "/readyz",
     "/healthz",
 )
-# /jobs/<task id>[/<action>] is counted under /jobs/{task_id}[/<action>]: one label, not one per job.
-_JOB_ROUTE = re.compile(r"^/jobs/[0-9a-f]{32}(/(result|cancel|ask))?$")
 # Seconds: from a cached image's few milliseconds to a long video's minutes.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -84,12 +85,7 @@ class Metrics:
             self.generate_seconds.observe(answer.timings.generate)
 
     def responded(self, path: str, status: int, seconds: float) -> None:
-        if path in ROUTES:
-            route = path
-        elif match := _JOB_ROUTE.match(path):
-            route = "/jobs/{task_id}" + (match.group(1) or "")
-        else:
-            route = "other"
+        route = path if path in ROUTES else "other"
         self.requests.labels(route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 

@@ -128,7 +128,7 @@ def _jobs_paths(schemas: dict[str, Any]) -> dict[str, Any]:
     statuses = ERROR_STATUSES | {"404": "No such job, or its result expired", "409": "The job has no result (yet)"}
     errors = {status: {"description": text, "content": failure} for status, text in sorted(statuses.items())}
     job = {"application/json": {"schema": {"type": "object"}}}
-    task_id = [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    task_id = [{"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}]
     metadata = {"description": "The job's parameters", "allOf": [{"$ref": REF.format(model="JobMetadata")}]}
     tags = ["Long videos (jobs)"]
     return {
@@ -164,7 +164,7 @@ def _jobs_paths(schemas: dict[str, Any]) -> dict[str, Any]:
                 },
             }
         },
-        "/jobs/{task_id}": {
+        "/jobs/status": {
             "get": {
                 "tags": tags,
                 "parameters": task_id,
@@ -172,7 +172,7 @@ def _jobs_paths(schemas: dict[str, Any]) -> dict[str, Any]:
                 "responses": {"200": {"description": "The job's status", "content": job}, **errors},
             }
         },
-        "/jobs/{task_id}/result": {
+        "/jobs/get": {
             "get": {
                 "tags": tags,
                 "parameters": task_id,
@@ -180,18 +180,17 @@ def _jobs_paths(schemas: dict[str, Any]) -> dict[str, Any]:
                 "responses": {"200": {"description": "The result", "content": job}, **errors},
             }
         },
-        "/jobs/{task_id}/cancel": {
+        "/jobs/cancel": {
             "post": {
                 "tags": tags,
                 "parameters": task_id,
-                "description": "Cancel the job (it stops within a segment)",
+                "description": "Cancel the job (it stops within a segment); PUT works too",
                 "responses": {"200": {"description": "task_id and status", "content": job}, **errors},
             }
         },
-        "/jobs/{task_id}/ask": {
+        "/jobs/ask": {
             "post": {
                 "tags": tags,
-                "parameters": task_id,
                 "description": "A new question about a finished job, answered from its captions",
                 "requestBody": {
                     "required": True,

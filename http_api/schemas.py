@@ -109,10 +109,11 @@ class JobMetadata(BaseModel):
 
 
 class JobQuestion(BaseModel):
-    """The body of ``POST /jobs/{task_id}/ask``: a new question about a finished job's video."""
+    """The body of ``POST /jobs/ask``: a new question about a finished job's video."""
 
     model_config = ConfigDict(extra="forbid")
 
+    task_id: str = Field(description="the finished job's id, as /jobs/submit answered")
     question: str = Field(min_length=1, description="answered from the job's captions, citing times")
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)

@@ -37,7 +37,7 @@ logger = logging.getLogger("llava_video_service")
 
 
 STOPPED = "the server stopped while this job ran; submit it again"
-# What GET /jobs/{task_id} answers, from the job's record.
+# What GET /jobs/status answers, from the job's record.
 STATUS_FIELDS = ("task_id", "status", "created_at", "ended_at", "video_info", "progress", "segments", "error")
 
 
@@ -192,7 +192,9 @@ class JobManager:
         if record["status"] == "canceled":
             raise JobNotFinished(f"job {task_id} was cancelled; it has no result")
         if record["status"] in ("pending", "in_progress"):
-            raise JobNotFinished(f"job {task_id} has not finished; GET /jobs/{task_id} shows its progress")
+            raise JobNotFinished(
+                f"job {task_id} has not finished; GET /jobs/status?task_id={task_id} shows its progress"
+            )
         raise JobFailed(record.get("error") or "the job failed", record.get("error_status", 500))
 
     def cancel(self, task_id: str) -> dict[str, Any]:

@@ -51,6 +51,9 @@ def test_without_the_right_key_requests_get_401(keyed, media_dir, headers) -> No
     chat = httpx.post(f"{keyed}/v1/chat/completions", json={"messages": []}, headers=headers, timeout=30)
     assert chat.status_code == 401 and chat.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{keyed}/docs.json", headers=headers, timeout=30).status_code == 401
+    job = httpx.post(f"{keyed}/jobs/submit", json={"video_url": "http://127.0.0.1/x.mp4"}, headers=headers, timeout=30)
+    assert job.status_code == 401 and job.json()["status"] == "failed"
+    assert httpx.get(f"{keyed}/jobs/status?task_id={'0' * 32}", headers=headers, timeout=30).status_code == 401
 
 
 def test_the_right_key_gets_in_from_every_client(keyed, media_dir, file_server) -> None:
@@ -96,3 +99,16 @@ def test_metrics_move_with_a_request(keyed, media_dir) -> None:
     misses = metric(after, "llava_cache_misses_total", '{cache="features"}')
     assert hits + misses >= 1 and metric(after, "llava_cache_bytes", '{cache="features"}') > 0
     assert "bentoml_service_request_total" in after or "bentoml_" in after  # BentoML's own are kept
+
+
+def test_job_routes_are_counted_per_route_not_per_job(keyed) -> None:
+    """The task id is in the query: no metric series (ours or BentoML's) per job."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for task in ("0" * 32, "1" * 32):
+        for route in ("status", "get"):
+            response = httpx.get(f"{keyed}/jobs/{route}", params={"task_id": task}, headers=headers, timeout=30)
+            assert response.status_code == 404
+    text = httpx.get(f"{keyed}/metrics", timeout=30).text
+    assert metric(text, "llava_requests_total", '{route="/jobs/status",status="404"}') >= 2
+    assert metric(text, "llava_requests_total", '{route="/jobs/get",status="404"}') >= 2
+    assert "0" * 32 not in text and "1" * 32 not in text

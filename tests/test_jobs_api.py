@@ -78,7 +78,7 @@ class JobService:
         return response.json()["task_id"]
 
     def status(self, task_id: str) -> dict[str, Any]:
-        response = self.client.get(f"{self.base}/jobs/{task_id}")
+        response = self.client.get(f"{self.base}/jobs/status", params={"task_id": task_id})
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -142,7 +142,7 @@ def finished(service: JobService, videos: dict[str, Path]) -> dict[str, Any]:
         videos["five"], segment_seconds=60, overlap_seconds=10, frames_per_segment=4, start_time=30, end_time=270
     )
     service.wait(task_id)
-    response = service.client.get(f"{service.base}/jobs/{task_id}/result")
+    response = service.client.get(f"{service.base}/jobs/get", params={"task_id": task_id})
     assert response.status_code == 200, response.text
     return {"task_id": task_id, "result": response.json()}
 
@@ -183,7 +183,7 @@ def test_a_url_job_gives_the_same_segments_as_an_upload(service, videos, finishe
     assert response.status_code == 202, response.text
     task_id = response.json()["task_id"]
     service.wait(task_id)
-    result = service.client.get(f"{service.base}/jobs/{task_id}/result").json()
+    result = service.client.get(f"{service.base}/jobs/get", params={"task_id": task_id}).json()
     server.shutdown()
     server.server_close()
     strip = [{k: s[k] for k in ("start", "end", "frame_times")} for s in result["segments"]]
@@ -192,7 +192,8 @@ def test_a_url_job_gives_the_same_segments_as_an_upload(service, videos, finishe
 
 def test_questions_afterwards_are_answered_from_the_captions(service, finished) -> None:
     task_id = finished["task_id"]
-    response = service.client.post(f"{service.base}/jobs/{task_id}/ask", json={"question": "When does it turn red?"})
+    ask = f"{service.base}/jobs/ask"
+    response = service.client.post(ask, json={"task_id": task_id, "question": "When does it turn red?"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "success" and body["response"]
@@ -200,8 +201,9 @@ def test_questions_afterwards_are_answered_from_the_captions(service, finished) 
     assert 0 < body["usage"]["prompt_tokens"] < finished["result"]["usage"]["prompt_tokens"]
     assert body["usage"]["completion_tokens"] == TOKENS or body["usage"]["completion_tokens"] < TOKENS
     for payload, status in (({"question": ""}, 400), ({"question": "x", "frames": 3}, 400), ({}, 400)):
-        assert service.client.post(f"{service.base}/jobs/{task_id}/ask", json=payload).status_code == status
-    unknown = service.client.post(f"{service.base}/jobs/{'0' * 32}/ask", json={"question": "x"})
+        assert service.client.post(ask, json={"task_id": task_id, **payload}).status_code == status
+    assert service.client.post(ask, json={"question": "x"}).status_code == 400  # no task_id
+    unknown = service.client.post(ask, json={"task_id": "0" * 32, "question": "x"})
     assert unknown.status_code == 404 and unknown.json()["status"] == "failed"
 
 
@@ -250,7 +252,7 @@ def test_progress_only_moves_forward_and_memory_stays_flat_from_5_to_20_minutes(
 def test_a_damaged_middle_segment_is_reported_in_its_place_and_the_job_completes(service, videos) -> None:
     task_id = service.submitted(videos["damaged"], segment_seconds=60, frames_per_segment=4)
     assert service.wait(task_id)[-1]["status"] == "completed"
-    segments = service.client.get(f"{service.base}/jobs/{task_id}/result").json()["segments"]
+    segments = service.client.get(f"{service.base}/jobs/get", params={"task_id": task_id}).json()["segments"]
     assert [s["error"] is None for s in segments] == [True, False, True]
     assert segments[1]["caption"] is None and "damaged" in segments[1]["error"]
     assert segments[0]["caption"] and segments[2]["caption"]
@@ -272,7 +274,7 @@ def test_interactive_requests_keep_their_place_and_cancel_stops_a_running_and_a_
         assert time.monotonic() < deadline
         time.sleep(0.1)
     for task_id in (waiting, running):
-        response = service.client.post(f"{service.base}/jobs/{task_id}/cancel")
+        response = service.client.post(f"{service.base}/jobs/cancel", params={"task_id": task_id})
         assert response.json() == {"task_id": task_id, "status": "canceled"}
     ended = service.wait(running, limit=15)[-1]
     assert ended["status"] == "canceled" and ended["progress"]["segments_captioned"] < 40
@@ -280,7 +282,7 @@ def test_interactive_requests_keep_their_place_and_cancel_stops_a_running_and_a_
     assert service.status(running) == ended  # nothing more was done
     never = service.wait(waiting, limit=15)[-1]
     assert never["status"] == "canceled" and never["progress"]["segments_decoded"] == 0
-    result = service.client.get(f"{service.base}/jobs/{running}/result")
+    result = service.client.get(f"{service.base}/jobs/get", params={"task_id": running})
     assert result.status_code == 409 and "cancelled" in result.json()["error"]
 
 
@@ -304,17 +306,20 @@ def test_bad_submissions_get_clear_errors(service, videos) -> None:
     with videos["five"].open("rb") as file:
         refused = post(f"{service.base}/analyze_video", files={"video": ("five.mp4", file, "video/mp4")})
     assert refused.status_code == 413
-    assert error(service.client.get(f"{service.base}/jobs/{'f' * 32}"), 404)
-    assert error(service.client.get(f"{service.base}/jobs/not-an-id/result"), 404)
+    assert "expired" in error(service.client.get(f"{service.base}/jobs/status", params={"task_id": "f" * 32}), 404)
+    assert "not a task id" in error(service.client.get(f"{service.base}/jobs/get?task_id=../../etc"), 404)
+    assert "task_id is required" in error(service.client.get(f"{service.base}/jobs/get"), 400)
+    assert error(service.client.get(f"{service.base}/jobs/nothing-here"), 404)  # our body, not Starlette's
 
 
 def test_finished_results_survive_a_restart_and_a_job_cut_off_says_so(service, videos, finished) -> None:
     cut_off = service.submitted(videos["twenty"], segment_seconds=30, frames_per_segment=4)
     service.stop()
     service.start()
-    result = service.client.get(f"{service.base}/jobs/{finished['task_id']}/result")
+    result = service.client.get(f"{service.base}/jobs/get", params={"task_id": finished["task_id"]})
     assert result.status_code == 200 and result.json() == finished["result"]
-    asked = service.client.post(f"{service.base}/jobs/{finished['task_id']}/ask", json={"question": "And then?"})
+    question = {"task_id": finished["task_id"], "question": "And then?"}
+    asked = service.client.post(f"{service.base}/jobs/ask", json=question)
     assert asked.status_code == 200 and asked.json()["response"]
     status = service.status(cut_off)
     assert status["status"] == "failed" and "submit it again" in status["error"]

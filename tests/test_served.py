@@ -35,8 +35,17 @@ def readme_curl_commands() -> list[str]:
     return commands
 
 
+def readme_job_commands() -> list[str]:
+    """The job API's curl commands (README, Long videos), in their order."""
+    return [command for command in readme_curl_commands() if "/jobs/" in command]
+
+
+def readme_request_commands() -> list[str]:
+    return [command for command in readme_curl_commands() if "/jobs/" not in command]
+
+
 def test_readme_has_the_four_curl_forms_and_a_chat_completion():
-    commands = readme_curl_commands()
+    commands = readme_request_commands()
     assert len(commands) == 5
     assert sum("/v1/chat/completions" in c for c in commands) == 1
     assert sum("-F" in c and "/analyze_video" in c for c in commands) == 1
@@ -47,7 +56,7 @@ def test_readme_has_the_four_curl_forms_and_a_chat_completion():
 
 @pytest.mark.parametrize("index", range(5))
 def test_readme_curl_command(served, media_dir, file_server, index):
-    command = readme_curl_commands()[index]
+    command = readme_request_commands()[index]
     for placeholder, real in {
         "http://localhost:3000": served,
         "./path/to/your/video.mp4": str(media_dir / "clip.mp4"),
@@ -76,6 +85,33 @@ def test_readme_curl_command(served, media_dir, file_server, index):
         assert body["video_info"]["video_duration"] == pytest.approx(3.0)
     else:
         assert "video_info" not in body
+
+
+def test_readme_job_commands_submit_follow_ask_and_cancel(served, media_dir):
+    submit, status, result, ask, cancel = readme_job_commands()
+    assert "/jobs/submit" in submit and "-X POST" in cancel and all("$TASK" in c for c in (status, result, ask, cancel))
+
+    def run(command: str, task: str = "") -> dict:
+        command = command.split("  #")[0].replace("http://localhost:3000", served).replace("$TASK", task)
+        command = command.replace("./path/to/your/video.mp4", str(media_dir / "clip.mp4"))
+        done = subprocess.run(["bash", "-c", command + " --show-error"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    submitted = run(submit)
+    task = submitted["task_id"]
+    assert submitted["video_info"]["segment_count"] == 1  # a 3-second clip in 30 s segments
+    deadline = time.monotonic() + 120
+    while (state := run(status, task))["ended_at"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert state["status"] == "completed" and state["progress"]["segments_captioned"] == 1
+    answer = run(result, task)
+    assert answer["status"] == "success" and answer["answer"] and answer["segments"][0]["caption"]
+    assert answer["segments"][0]["frame_times"] == state["segments"][0]["frame_times"]
+    asked = run(ask, task)
+    assert asked["status"] == "success" and asked["response"]
+    assert run(cancel, task) == {"task_id": task, "status": "completed"}  # an ended job stays as it ended
 
 
 def test_bad_request_gets_the_failure_body(served, media_dir):
