@@ -28,6 +28,7 @@ decord reports, whichever decoder runs: frame times go into the prompt.
 from __future__ import annotations
 
 import bisect
+import functools
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,7 +106,18 @@ def probe_video(path: Path, *, max_pixels: int | None = None) -> VideoProbe:
 
     Raises UnsupportedMedia (not a supported container, no video stream), MediaTooLarge (frames
     larger than ``max_pixels``) or UndecodableMedia (empty, damaged, no decodable frame).
+
+    The last few probes are remembered per process, keyed by the file's identity and size and
+    modification time: a long-video job reads one file segment by segment, and scanning the
+    packets of an hour at 30 fps takes about a second each time (docs/BENCHMARKS.md).
     """
+    stat = path.stat()
+    return _probe(path, (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns), max_pixels)
+
+
+@functools.lru_cache(maxsize=2)
+def _probe(path: Path, identity: tuple[str, int, int, int], max_pixels: int | None) -> VideoProbe:
+    """:func:`probe_video`'s work; ``identity`` keys the cache (failures are not cached)."""
     if path.stat().st_size == 0:
         raise UndecodableMedia("the video file is empty (0 bytes); send the complete file")
     try:

@@ -628,3 +628,17 @@ def test_segment_error_is_a_400_class() -> None:
 def test_bad_sampling_options_raise_value_error(h264_video: Path, options: dict) -> None:
     with pytest.raises(ValueError):
         read_video(h264_video, 8, **options)
+
+
+def test_a_remembered_probe_follows_the_file_it_describes(tmp_path: Path) -> None:
+    """Segments of one file reuse its probe; a new file under the same name is probed anew."""
+    path = write_video(tmp_path / "clip.mp4", frames=30, fps=10)
+    first = probe_video(path)
+    assert probe_video(path) is first  # remembered: no second scan of the packets
+    write_video(tmp_path / "other.mp4", frames=45, fps=15).replace(path)
+    again = probe_video(path)
+    assert again is not first and again.frame_count == 45 and again.average_fps == pytest.approx(15)
+    assert read_video(path, 4).total_frames == 45
+    path.write_bytes(b"")
+    with pytest.raises(UndecodableMedia):
+        probe_video(path)
