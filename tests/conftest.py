@@ -45,6 +45,8 @@ TEST_MAX_NEW_TOKENS = 6
 # Small enough that a test can fill the service: 4 generating together + 2 waiting.
 TEST_MAX_BATCH_SIZE = 4
 TEST_MAX_PENDING_REQUESTS = 2
+# The key of the `keyed` instance.
+TEST_API_KEY = "test-key-3f9a1c"
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +156,21 @@ def served(served_folder: Path) -> Iterator[str]:
         "LLAVA_URL_ALLOWLIST": "127.0.0.1",
         "LLAVA_MAX_BATCH_SIZE": "8",
         "LLAVA_MAX_PENDING_REQUESTS": "8",
+    }
+    with running_service(command, env, port, folder / "serve.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another `make demo`, with LLAVA_API_KEY=TEST_API_KEY (the auth tests and the web page's)."""
+    folder = tmp_path_factory.mktemp("keyed")
+    port = free_port()
+    command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
+    env = os.environ | {
+        "LLAVA_API_KEY": TEST_API_KEY,
+        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
+        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
     }
     with running_service(command, env, port, folder / "serve.log") as base:
         yield base

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import TEST_MAX_NEW_TOKENS, free_port, running_service
+from conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.served
-KEY = "test-key-3f9a1c"
-
-
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp("keyed")
-    port = free_port()
-    command = ["make", "demo", f"PORT={port}", f"DEMO_MODEL={folder / 'tiny'}", f"VENV={sys.prefix}"]
-    env = os.environ | {
-        "LLAVA_API_KEY": KEY,
-        "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
-        "LLAVA_URL_ALLOWLIST": "127.0.0.1",
-    }
-    with running_service(command, env, port, folder / "serve.log") as base:
-        yield base
+KEY = TEST_API_KEY  # of the session's `keyed` instance (conftest), shared with the web page's tests
 
 
 def post_clip(base: str, media_dir: Path, headers: dict[str, str]) -> httpx.Response:
