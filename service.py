@@ -196,9 +196,9 @@ class LLaVAVideoService:
             ignore_eos=meta.ignore_eos,
         )
         if kind == "image":
-            return await self.analyzer.start_image(source, meta.prompt, generation)
+            return await self.analyzer.start_image(source, meta.prompt, generation, meta.return_frames)
         sampling = self.analyzer.video_sampling(meta)
-        return await self.analyzer.start_video(source, sampling, meta.prompt, generation)
+        return await self.analyzer.start_video(source, sampling, meta.prompt, generation, meta.return_frames)
 
 
 def refuse_unknown_fields(spec: type[bentoml.IODescriptor]) -> type[bentoml.IODescriptor]:

@@ -21,10 +21,11 @@ from typing import Literal
 from anyio import to_thread
 
 import media
+from http_api import frames as previews
 from http_api import request_log
 from http_api.errors import RequestError
 from http_api.metrics import Metrics
-from http_api.schemas import VideoSampling
+from http_api.schemas import Frame, VideoSampling
 from llava_custom import reuse
 from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
 from media import VideoInfo
@@ -38,10 +39,12 @@ Question = str | Conversation | None
 
 @dataclass(frozen=True)
 class Started:
-    """A request in the engine: its token stream, and the video's timing for a video."""
+    """A request in the engine: its token stream, the video's timing for a video, and the
+    pictures the model was given when the request asked for them (``return_frames``)."""
 
     stream: TokenStream
     video_info: VideoInfo | None = None
+    frames: list[Frame] | None = None
 
 
 class Analyzer:
@@ -119,49 +122,73 @@ class Analyzer:
         return sampling.model_copy(update={"num_frames": count})
 
     async def start_video(
-        self, source: Path, sampling: VideoSampling, question: Question, generation: GenerationSettings
+        self,
+        source: Path,
+        sampling: VideoSampling,
+        question: Question,
+        generation: GenerationSettings,
+        return_frames: bool = False,
     ) -> Started:
         """Decode the video's frames (unless seen before) and queue the question; ``sampling`` as
-        video_sampling returns it."""
+        video_sampling returns it. With ``return_frames`` the frames are decoded even when the
+        video's features are recalled (the cache keeps features, not pixels): decoding is
+        deterministic, so they are the frames the features were made from."""
         num_frames = sampling.num_frames or self.settings.num_frames
         span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
         key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames, **span)
         recalled = self.engine.recall(key)
-        if recalled is not None:
+        sampled = None
+        if recalled is None or return_frames:
+            sampled = await self._read_video(source, num_frames, span)
+        shown = None
+        if return_frames and sampled is not None:
+            shown = await to_thread.run_sync(previews.video_frames, sampled.frames, sampled.info.frame_times)
+        if recalled is not None:  # the model gets the recalled features; decoded frames are only shown
             frames, info, ref = None, recalled.info, recalled
         else:
-            began = time.monotonic()
-            sampled = await to_thread.run_sync(
-                lambda: self.decoder.read_video(
-                    source,
-                    num_frames,
-                    chunk_bytes=self.settings.decode_chunk_bytes,
-                    frame_size=self.engine.frame_size,
-                    max_pixels=self.settings.max_video_pixels,
-                    **span,
-                )
-            )
-            self._decoded("video", began, sampled.info.frame_count)
+            assert sampled is not None  # nothing recalled: decoded above
             frames, info, ref = sampled.frames, sampled.info, MediaRef(key, sampled.info)
         stream = await to_thread.run_sync(
             self.engine.submit_video, frames, info.video_duration, info.frame_times, question, generation, ref
         )
-        return self._started(stream, info)
+        return self._started(stream, info, shown)
 
-    async def start_image(self, source: Path, question: Question, generation: GenerationSettings) -> Started:
-        """Read the image (unless seen before) and queue the question."""
+    async def _read_video(self, source: Path, num_frames: int, span: dict[str, float | None]) -> media.SampledVideo:
+        began = time.monotonic()
+        sampled = await to_thread.run_sync(
+            lambda: self.decoder.read_video(
+                source,
+                num_frames,
+                chunk_bytes=self.settings.decode_chunk_bytes,
+                frame_size=self.engine.frame_size,
+                max_pixels=self.settings.max_video_pixels,
+                **span,
+            )
+        )
+        self._decoded("video", began, sampled.info.frame_count)
+        return sampled
+
+    async def start_image(
+        self, source: Path, question: Question, generation: GenerationSettings, return_frames: bool = False
+    ) -> Started:
+        """Read the image (unless seen before, or ``return_frames`` asks for it) and queue the question."""
         key = reuse.image_key(await to_thread.run_sync(media.file_digest, source))
-        ref = self.engine.recall(key)
-        image = None
-        if ref is None:
+        recalled = self.engine.recall(key)
+        image = shown = None
+        if recalled is None or return_frames:
             began = time.monotonic()
             image = await to_thread.run_sync(
                 lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
             )
             self._decoded("image", began)
+        if return_frames:
+            shown = await to_thread.run_sync(previews.image_frame, image)
+        if recalled is not None:
+            image, ref = None, recalled  # the model gets the recalled features
+        else:
             ref = MediaRef(key)
         stream = await to_thread.run_sync(self.engine.submit_image, image, question, generation, ref)
-        return self._started(stream)
+        return self._started(stream, frames=shown)
 
     async def start_text(self, conversation: Conversation, generation: GenerationSettings) -> Started:
         """Queue a conversation about no media (the language model alone)."""
@@ -173,11 +200,13 @@ class Analyzer:
         if self.metrics is not None:
             self.metrics.decoded(kind, seconds, frames)
 
-    def _started(self, stream: TokenStream, info: VideoInfo | None = None) -> Started:
+    def _started(
+        self, stream: TokenStream, info: VideoInfo | None = None, frames: list[Frame] | None = None
+    ) -> Started:
         request_log.note_stream(stream)
         if self.metrics is not None:
             stream.on_answer(self.metrics.answered)  # however the answer is read: whole or streamed
-        return Started(stream, info)
+        return Started(stream, info, frames)
 
 
 # How often a request waiting for its answer checks whether its client is still there.

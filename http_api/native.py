@@ -9,8 +9,10 @@ A streamed answer is a sequence of events::
     data: {"response": "A man walks...", "status": "success", "video_info": {...}, "usage": {...}}
 
 The ``delta`` texts join to the answer's ``response``; ``answer`` is exactly the body the request
-gets without streaming. A failure after the stream started (the status is already 200) ends it
-with ``event: error`` and the failure body.
+gets without streaming. With ``metadata.return_frames`` a ``frames`` event (``{"frames": [...]}``)
+comes first, before any ``delta``, so a page can show the frames while the answer is generated;
+the ``answer`` event then leaves them out rather than send them twice. A failure after the stream
+started (the status is already 200) ends it with ``event: error`` and the failure body.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def answer_body(answer: Answer, started: Started) -> ImageAnswer | VideoAnswer:
         completion_tokens=answer.completion_tokens,
     )
     if started.video_info is None:
-        return ImageAnswer(response=answer.text, usage=usage)
-    return VideoAnswer(response=answer.text, video_info=started.video_info, usage=usage)
+        return ImageAnswer(response=answer.text, usage=usage, frames=started.frames)
+    return VideoAnswer(response=answer.text, video_info=started.video_info, usage=usage, frames=started.frames)
 
 
 def event_stream(started: Started) -> StreamingResponse:
@@ -47,11 +49,15 @@ def event_stream(started: Started) -> StreamingResponse:
 async def _events(started: Started) -> AsyncIterator[str]:
     stream = started.stream
     try:
+        if started.frames is not None:
+            frames = [frame.model_dump() for frame in started.frames]
+            yield _event("frames", json.dumps({"frames": frames}))
         async for delta in stream:
             if delta.text:
                 yield _event("delta", json.dumps({"text": delta.text}))
             if delta.answer is not None:
-                yield _event("answer", answer_body(delta.answer, started).model_dump_json())
+                body = answer_body(delta.answer, started).model_dump_json(exclude={"frames"})
+                yield _event("answer", body)
     except CLIENT_ERRORS as error:
         yield _event("error", Failure(error=str(error)).model_dump_json())
     except Exception as error:

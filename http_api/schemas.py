@@ -50,6 +50,9 @@ class Metadata(VideoSampling):
     ignore_eos: bool = Field(
         False, description="generate exactly max_new_tokens, past the end of the answer (load tests)"
     )
+    return_frames: bool = Field(
+        False, description="add 'frames' to the answer: JPEG data URLs of the pictures the model was given"
+    )
 
     @classmethod
     def parse(cls, raw: Any) -> Metadata:
@@ -150,11 +153,26 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class Frame(BaseModel):
+    """One picture the model was given (``metadata.return_frames``)."""
+
+    time: float | None = Field(description="seconds into the video; null for an image")
+    image: str = Field(description="data:image/jpeg;base64,... of the frame as the model received it")
+
+
+# Present only when metadata.return_frames asked for it, so other answers keep their shape.
+Frames = Annotated[
+    list[Frame] | None,
+    Field(None, exclude_if=lambda frames: frames is None, description="with metadata.return_frames only"),
+]
+
+
 class ImageAnswer(BaseModel):
     response: str
     status: str = "success"
     error: str | None = None
     usage: Usage | None = None
+    frames: Frames = None
 
 
 class VideoAnswer(BaseModel):
@@ -163,6 +181,7 @@ class VideoAnswer(BaseModel):
     status: str = "success"
     error: str | None = None
     usage: Usage | None = None
+    frames: Frames = None
 
 
 class Failure(BaseModel):
