@@ -4,9 +4,9 @@
 
 The only module that imports bentoml: the service class, its endpoints and what is mounted on
 it. The HTTP concerns live in http_api (failure bodies and statuses, the request guard,
-admission, the OpenAI routes), the model side in llava_custom, media in media. Endpoints parse the
-request, hand plain values to http_api.analysis.Analyzer, and map every failure to
-``{"response": "", "status": "failed", "error": ...}`` with a fitting HTTP status. Before BentoML
+admission, the OpenAI routes, the web page's routes), the model side in llava_custom, media in
+media. Endpoints parse the request, hand plain values to http_api.analysis.Analyzer, and map every
+failure to ``{"response": "", "status": "failed", "error": ...}`` with a fitting HTTP status. Before BentoML
 parses a request, http_api.guard.RequestGuard checks its size and form and whether the worker is
 busy; media decoding runs in child processes under a time limit (media.DecodePool), several
 requests at once.
@@ -51,6 +51,8 @@ from http_api.native import answer_body, event_stream
 from http_api.openai_api import create_app
 from http_api.openapi import OpenAPIDocs
 from http_api.schemas import Failure, Metadata
+from http_api.web_ui import PageRoutes
+from http_api.web_ui import create_app as create_page_app
 from jobs.manager import JobManager
 
 logger = logging.getLogger("llava_video_service")
@@ -62,6 +64,8 @@ lifecycle = Lifecycle()
 # it is instantiated.
 openai_app = create_app(lambda: bentoml.get_current_service().analyzer)
 jobs_app = create_jobs_app(lambda: bentoml.get_current_service().jobs, lambda: bentoml.get_current_service().analyzer)
+# The web page's static files (ui/), at /ui; / redirects there (http_api.web_ui).
+page_app = create_page_app()
 
 
 @bentoml.service(
@@ -76,8 +80,10 @@ jobs_app = create_jobs_app(lambda: bentoml.get_current_service().jobs, lambda: b
 )
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(jobs_app, path="/jobs")
+@bentoml.asgi_app(page_app, path="/ui")
 class LLaVAVideoService:
-    """Loads the model once per worker and answers /analyze_video, /analyze_image and /v1."""
+    """Loads the model once per worker and answers /analyze_video, /analyze_image and /v1; the
+    web page to try them is at /ui."""
 
     @bentoml.on_deployment
     def preflight() -> None:
@@ -216,6 +222,8 @@ for _api in LLaVAVideoService.apis.values():
 LLaVAVideoService.add_asgi_middleware(request_log.RequestLog)
 LLaVAVideoService.add_asgi_middleware(RequestMetrics)
 LLaVAVideoService.add_asgi_middleware(ApiKeyAuth)
+# Inside the key check: / (open) redirects to the page, /docs (keyed, as / was) shows BentoML's page.
+LLaVAVideoService.add_asgi_middleware(PageRoutes)
 LLaVAVideoService.add_asgi_middleware(OpenAPIDocs)
 LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
 # Added after it, so these run inside FailureBodyMiddleware (their answers already have our body);

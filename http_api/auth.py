@@ -1,4 +1,5 @@
-"""Optional API key: ``Authorization: Bearer <LLAVA_API_KEY>`` on every route but health and metrics.
+"""Optional API key: ``Authorization: Bearer <LLAVA_API_KEY>`` on every route but health, metrics
+and the web page's static files (``/``, ``/ui/...``: the page sends the key with its API calls).
 
 The OpenAI SDK sends its ``api_key`` in exactly that header, so one key serves curl, BentoML's
 client (``bentoml.SyncHTTPClient(url, token=key)``) and OpenAI clients. A request without the
@@ -12,6 +13,7 @@ import hmac
 from typing import Any
 
 from http_api.errors import Receive, Scope, Send, send_error
+from http_api.web_ui import is_page_path
 
 # Probes and scrapers must not need the key (Kubernetes probes and Prometheus carry none).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
@@ -30,7 +32,8 @@ class ApiKeyAuth:
         self.expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if self.expected is None or scope["type"] != "http" or path in OPEN_PATHS or is_page_path(path):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope.get("headers", []) if name.lower() == b"authorization"), b"")

@@ -1,0 +1,251 @@
+// The page: pick media, ask, stream the answer from /analyze_video or /analyze_image, show the
+// frames the model saw and the numbers of the answer. Long videos go to jobs.js.
+
+import { apiKey, call, clock, readEvents, ServiceError, setApiKey } from "./api.js";
+import { startJob } from "./jobs.js";
+
+const $ = (id) => document.getElementById(id);
+const IMAGE_SUFFIX = /\.(jpe?g|png|webp|gif|bmp|tiff?)(\?|#|$)/i;
+
+const form = $("ask");
+const ui = {
+  file: $("file"),
+  url: $("url"),
+  kind: $("kind"),
+  question: $("question"),
+  submit: $("submit"),
+  stop: $("stop"),
+  status: $("status"),
+  error: $("error"),
+  framesBox: $("frames-box"),
+  frames: $("frames"),
+  answer: $("answer"),
+  facts: $("facts"),
+  key: $("api-key"),
+  keyBox: $("key-box"),
+};
+let running = null; // the AbortController of the request in flight
+
+function mode() {
+  return form.elements.mode.value;
+}
+
+/** "video" or "image": the user's choice, else the file's type or the URL's suffix. */
+function mediaKind() {
+  if (ui.kind.value !== "auto") return ui.kind.value;
+  const file = ui.file.files[0];
+  if (file) return file.type.startsWith("image/") ? "image" : "video";
+  return IMAGE_SUFFIX.test(ui.url.value) ? "image" : "video";
+}
+
+/** A number field's value, or undefined when empty (the service's default applies). */
+function numberOf(id) {
+  const value = $(id).value.trim();
+  return value === "" ? undefined : Number(value);
+}
+
+/** Only the fields the user filled in; JSON.stringify drops the undefined ones. */
+function answerMetadata(kind) {
+  const metadata = {
+    prompt: ui.question.value.trim() || undefined,
+    max_new_tokens: numberOf("max_new_tokens"),
+    stream: true,
+    return_frames: true,
+  };
+  if (kind === "video") {
+    for (const name of ["num_frames", "fps", "start_time", "end_time"]) metadata[name] = numberOf(name);
+  }
+  return metadata;
+}
+
+/** The request body: a multipart upload, or JSON with the URL. */
+function mediaBody(kind, metadata) {
+  const file = ui.file.files[0];
+  if (file) {
+    const body = new FormData();
+    body.append(kind, file, file.name);
+    body.append("metadata", JSON.stringify(metadata));
+    return { body };
+  }
+  return {
+    body: JSON.stringify({ [`${kind}_url`]: ui.url.value.trim(), metadata }),
+    headers: { "Content-Type": "application/json" },
+  };
+}
+
+function setStatus(text) {
+  ui.status.textContent = text;
+}
+
+/** Show a failure; a missing or wrong API key opens the key field. */
+function showError(error) {
+  ui.error.hidden = false;
+  ui.error.textContent = error.message;
+  setStatus(error.name === "AbortError" ? "Stopped." : "Failed.");
+  if (error instanceof ServiceError && error.status === 401) {
+    ui.keyBox.open = true;
+    ui.error.textContent += " Enter the API key below and ask again.";
+    ui.key.focus();
+  }
+}
+
+function clearResult() {
+  ui.error.hidden = true;
+  ui.error.textContent = "";
+  ui.frames.replaceChildren();
+  ui.framesBox.hidden = true;
+  ui.answer.textContent = "";
+  ui.facts.replaceChildren();
+  ui.facts.hidden = true;
+  $("job").hidden = true;
+}
+
+function showFrames(frames) {
+  const items = frames.map((frame, index) => {
+    const item = document.createElement("li");
+    const figure = document.createElement("figure");
+    const image = document.createElement("img");
+    const caption = document.createElement("figcaption");
+    const when = frame.time === null ? "the image" : clock(frame.time, 1);
+    image.src = frame.image;
+    image.alt = frame.time === null ? "The image as the model received it" : `Frame ${index + 1} at ${when}`;
+    caption.textContent = when;
+    if (frame.time !== null) caption.dataset.time = frame.time;
+    figure.append(image, caption);
+    item.append(figure);
+    return item;
+  });
+  ui.frames.replaceChildren(...items);
+  ui.framesBox.hidden = false;
+}
+
+/** The answer's numbers: video_info, usage, and the times measured here. */
+function showFacts(body, times) {
+  const facts = [];
+  if (body.video_info) {
+    facts.push(["Video duration", `${body.video_info.video_duration.toFixed(2)} s`]);
+    facts.push(["Frames", String(body.video_info.frame_count)]);
+  }
+  if (body.usage) {
+    facts.push(["Prompt tokens", `${body.usage.prompt_tokens} (${body.usage.visual_tokens} visual)`]);
+    facts.push(["Answer tokens", String(body.usage.completion_tokens)]);
+  }
+  if (times.firstToken !== undefined) facts.push(["First token after", `${times.firstToken.toFixed(2)} s`]);
+  facts.push(["Answered in", `${times.total.toFixed(2)} s`]);
+  const generating = times.total - (times.firstToken ?? times.total);
+  if (body.usage && generating > 0) {
+    facts.push(["Speed", `${(body.usage.completion_tokens / generating).toFixed(1)} tokens/s`]);
+  }
+  ui.facts.replaceChildren(
+    ...facts.flatMap(([name, value]) => {
+      const term = document.createElement("dt");
+      const detail = document.createElement("dd");
+      term.textContent = name;
+      detail.textContent = value;
+      return [term, detail];
+    }),
+  );
+  ui.facts.hidden = false;
+}
+
+/** One question about a video or an image, answered as a stream of events. */
+async function ask(signal) {
+  const kind = mediaKind();
+  const began = performance.now();
+  const seconds = () => (performance.now() - began) / 1000;
+  const times = {};
+  setStatus(`Sending the ${kind}…`);
+  const response = await call(`/analyze_${kind}`, { method: "POST", signal, ...mediaBody(kind, answerMetadata(kind)) });
+  setStatus("The model is reading it…");
+  let answered = false;
+  await readEvents(response, (event, data) => {
+    if (event === "frames") {
+      showFrames(data.frames);
+    } else if (event === "delta") {
+      if (times.firstToken === undefined) {
+        times.firstToken = seconds();
+        setStatus("Answering…");
+      }
+      ui.answer.textContent += data.text;
+    } else if (event === "answer") {
+      answered = true;
+      ui.answer.textContent = data.response;
+      times.total = seconds();
+      showFacts(data, times);
+      setStatus("Done.");
+    } else if (event === "error") {
+      throw new ServiceError(200, data.error);
+    }
+  });
+  if (!answered) throw new Error("the answer ended early; try again");
+}
+
+function checkSource() {
+  if (!ui.file.files[0] && !ui.url.value.trim()) throw new Error("Choose or drop a file, or paste a URL.");
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (running) return;
+  clearResult();
+  running = new AbortController();
+  ui.submit.disabled = true;
+  ui.stop.disabled = false;
+  try {
+    checkSource();
+    if (mode() === "job") {
+      await startJob(running.signal, { mediaBody, setStatus, showError });
+    } else {
+      await ask(running.signal);
+    }
+  } catch (error) {
+    showError(error);
+  } finally {
+    running = null;
+    ui.submit.disabled = false;
+    ui.stop.disabled = true;
+  }
+});
+
+ui.stop.addEventListener("click", () => running?.abort());
+
+// The source: a dropped or chosen file, or a URL (choosing one clears the other).
+function fileChosen() {
+  const file = ui.file.files[0];
+  $("file-name").textContent = file ? `${file.name} (${(file.size / 1e6).toFixed(1)} MB)` : "";
+  if (file) ui.url.value = "";
+}
+ui.file.addEventListener("change", fileChosen);
+ui.url.addEventListener("input", () => {
+  if (ui.url.value) {
+    ui.file.value = "";
+    fileChosen();
+  }
+});
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  drop.classList.add("over");
+});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  if (event.dataTransfer.files.length) {
+    ui.file.files = event.dataTransfer.files;
+    fileChosen();
+  }
+});
+
+// Job mode has its own settings.
+for (const radio of form.elements.mode) {
+  radio.addEventListener("change", () => {
+    const job = mode() === "job";
+    $("answer-options").hidden = job;
+    $("job-options").hidden = !job;
+    ui.submit.textContent = job ? "Start job" : "Ask";
+  });
+}
+
+ui.key.value = apiKey();
+ui.key.addEventListener("input", () => setApiKey(ui.key.value.trim()));

@@ -1,0 +1,107 @@
+// Long videos as jobs (/jobs/...): submit, poll the status every 2 s with a progress bar, show the
+// segment captions on a timeline, then the answer, and take follow-up questions.
+// Kept apart from app.js: the job API's contract may still change.
+
+import { call, clock } from "./api.js";
+
+const POLL_MS = 2000;
+const FINISHED = new Set(["completed", "failed", "canceled"]);
+const $ = (id) => document.getElementById(id);
+let taskId = null; // the job that follow-up questions go to
+
+function numberOf(id) {
+  const value = $(id).value.trim();
+  return value === "" ? undefined : Number(value);
+}
+
+function jobMetadata() {
+  return {
+    question: $("question").value.trim() || undefined,
+    caption_prompt: $("caption_prompt").value.trim() || undefined,
+    segment_seconds: numberOf("segment_seconds"),
+    overlap_seconds: numberOf("overlap_seconds"),
+    frames_per_segment: numberOf("frames_per_segment"),
+    start_time: numberOf("job_start_time"),
+    end_time: numberOf("job_end_time"),
+    max_new_tokens: numberOf("job_max_new_tokens"),
+  };
+}
+
+const sleep = (ms, signal) =>
+  new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    });
+  });
+
+function showProgress(job) {
+  const progress = job.progress || {};
+  const total = progress.segments_total || 0;
+  const done = progress.segments_captioned || 0;
+  const bar = $("job-progress");
+  bar.max = Math.max(total, 1);
+  bar.value = done;
+  const remaining = progress.remaining_seconds;
+  const left = remaining === null || remaining === undefined ? "" : `, about ${Math.ceil(remaining)} s left`;
+  $("job-progress-text").textContent = `${job.status}: ${done} of ${total || "?"} segments${left}`;
+}
+
+function showSegments(segments) {
+  const items = (segments || []).map((segment) => {
+    const item = document.createElement("li");
+    const when = document.createElement("time");
+    when.textContent = `${clock(segment.start)}–${clock(segment.end)}`;
+    const text = document.createElement("span");
+    text.textContent = segment.error ? `(failed: ${segment.error})` : segment.caption || "…";
+    item.append(when, text);
+    return item;
+  });
+  $("segments").replaceChildren(...items);
+}
+
+/** Run one job to its end; ``page`` gives app.js's mediaBody, setStatus and showError. */
+export async function startJob(signal, page) {
+  $("job").hidden = false;
+  $("followup").hidden = true;
+  $("followup-answers").replaceChildren();
+  page.setStatus("Submitting the job…");
+  const submitted = await call("/jobs/submit", { method: "POST", signal, ...page.mediaBody("video", jobMetadata()) });
+  taskId = (await submitted.json()).task_id;
+  const id = encodeURIComponent(taskId);
+  signal.addEventListener("abort", () => call(`/jobs/${id}/cancel`, { method: "POST" }).catch(() => {}));
+  let job;
+  do {
+    job = await (await call(`/jobs/${id}`, { signal })).json();
+    showProgress(job);
+    showSegments(job.segments);
+    page.setStatus(`Job ${job.status.replace("_", " ")}…`);
+    if (!FINISHED.has(job.status)) await sleep(POLL_MS, signal);
+  } while (!FINISHED.has(job.status));
+  if (job.status !== "completed") throw new Error(job.error || `the job was ${job.status}`);
+  const result = await (await call(`/jobs/${id}/result`, { signal })).json();
+  showSegments(result.segments);
+  $("answer").textContent = result.answer;
+  $("followup").hidden = false;
+  page.setStatus("Done.");
+}
+
+$("followup").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const question = $("followup-question").value.trim();
+  if (!taskId || !question) return;
+  const entry = document.createElement("p");
+  entry.textContent = `${question} — …`;
+  $("followup-answers").append(entry);
+  try {
+    const response = await call(`/jobs/${encodeURIComponent(taskId)}/ask`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ question }),
+    });
+    entry.textContent = `${question} — ${(await response.json()).response}`;
+  } catch (error) {
+    entry.textContent = `${question} — failed: ${error.message}`;
+  }
+});
