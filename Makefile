@@ -28,7 +28,9 @@ demo: $(STAMP) $(DEMO_MODEL)/config.json
 $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(BIN)/python -m llava_custom.tiny $(DEMO_MODEL)
 
-## test: the whole test suite (tiny checkpoints, real media, real HTTP)
+## test: the whole test suite (tiny checkpoints, real media, real HTTP). The web page's browser
+## tests need Debian's chromium at /usr/bin/chromium (`sudo apt-get install chromium`; .ci/run
+## installs it as root). Without root: $(BIN)/python -m pytest -m "not browser" skips them.
 test: $(STAMP)
 	$(BIN)/python -m pytest
 

@@ -166,7 +166,7 @@ def test_image_environment(bento_yaml: dict, dockerfile: str):
         assert f"ARG {name}={value}\nENV {name}=${name}\n" in dockerfile
 
 
-def test_image_sources_are_the_service_packages_without_tests_or_tiny_checkpoints(bento: Path):
+def test_image_sources_are_the_service_packages_and_page_without_tests_or_tiny_checkpoints(bento: Path):
     src = bento / "src"
     shipped = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     expected = {"service.py", "settings.py", "startup.py", "bentofile.yaml"} | {
@@ -174,6 +174,7 @@ def test_image_sources_are_the_service_packages_without_tests_or_tiny_checkpoint
         for package in ("http_api", "jobs", "llava_custom", "media")
         for p in REPO.glob(f"{package}/*.py")
     }
+    expected |= {p.relative_to(REPO).as_posix() for p in REPO.glob("ui/*")}  # the web page's files
     assert shipped == expected - {"llava_custom/tiny.py"}
     # Nothing the service imports is missing: it imports from the shipped sources alone.
     probe = "import sys; sys.path.remove(''); sys.path.insert(0, '.'); import service; print(service.__file__)"

@@ -1,0 +1,224 @@
+"""The web page at /ui in a real browser (Debian's chromium driven by Playwright), and the API's
+``metadata.return_frames`` it relies on, against a served demo with an API key (conftest's
+``keyed``): the page must load without the key and work once it is given.
+
+The model has random weights, so answers are gibberish: the tests check structure, never text.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import TEST_API_KEY
+from mediafiles import frame_index_from_pixels
+from PIL import Image
+
+pytestmark = pytest.mark.served
+CHROMIUM = "/usr/bin/chromium"
+# Root in a container needs --no-sandbox; the rest keeps chromium from reaching out or updating.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+FRAME_SIZE = (384, 384)  # the tiny checkpoint's vision tower takes 384 x 384, as the real one
+CLIP_FPS = 10  # conftest's clip.mp4: 30 frames at 10 fps
+ANSWER_TIMEOUT_MS = 60_000
+
+
+def post(base: str, endpoint: str, path: Path, field: str, metadata: dict) -> httpx.Response:
+    files = {field: (path.name, path.read_bytes()), "metadata": (None, json.dumps(metadata), "application/json")}
+    return httpx.post(f"{base}{endpoint}", files=files, headers=AUTH, timeout=120)
+
+
+def jpeg(data_url: str) -> Image.Image:
+    prefix = "data:image/jpeg;base64,"
+    assert data_url.startswith(prefix)
+    image = Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :])))
+    assert image.format == "JPEG"
+    return image.convert("RGB")
+
+
+def events(text: str) -> list[tuple[str, dict]]:
+    """The server-sent events of a streamed answer, in order."""
+    parsed = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        parsed.append((lines["event"], json.loads(lines["data"])))
+    return parsed
+
+
+# --- the API: metadata.return_frames ---
+
+
+def test_return_frames_are_the_frames_the_model_saw_also_when_recalled(keyed, media_dir) -> None:
+    metadata = {"num_frames": 5, "return_frames": True}
+    first = post(keyed, "/analyze_video", media_dir / "clip.mp4", "video", metadata)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    frames = body["frames"]
+    assert len(frames) == 5 == body["video_info"]["frame_count"]
+    times = [frame["time"] for frame in frames]
+    assert times == body["video_info"]["frame_times"] and times == sorted(set(times))
+    for frame, time in zip(frames, times, strict=True):
+        image = jpeg(frame["image"])
+        assert image.size == FRAME_SIZE
+        assert frame_index_from_pixels(np.asarray(image)) == round(time * CLIP_FPS)  # the right source frame
+    # The same video again: its features are recalled from the cache, the frames still come.
+    again = post(keyed, "/analyze_video", media_dir / "clip.mp4", "video", metadata).json()
+    assert [frame["time"] for frame in again["frames"]] == times
+    assert "frames" not in post(keyed, "/analyze_video", media_dir / "clip.mp4", "video", {"num_frames": 5}).json()
+
+
+def test_return_frames_of_an_image_and_streamed(keyed, media_dir) -> None:
+    image = post(keyed, "/analyze_image", media_dir / "wide.png", "image", {"return_frames": True}).json()
+    [frame] = image["frames"]
+    assert frame["time"] is None and jpeg(frame["image"]).size == (300, 100)  # upright, not enlarged
+    metadata = {"num_frames": 3, "return_frames": True, "stream": True}
+    streamed = post(keyed, "/analyze_video", media_dir / "clip.mp4", "video", metadata)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    names = [name for name, _ in events(streamed.text)]
+    assert names[0] == "frames" and names[-1] == "answer" and set(names[1:-1]) <= {"delta"}
+    first, last = events(streamed.text)[0][1], events(streamed.text)[-1][1]
+    assert [frame["time"] for frame in first["frames"]] == last["video_info"]["frame_times"]
+    assert "frames" not in last  # sent once, in the frames event
+
+
+def test_the_page_needs_no_key_and_the_api_docs_moved(keyed) -> None:
+    root = httpx.get(f"{keyed}/", timeout=30)
+    assert root.status_code == 307 and root.headers["location"] == "/ui/"
+    page = httpx.get(f"{keyed}/ui/", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for name in ("app.js", "api.js", "jobs.js", "style.css"):
+        assert httpx.get(f"{keyed}/ui/{name}", timeout=30).status_code == 200, name
+    assert httpx.get(f"{keyed}/docs", timeout=30).status_code == 401  # as / was: the API docs need the key
+    docs = httpx.get(f"{keyed}/docs", headers=AUTH, timeout=30)
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    schema = httpx.get(f"{keyed}/docs.json", headers=AUTH, timeout=30).json()["components"]["schemas"]
+    assert "return_frames" in schema["Metadata"]["properties"] and "frames" in schema["VideoAnswer"]["properties"]
+
+
+# --- the page in a browser ---
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, base: str, key: str | None = TEST_API_KEY, width: int = 1280):
+    """The page opened at / (which leads to /ui/), with the API key entered when given."""
+    page = browser.new_context(viewport={"width": width, "height": 900}).new_page()
+    page.set_default_timeout(ANSWER_TIMEOUT_MS)
+    response = page.goto(f"{base}/")
+    assert response is not None and response.ok and page.url == f"{base}/ui/"
+    if key:
+        page.get_by_text("API key", exact=True).click()
+        page.get_by_label("Key").fill(key)
+    return page
+
+
+def ask_and_wait(page) -> None:
+    page.get_by_role("button", name="Ask", exact=True).click()
+    page.wait_for_function(
+        "['Done.', 'Failed.'].includes(document.getElementById('status').textContent)", timeout=ANSWER_TIMEOUT_MS
+    )
+
+
+def frame_times(page) -> list[float]:
+    return [float(t) for t in page.locator("#frames figcaption").evaluate_all("els => els.map(e => e.dataset.time)")]
+
+
+def assert_answered(page) -> None:
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    assert page.locator("#status").text_content() == "Done."
+    assert page.locator("#answer").text_content().strip()
+    assert page.locator("#facts").is_visible()
+
+
+@pytest.mark.browser
+def test_a_dropped_video_is_answered_with_its_frames(browser, keyed, media_dir) -> None:
+    page = open_page(browser, keyed)
+    clip = media_dir / "clip.mp4"
+    # A real drop event carrying the file, as a browser makes it when a file is dragged in.
+    transfer = page.evaluate_handle(
+        """([name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "video/mp4" }));
+            return transfer;
+        }""",
+        [clip.name, base64.b64encode(clip.read_bytes()).decode()],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    assert "clip.mp4" in page.locator("#file-name").text_content()
+    page.get_by_label("Question", exact=True).fill("What happens?")
+    page.get_by_label("Frames", exact=True).fill("6")
+    ask_and_wait(page)
+    assert_answered(page)
+    times = frame_times(page)
+    assert len(times) == 6 and times == sorted(set(times))
+    facts = page.locator("#facts").inner_text()
+    assert "Video duration" in facts and "3.00 s" in facts and "Answer tokens" in facts
+    for image in page.locator("#frames img").all():
+        assert image.evaluate("img => img.complete && img.naturalWidth") == FRAME_SIZE[0]
+
+
+@pytest.mark.browser
+def test_a_pasted_url_and_an_image(browser, keyed, file_server, media_dir) -> None:
+    page = open_page(browser, keyed, width=390)  # a phone's width
+    page.get_by_label("or paste a URL").fill(f"{file_server}/clip.webm")
+    page.get_by_label("Frames", exact=True).fill("3")
+    ask_and_wait(page)
+    assert_answered(page)
+    assert len(frame_times(page)) == 3
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
+    page.locator("#file").set_input_files(media_dir / "photo.jpg")
+    assert page.get_by_label("or paste a URL").input_value() == ""  # a file replaces the URL
+    ask_and_wait(page)
+    assert_answered(page)
+    assert page.locator("#frames figcaption").all_text_contents() == ["the image"]
+    assert "Video duration" not in page.locator("#facts").inner_text()
+
+
+@pytest.mark.browser
+def test_the_services_error_is_shown(browser, keyed, media_dir) -> None:
+    expected = post(keyed, "/analyze_video", media_dir / "notes.txt", "video", {})
+    assert expected.status_code == 415
+    page = open_page(browser, keyed)
+    page.locator("#file").set_input_files(media_dir / "notes.txt")
+    ask_and_wait(page)
+    assert page.locator("#error").text_content() == expected.json()["error"]
+    assert page.locator("#frames-box").is_hidden() and page.locator("#answer").text_content() == ""
+
+
+@pytest.mark.browser
+def test_the_page_asks_for_the_api_key_and_works_once_given(browser, keyed, media_dir) -> None:
+    page = open_page(browser, keyed, key=None)
+    page.locator("#file").set_input_files(media_dir / "photo.jpg")
+    ask_and_wait(page)
+    assert "API key" in page.locator("#error").text_content()
+    key = page.get_by_label("Key")
+    assert key.is_visible() and key.evaluate("el => el === document.activeElement")
+    key.fill(TEST_API_KEY)
+    assert page.evaluate("sessionStorage.getItem('llava-api-key')") == TEST_API_KEY
+    ask_and_wait(page)
+    assert_answered(page)
+    page.reload()  # kept for the tab's session
+    assert page.get_by_label("Key").input_value() == TEST_API_KEY
