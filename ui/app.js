@@ -188,6 +188,7 @@ form.addEventListener("submit", async (event) => {
   event.preventDefault();
   if (running) return;
   clearResult();
+  $("result").scrollIntoView({ block: "nearest" }); // below the form on a phone
   running = new AbortController();
   ui.submit.disabled = true;
   ui.stop.disabled = false;
@@ -212,7 +213,8 @@ ui.stop.addEventListener("click", () => running?.abort());
 // The source: a dropped or chosen file, or a URL (choosing one clears the other).
 function fileChosen() {
   const file = ui.file.files[0];
-  $("file-name").textContent = file ? `${file.name} (${(file.size / 1e6).toFixed(1)} MB)` : "";
+  const size = file && (file.size < 1e6 ? `${Math.ceil(file.size / 1e3)} kB` : `${(file.size / 1e6).toFixed(1)} MB`);
+  $("file-name").textContent = file ? `${file.name} (${size})` : "";
   if (file) ui.url.value = "";
 }
 ui.file.addEventListener("change", fileChosen);
