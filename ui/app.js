@@ -79,9 +79,13 @@ function setStatus(text) {
 
 /** Show a failure; a missing or wrong API key opens the key field. */
 function showError(error) {
+  if (error.name === "AbortError") {
+    setStatus("Stopped."); // closing the connection stops the generation on the service
+    return;
+  }
   ui.error.hidden = false;
   ui.error.textContent = error.message;
-  setStatus(error.name === "AbortError" ? "Stopped." : "Failed.");
+  setStatus("Failed.");
   if (error instanceof ServiceError && error.status === 401) {
     ui.keyBox.open = true;
     ui.error.textContent += " Enter the API key below and ask again.";

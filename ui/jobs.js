@@ -44,8 +44,9 @@ function showProgress(job) {
   bar.max = Math.max(total, 1);
   bar.value = done;
   const remaining = progress.remaining_seconds;
-  const left = remaining === null || remaining === undefined ? "" : `, about ${Math.ceil(remaining)} s left`;
-  $("job-progress-text").textContent = `${job.status}: ${done} of ${total || "?"} segments${left}`;
+  const known = remaining !== null && remaining !== undefined && !FINISHED.has(job.status);
+  const left = known ? `, about ${Math.ceil(remaining)} s left` : "";
+  $("job-progress-text").textContent = `${job.status.replace("_", " ")}: ${done} of ${total || "?"} segments${left}`;
 }
 
 function showSegments(segments) {
