@@ -1,5 +1,6 @@
-// Long videos as jobs (/jobs/...): submit, poll the status every 2 s with a progress bar, show the
-// segment captions on a timeline, then the answer, and take follow-up questions.
+// Long videos as jobs (/jobs/submit, status, get, cancel, ask; the task id in the query or body):
+// submit, poll the status every 2 s with a progress bar, show the segment captions on a timeline,
+// then the answer, and take follow-up questions.
 // Kept apart from app.js: the job API's contract may still change.
 
 import { call, clock } from "./api.js";
@@ -70,18 +71,18 @@ export async function startJob(signal, page) {
   page.setStatus("Submitting the job…");
   const submitted = await call("/jobs/submit", { method: "POST", signal, ...page.mediaBody("video", jobMetadata()) });
   taskId = (await submitted.json()).task_id;
-  const id = encodeURIComponent(taskId);
-  signal.addEventListener("abort", () => call(`/jobs/${id}/cancel`, { method: "POST" }).catch(() => {}));
+  const query = `task_id=${encodeURIComponent(taskId)}`;
+  signal.addEventListener("abort", () => call(`/jobs/cancel?${query}`, { method: "POST" }).catch(() => {}));
   let job;
   do {
-    job = await (await call(`/jobs/${id}`, { signal })).json();
+    job = await (await call(`/jobs/status?${query}`, { signal })).json();
     showProgress(job);
     showSegments(job.segments);
     page.setStatus(`Job ${job.status.replace("_", " ")}…`);
     if (!FINISHED.has(job.status)) await sleep(POLL_MS, signal);
   } while (!FINISHED.has(job.status));
   if (job.status !== "completed") throw new Error(job.error || `the job was ${job.status}`);
-  const result = await (await call(`/jobs/${id}/result`, { signal })).json();
+  const result = await (await call(`/jobs/get?${query}`, { signal })).json();
   showSegments(result.segments);
   $("answer").textContent = result.answer;
   $("followup").hidden = false;
@@ -96,10 +97,10 @@ $("followup").addEventListener("submit", async (event) => {
   entry.textContent = `${question} — …`;
   $("followup-answers").append(entry);
   try {
-    const response = await call(`/jobs/${encodeURIComponent(taskId)}/ask`, {
+    const response = await call("/jobs/ask", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ question }),
+      body: JSON.stringify({ task_id: taskId, question }),
     });
     entry.textContent = `${question} — ${(await response.json()).response}`;
   } catch (error) {
