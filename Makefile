@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .demo/tiny-llava-video
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: serve demo test lint build clean
 
@@ -28,11 +29,22 @@ demo: $(STAMP) $(DEMO_MODEL)/config.json
 $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(BIN)/python -m llava_custom.tiny $(DEMO_MODEL)
 
-## test: the whole test suite (tiny checkpoints, real media, real HTTP). The web page's browser
-## tests need Debian's chromium at /usr/bin/chromium (`sudo apt-get install chromium`; .ci/run
-## installs it as root). Without root: $(BIN)/python -m pytest -m "not browser" skips them.
-test: $(STAMP)
+## test: the whole test suite (tiny checkpoints, real media, real HTTP, the web page in chromium)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
+
+# The web page's browser tests drive Debian's chromium with Playwright (which downloads no
+# browser): installed here when missing and run as root; otherwise install it yourself, or run
+# `$(BIN)/python -m pytest -m "not browser"` without those tests.
+$(CHROMIUM):
+	@if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium for the browser tests" >&2; \
+	  apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+	  echo "$(CHROMIUM) is missing: sudo apt-get install chromium (or skip: $(BIN)/python -m pytest -m 'not browser')" >&2; \
+	  exit 1; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,10 +71,10 @@ def test_return_frames_are_the_frames_the_model_saw_also_when_recalled(keyed, me
     assert len(frames) == 5 == body["video_info"]["frame_count"]
     times = [frame["time"] for frame in frames]
     assert times == body["video_info"]["frame_times"] and times == sorted(set(times))
-    for frame, time in zip(frames, times, strict=True):
+    for frame, seconds in zip(frames, times, strict=True):
         image = jpeg(frame["image"])
         assert image.size == FRAME_SIZE
-        assert frame_index_from_pixels(np.asarray(image)) == round(time * CLIP_FPS)  # the right source frame
+        assert frame_index_from_pixels(np.asarray(image)) == round(seconds * CLIP_FPS)  # the right source frame
     # The same video again: its features are recalled from the cache, the frames still come.
     again = post(keyed, "/analyze_video", media_dir / "clip.mp4", "video", metadata).json()
     assert [frame["time"] for frame in again["frames"]] == times
@@ -222,3 +223,65 @@ def test_the_page_asks_for_the_api_key_and_works_once_given(browser, keyed, medi
     assert_answered(page)
     page.reload()  # kept for the tab's session
     assert page.get_by_label("Key").input_value() == TEST_API_KEY
+
+
+@pytest.mark.browser
+def test_a_long_video_as_a_job_shows_progress_captions_on_a_timeline_and_takes_questions(
+    browser, keyed, tmp_path
+) -> None:
+    from mediafiles import write_minutes_video
+
+    video = write_minutes_video(tmp_path / "two-minutes.mp4", 2, size=(64, 48))
+    page = open_page(browser, keyed)
+    page.get_by_label("Long video (job)").check()
+    page.locator("#file").set_input_files(video)
+    page.get_by_label("Segment (s)").fill("30")
+    page.get_by_label("Frames per segment").fill("2")
+    with page.expect_response("**/jobs/submit") as submitted:
+        page.get_by_role("button", name="Start job").click()
+    task_id = submitted.value.json()["task_id"]
+    page.wait_for_function(
+        "['Done.', 'Failed.'].includes(document.getElementById('status').textContent)", timeout=ANSWER_TIMEOUT_MS
+    )
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    assert page.locator("#job-progress").evaluate("bar => [bar.value, bar.max]") == [4, 4]
+    spans = page.locator("#segments time").all_text_contents()
+    assert spans == ["00:00–00:30", "00:30–01:00", "01:00–01:30", "01:30–02:00"]
+    captions = page.locator("#segments span").all_text_contents()
+    result = httpx.get(f"{keyed}/jobs/get", params={"task_id": task_id}, headers=AUTH, timeout=30).json()
+    assert captions == [segment["caption"] for segment in result["segments"]]
+    assert page.locator("#answer").text_content() == result["answer"]
+    page.get_by_label("Ask another question about this video").fill("What changes at one minute?")
+    page.locator("#followup").get_by_role("button", name="Ask").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#followup-answers p')].some(p => !p.textContent.endsWith('…'))"
+    )
+    answered = page.locator("#followup-answers p").first.text_content()
+    assert answered.startswith("What changes at one minute? — ") and "failed" not in answered
+
+
+@pytest.mark.browser
+def test_stop_cancels_a_running_job(browser, keyed, tmp_path) -> None:
+    from mediafiles import write_minutes_video
+
+    video = write_minutes_video(tmp_path / "ten-minutes.mp4", 10, size=(64, 48))
+    page = open_page(browser, keyed)
+    page.get_by_label("Long video (job)").check()
+    page.locator("#file").set_input_files(video)
+    page.get_by_label("Segment (s)").fill("10")
+    with page.expect_response("**/jobs/submit") as submitted:
+        page.get_by_role("button", name="Start job").click()
+    task_id = submitted.value.json()["task_id"]
+    page.wait_for_function("document.getElementById('job-progress').value >= 1")
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Stopped')")
+
+    def status() -> dict:
+        return httpx.get(f"{keyed}/jobs/status", params={"task_id": task_id}, headers=AUTH, timeout=30).json()
+
+    deadline = time.monotonic() + 30
+    while status()["ended_at"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    ended = status()
+    assert ended["status"] == "canceled" and ended["progress"]["segments_captioned"] < 60
