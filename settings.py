@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(1, ge=1, description="jobs captioning at once; more wait in order")
     max_pending_jobs: int = Field(16, ge=0, description="jobs allowed to wait; one more is refused with 503")
     job_captions_in_flight: int = Field(
-        2, ge=1, description="captions one job keeps in the engine at once (interactive requests queue behind no more)"
+        1, ge=1, description="captions one job keeps in the engine at once (2 overlaps decoding with generation)"
     )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"

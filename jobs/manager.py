@@ -60,7 +60,7 @@ class JobLimits:
     max_frames: int
     max_running: int = 1
     max_pending: int = 16
-    captions_in_flight: int = 2
+    captions_in_flight: int = 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,7 @@ class JobManager:
         record = {
             "task_id": task_id,
             "owner": f"{socket.gethostname()}:{os.getpid()}",
+            "folder": str(folder),  # deleted when the job ends, or by the next start after a crash
             "status": "pending",
             "created_at": time.time(),
             "ended_at": None,
@@ -313,6 +314,8 @@ class JobManager:
             if host == socket.gethostname() and (not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid))):
                 record.update(status="failed", ended_at=time.time(), error=reason, error_status=503)
                 self.store.save(record)
+                if record.get("folder"):  # the video of a job cut off by a crash
+                    shutil.rmtree(record["folder"], ignore_errors=True)
 
     def close(self) -> None:
         """Cancel every job; those running end as failed ('the server stopped'), not resumable."""

@@ -4,8 +4,8 @@ The video is never decoded whole: each segment's frames are read on their own (`
 the media package's bounded decoding of one time span) and captioned with the LLaVA-Video time
 instruction for that segment. Captions go through the same engine as interactive requests, at
 most ``in_flight`` at a time, so they batch with each other and with interactive requests but
-never fill the engine's queue ahead of them (an interactive request waits behind at most that
-many captions). A segment that cannot be decoded is reported in its place and the job goes on.
+never fill the engine's queue ahead of them; the job manager also marks them ``background``, so
+waiting interactive requests start first. A segment that cannot be decoded is reported in its place and the job goes on.
 The answer comes from a text-only prompt to the same model: the captions with their times; when
 they do not fit the context budget, groups of captions are summarised first (keeping their
 times), then the summaries, until they fit.
@@ -89,7 +89,7 @@ class LongVideoJob:
         settings: GenerationSettings,
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
         question: str | None = None,
-        in_flight: int = 2,
+        in_flight: int = 1,
         on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +105,11 @@ class JobService:
             with contextlib.suppress(psutil.Error):
                 total += process.memory_info().rss
         return total
+
+
+def job_folders() -> set[str]:
+    """The folders the service keeps job videos in while they run (under the system temp dir)."""
+    return {p.name for p in Path(tempfile.gettempdir()).glob("llava-job-*")}
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +288,7 @@ def test_interactive_requests_keep_their_place_and_cancel_stops_a_running_and_a_
     assert service.status(running) == ended  # nothing more was done
     never = service.wait(waiting, limit=15)[-1]
     assert never["status"] == "canceled" and never["progress"]["segments_decoded"] == 0
+    assert job_folders() == set()  # each job's copy of its video is gone with it
     result = service.client.get(f"{service.base}/jobs/get", params={"task_id": running})
     assert result.status_code == 409 and "cancelled" in result.json()["error"]
 
@@ -310,6 +317,7 @@ def test_bad_submissions_get_clear_errors(service, videos) -> None:
     assert "not a task id" in error(service.client.get(f"{service.base}/jobs/get?task_id=../../etc"), 404)
     assert "task_id is required" in error(service.client.get(f"{service.base}/jobs/get"), 400)
     assert error(service.client.get(f"{service.base}/jobs/nothing-here"), 404)  # our body, not Starlette's
+    assert job_folders() == set()  # refused submissions leave no file behind
 
 
 def test_finished_results_survive_a_restart_and_a_job_cut_off_says_so(service, videos, finished) -> None:

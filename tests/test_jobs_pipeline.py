@@ -27,7 +27,12 @@ def long_video(tmp_path_factory) -> Path:
 
 
 def job_for(
-    engine: Engine, path: Path, segments: list[Segment], seen: list | None = None, tokens: int = TOKENS
+    engine: Engine,
+    path: Path,
+    segments: list[Segment],
+    seen: list | None = None,
+    tokens: int = TOKENS,
+    in_flight: int = 1,
 ) -> LongVideoJob:
     def read_segment(segment: Segment) -> media.SampledVideo:
         sampled = media.read_video(path, 2, start_time=segment.start, end_time=segment.end)
@@ -36,15 +41,16 @@ def job_for(
         return sampled
 
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
-    job = LongVideoJob(engine, read_segment, segments, settings=settings, question="What happens?")
+    job = LongVideoJob(engine, read_segment, segments, settings=settings, question="What happens?", in_flight=in_flight)
     return job
 
 
-def test_every_segment_is_captioned_in_order_from_its_own_frames(loaded, long_video) -> None:
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_every_segment_is_captioned_in_order_from_its_own_frames(loaded, long_video, in_flight) -> None:
     segments = plan_segments(20.0, segment_seconds=4, overlap_seconds=1)
     seen: list = []
     with engine_with(loaded, max_batch_size=2) as engine:
-        job = job_for(engine, long_video, segments, seen)
+        job = job_for(engine, long_video, segments, seen, in_flight=in_flight)
         result = job.run()
     assert [c.segment for c in result.captions] == segments
     assert all(c.caption and c.error is None for c in result.captions)
