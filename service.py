@@ -192,15 +192,7 @@ class LLaVAVideoService:
             return Failure(error=f"internal error while analysing the {kind}; see the server log").model_dump()
 
     async def _start(self, kind: Kind, source: Path, meta: Metadata) -> Started:
-        generation = self.analyzer.generation(
-            max_new_tokens=meta.max_new_tokens,
-            temperature=meta.temperature,
-            top_p=meta.top_p,
-            seed=meta.seed,
-            top_k=meta.top_k,
-            stop=meta.stop,
-            ignore_eos=meta.ignore_eos,
-        )
+        generation = self.analyzer.generation_of(meta)
         if kind == "image":
             return await self.analyzer.start_image(source, meta.prompt, generation, meta.return_frames)
         sampling = self.analyzer.video_sampling(meta)

@@ -33,6 +33,8 @@ from settings import Settings
 
 logger = logging.getLogger("llava_video_service")
 Kind = Literal["video", "image"]
+# The decoding fields the native metadata and the job routes share, as generation() names them.
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 # A single question (None: the default one) or a whole conversation about the media.
 Question = str | Conversation | None
 
@@ -113,6 +115,12 @@ class Analyzer:
             logprobs=logprobs,
             ignore_eos=ignore_eos,
         )
+
+    def generation_of(self, request: object, **overrides: object) -> GenerationSettings:
+        """:meth:`generation` with the decoding fields ``request`` has (native metadata, a job's
+        metadata, a job question: the same names)."""
+        fields = {name: getattr(request, name) for name in GENERATION_FIELDS if hasattr(request, name)}
+        return self.generation(**fields, **overrides)  # type: ignore[arg-type]
 
     def video_sampling(self, sampling: VideoSampling) -> VideoSampling:
         """``sampling`` with the server's default frame count, checked against its limit."""

@@ -86,13 +86,7 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
             question = JobQuestion.parse(body)
         except ValueError as error:
             return _failure(RequestError(str(error)))
-        generation = analyzer().generation(
-            max_new_tokens=question.max_new_tokens,
-            temperature=question.temperature,
-            top_p=question.top_p,
-            top_k=question.top_k,
-            seed=question.seed,
-        )
+        generation = analyzer().generation_of(question)
 
         def answer(task_id: str) -> dict[str, Any]:
             text, (prompt_tokens, completion_tokens) = jobs().ask(task_id, question.question, generation)
@@ -179,17 +173,7 @@ def _source(analyzer: Analyzer, fields: dict[str, Any], folder: Path) -> Path:
 
 
 def _parameters(analyzer: Analyzer, meta: JobMetadata) -> JobParameters:
-    limit = analyzer.settings.max_frames
-    if meta.frames_per_segment > limit:
-        raise RequestError(f"frames_per_segment may be at most {limit}", "frames_per_segment")
-    generation = analyzer.generation(
-        max_new_tokens=meta.max_new_tokens,
-        temperature=meta.temperature,
-        top_p=meta.top_p,
-        top_k=meta.top_k,
-        seed=meta.seed,
-        ignore_eos=meta.ignore_eos,
-    )
+    generation = analyzer.generation_of(meta)
     return JobParameters(
         generation=generation,
         segment_seconds=meta.segment_seconds,

@@ -56,21 +56,7 @@ class Metadata(VideoSampling):
 
     @classmethod
     def parse(cls, raw: Any) -> Metadata:
-        """``metadata`` as an object, a JSON string of one, or absent; ValueError says what is wrong."""
-        if raw is None or raw == "":
-            return cls()
-        if isinstance(raw, (str, bytes)):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"metadata is not valid JSON ({exc.msg} at position {exc.pos})") from exc
-        if not isinstance(raw, dict):
-            raise ValueError('metadata must be a JSON object such as {"prompt": "..."}')
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"invalid metadata: {problems}") from exc
+        return parse_object(cls, raw, example='{"prompt": "..."}')
 
 
 class JobMetadata(BaseModel):
@@ -108,7 +94,7 @@ class JobMetadata(BaseModel):
 
     @classmethod
     def parse(cls, raw: Any) -> JobMetadata:
-        return _parse(cls, raw)
+        return parse_object(cls, raw, example='{"question": "..."}')
 
 
 class JobQuestion(BaseModel):
@@ -126,25 +112,26 @@ class JobQuestion(BaseModel):
 
     @classmethod
     def parse(cls, raw: Any) -> JobQuestion:
-        return _parse(cls, raw)
+        return parse_object(cls, raw, name="body", example='{"task_id": "...", "question": "..."}')
 
 
-def _parse(model: type[M], raw: Any) -> M:
-    """``raw`` as ``model``: an object, a JSON string of one, or absent; ValueError says what is wrong."""
+def parse_object(model: type[M], raw: Any, *, name: str = "metadata", example: str = "{}") -> M:
+    """``raw`` as ``model``: an object, a JSON string of one, or absent (all defaults); ValueError
+    says what is wrong, naming the object ``name`` and showing ``example``."""
     if raw is None or raw == "":
         raw = {}
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"metadata is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+            raise ValueError(f"{name} is not valid JSON ({exc.msg} at position {exc.pos})") from exc
     if not isinstance(raw, dict):
-        raise ValueError("expected a JSON object")
+        raise ValueError(f"{name} must be a JSON object such as {example}")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"invalid parameters: {problems}") from exc
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid {name}: {problems}") from exc
 
 
 class Usage(BaseModel):

@@ -28,7 +28,7 @@ from typing import Any
 
 import media
 from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, LongVideoJob, SegmentCaption
-from jobs.segments import Segment, plan_segments
+from jobs.segments import Segment, SegmentPlanError, plan_segments
 from jobs.store import JobStore
 from llava_custom.engine import Engine, GenerationSettings
 from llava_custom.errors import RequestCancelled
@@ -116,9 +116,10 @@ class JobManager:
         ``source`` in it) from here on and deletes it when it ends. Blocking (probes the file).
 
         Raises MediaError subclasses for unreadable or too long videos, SegmentPlanError for a
-        plan outside the video or over the segment limit, TooManyJobs when the queue is full."""
+        plan outside the video or over the segment or frame limits, TooManyJobs when the queue is
+        full."""
         if parameters.frames_per_segment > self.limits.max_frames:
-            raise ValueError(f"frames_per_segment may be at most {self.limits.max_frames}")
+            raise SegmentPlanError(f"frames_per_segment may be at most {self.limits.max_frames}")
         duration = self.decoder.run(media.video_duration, source, max_pixels=self.decode_options.get("max_pixels"))
         if duration > self.limits.max_video_seconds:
             raise media.MediaTooLarge(
