@@ -1,22 +1,24 @@
-"""Screenshots of the web page after an answer, for the README (docs/ui-desktop.png, docs/ui-phone.png).
+"""Screenshots of the web page after an answer, for the README (docs/ui-desktop.png,
+docs/ui-phone.png, docs/ui-job.png).
 
     python -m tools.ui_screenshots [--out docs]
 
 Serves the demo set-up (tiny random-weight checkpoint on CPU, so the answer is gibberish), asks
 about a generated 6-second video in Debian's chromium (Playwright, as tests/test_web_ui.py) at a
-desktop and a phone width, and saves each page whole.
+desktop and a phone width, runs a job on a 3-minute video on the desktop, and saves each page whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import av
 import numpy as np
 
-from bench.load import served
+from bench.load import REPO, served
 from llava_custom.tiny import write_tiny_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,7 +48,7 @@ def write_scene(path: Path, seconds: int = 6, fps: int = 10, size: tuple[int, in
     return path
 
 
-def shoot(base: str, video: Path, out: Path) -> list[Path]:
+def shoot(base: str, video: Path, job_video: Path, out: Path) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     saved = []
@@ -64,11 +66,27 @@ def shoot(base: str, video: Path, out: Path) -> list[Path]:
             page.screenshot(path=str(path), full_page=True)
             saved.append(path)
             page.close()
+        # Job mode on the desktop: a 3-minute video whose colour changes every minute, in 60 s segments.
+        page = browser.new_page(viewport={"width": WIDTHS["desktop"], "height": 900}, device_scale_factor=1)
+        page.goto(f"{base}/")
+        page.get_by_label("Long video (job)").check()
+        page.locator("#file").set_input_files(job_video)
+        page.get_by_label("Question", exact=True).fill("When does the colour change?")
+        page.get_by_label("Segment (s)").fill("60")
+        page.get_by_label("Frames per segment").fill("4")
+        page.get_by_role("button", name="Start job").click()
+        page.wait_for_function("document.getElementById('status').textContent === 'Done.'", timeout=120_000)
+        path = out / "ui-job.png"
+        page.screenshot(path=str(path), full_page=True)
+        saved.append(path)
         browser.close()
     return saved
 
 
 def main() -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from mediafiles import write_minutes_video
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
@@ -76,8 +94,10 @@ def main() -> None:
         folder = Path(work)
         checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
         video = write_scene(folder / "ball.mp4")
-        with served(checkpoint, folder / "serve.log", max_new_tokens="40") as base:
-            for path in shoot(base, video, args.out):
+        job_video = write_minutes_video(folder / "three-minutes.mp4", 3, size=(160, 120))
+        settings = {"max_new_tokens": "40", "job_dir": str(folder / "jobs")}
+        with served(checkpoint, folder / "serve.log", **settings) as base:
+            for path in shoot(base, video, job_video, args.out):
                 print(path)
 
 
