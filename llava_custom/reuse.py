@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
-from transformers import DynamicCache
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +64,8 @@ class CachedPrefix:
     """The KV cache of one prompt, per layer (1, kv heads, tokens, head dim), and its token ids."""
 
     token_ids: torch.Tensor  # (tokens,) on the host
+    # Copies of the prompt's keys and values (the engine's KV pool gives its blocks to other requests).
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-
-    @classmethod
-    def of(cls, input_ids: torch.Tensor, cache: DynamicCache) -> CachedPrefix:
-        # References, not copies: the scheduler only ever replaces cache tensors (torch.cat,
-        # slicing into new tensors), it never writes into them.
-        return cls(input_ids[0].cpu(), tuple((layer.keys, layer.values) for layer in cache.layers))
 
     @property
     def nbytes(self) -> int:
@@ -86,13 +80,6 @@ class CachedPrefix:
         common = int(differ[0]) if len(differ) else n
         usable = min(common, len(ids) - 1)
         return usable if usable >= visual_end else 0
-
-    def to_cache(self, length: int, config: Any) -> DynamicCache:
-        """A fresh cache holding the first ``length`` tokens (copied: the new prompt extends it)."""
-        cache = DynamicCache(config=config)
-        for index, (keys, values) in enumerate(self.layers):
-            cache.layers[index].update(keys[:, :, :length], values[:, :, :length])
-        return cache
 
 
 @dataclass
@@ -175,9 +162,12 @@ class ReuseCache:
     def prefix(self, key: str) -> CachedPrefix | None:
         return self.prefixes.get(key)
 
-    def store_prefix(self, key: str, input_ids: torch.Tensor, cache: DynamicCache) -> None:
+    def store_prefix(
+        self, key: str, input_ids: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    ) -> None:
+        """Keep the prompt's KV (copies, per layer (1, kv heads, tokens, head dim)) for the next prompt."""
         if self.prefixes.enabled:
-            prefix = CachedPrefix.of(input_ids, cache)
+            prefix = CachedPrefix(input_ids[0].cpu(), layers)
             self.prefixes.put(key, prefix, prefix.nbytes)
 
     def summary(self) -> str:

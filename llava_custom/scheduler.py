@@ -1,28 +1,27 @@
 """The scheduler: one thread that owns the model and serves every request through it.
 
-Continuous batching over the model's own forward and transformers' ``DynamicCache``:
+Continuous batching over the model's own forward and the engine's paged KV cache (kv_cache.py),
+the model calls themselves in runner.py:
 
-- Requests wait in a FIFO queue, background ones (``GenerationSettings.background``: a long-video
-  job's captions) behind all others. The head of the queue starts when the running batch has a free
-  row (``max_batch_size``) and the KV budget allows it (``kv_cache_tokens``, counted for the
-  padded batch, see :meth:`Scheduler._fits`); past ``max_waiting`` queued requests, a new one is
-  refused with :class:`EngineBusy` instead of queueing.
+- Requests wait in a queue (request_queue.py), background ones (``GenerationSettings.background``:
+  a long-video job's captions) behind all others. The head of the queue starts when the running
+  batch has a free row (``max_batch_size``) and the KV pool can hold everything the request will
+  ever write (``kv_cache_tokens``, counted in real tokens, see :meth:`Scheduler._fits`); past
+  ``max_waiting`` queued requests, a new one is refused with :class:`EngineBusy` instead of queueing.
 - A request is prefilled on its own, exactly as ``generate()`` would: vision features scattered
   into the prompt's embeddings, then the language model over the prompt in chunks of
-  ``prefill_chunk_tokens``. One unit of prefill work (the vision encoding, or one chunk) runs
-  between two decode steps, so a long video delays the running batch by one chunk at a time, not
-  by its whole prefill.
+  ``prefill_chunk_tokens``, writing its keys and values into blocks of the pool. One unit of
+  prefill work (the vision encoding, or one chunk) runs between two decode steps, so a long video
+  delays the running batch by one chunk at a time, not by its whole prefill.
 - A request about media seen before (``PreparedRequest.media``, llava_custom/reuse.py) takes its
   visual features from the cache instead of the vision tower, and starts its prefill from the
-  cached KV of the longest prompt prefix it shares with the last prompt about that media.
-- Its first token comes from the prefill's logits; then its cache joins the batch. The batch
-  cache holds every row right-aligned (left padding, as batched ``generate()`` uses): joining
-  pads the shorter side, leaving drops the row and the columns nobody needs any more. Each decode
-  step feeds every row its last token with its own position id and a padding mask, so a row's
-  answer is what it would be alone, up to float rounding.
+  kept KV of the longest prompt prefix it shares with the last prompt about that media.
+- Its first token comes from the prefill's logits; then it joins the batch. Nothing is copied when
+  a row joins or leaves: each row's keys stay in its own blocks, a decode step writes one token per
+  row in place and attention reads each row up to its own length, so a row's answer is what it
+  would be alone, up to float rounding.
 - A request that finishes (end-of-turn, a stop id, a stop string, ``max_new_tokens``), is
-  cancelled or passes its deadline leaves the batch before the next step, and its cache rows are
-  freed.
+  cancelled or passes its deadline leaves the batch before the next step, and its blocks are freed.
 - A text-only request (no media) is the same without the vision step, and is never reused.
 """
 
@@ -31,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -41,7 +39,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llava_custom.errors import EngineBusy, EngineClosed, PromptTooLong, RequestCancelled, RequestTimeout
+from llava_custom.kv_cache import RowKV
+from llava_custom.request_queue import RequestQueue
 from llava_custom.reuse import MediaRef, ReuseCache
+from llava_custom.runner import ModelRunner
 from llava_custom.sampling import GenerationSettings, TokenChooser, row_generator
 from llava_custom.streaming import (
     Answer,
@@ -62,13 +63,20 @@ class EngineLimits:
 
     max_batch_size: int = 8  # sequences decoded together
     max_waiting: int = 8  # requests queued beyond those; more are refused (EngineBusy)
-    kv_cache_tokens: int = 32768  # KV cache of the whole padded batch, in tokens
+    kv_cache_tokens: int = 32768  # the KV pool, in tokens of all requests together
+    kv_block_tokens: int = 16  # tokens per block of the pool
     prefill_chunk_tokens: int = 2048  # prompt tokens prefilled between two decode steps
     request_timeout: float = 600.0  # seconds from submission to the last token
     vision_chunk_frames: int = 8  # video frames through the vision tower at once
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "kv_cache_tokens", "prefill_chunk_tokens", "vision_chunk_frames"):
+        for name in (
+            "max_batch_size",
+            "kv_cache_tokens",
+            "kv_block_tokens",
+            "prefill_chunk_tokens",
+            "vision_chunk_frames",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_waiting < 0 or self.request_timeout <= 0:
@@ -121,7 +129,7 @@ class _Request:
     stop_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
-    length: int = 0  # tokens in its KV cache
+    kv: RowKV | None = None  # its blocks of the KV pool, from the start of its prefill
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when its settings ask for them
     # time.monotonic() of submission, prefill start and first token; seconds in the vision tower.
@@ -134,8 +142,9 @@ class _Request:
     def settings(self) -> GenerationSettings:
         return self.prepared.settings
 
-    def accept(self, token: int, logprob: TokenLogprob | None) -> bool:
-        """Record a generated token and stream it; True when the request is finished."""
+    def accept(self, token: int, logprob: TokenLogprob | None) -> Delta | None:
+        """Record a generated token and stream it; when it ends the request, return the last delta
+        instead, for the scheduler to send once the request's row is freed."""
         self.token_ids.append(token)
         logprobs = (logprob,) if logprob is not None else ()
         self.logprobs.extend(logprobs)
@@ -147,7 +156,7 @@ class _Request:
             reason = "length"
         if reason is None:
             self.stream.push(Delta(text, (token,), logprobs=logprobs))
-            return False
+            return None
         text += self.detokenizer.finish()
         answer = Answer(
             self.detokenizer.text,
@@ -158,8 +167,7 @@ class _Request:
             tuple(self.logprobs) if self.settings.logprobs is not None else None,
             self._timings(),
         )
-        self.stream.finish(Delta(text, (token,), reason, answer, logprobs))
-        return True
+        return Delta(text, (token,), reason, answer, logprobs)
 
     def _timings(self) -> Timings:
         now = time.monotonic()
@@ -171,53 +179,43 @@ class _Request:
 @dataclass(eq=False)
 class _Prefill:
     request: _Request
-    steps: Generator[None, None, tuple[DynamicCache, torch.Tensor]]
+    steps: Generator[None, None, torch.Tensor]
 
 
 class _Batch:
-    """The running rows: their requests, one padded KV cache, their last tokens and what each generated."""
+    """The running rows: their requests (each with its blocks of the pool), last tokens and generated ids."""
 
     def __init__(self) -> None:
         self.requests: list[_Request] = []
-        self.cache: DynamicCache | None = None
         self.next_tokens: torch.Tensor | None = None  # (rows,) fed at the next step
         self.generated: torch.Tensor | None = None  # (rows, vocabulary) bool
 
     @property
-    def width(self) -> int:
-        return self.cache.get_seq_length() if self.cache is not None else 0
+    def rows(self) -> list[RowKV]:
+        return [request.kv for request in self.requests]
 
-    def add(self, request: _Request, cache: DynamicCache, token: torch.Tensor, generated: torch.Tensor) -> None:
-        """Join a prefilled request; both caches are left-padded to the longer one."""
-        if self.cache is None:
-            self.requests, self.cache, self.next_tokens, self.generated = [request], cache, token, generated
+    def add(self, request: _Request, token: torch.Tensor, generated: torch.Tensor) -> None:
+        """Join a prefilled request; its keys stay where its prefill wrote them."""
+        if not self.requests:
+            self.requests, self.next_tokens, self.generated = [request], token, generated
             return
-        width = max(self.width, cache.get_seq_length())
-        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
-            layer.keys = torch.cat((_left_pad(layer.keys, width), _left_pad(new.keys, width)))
-            layer.values = torch.cat((_left_pad(layer.values, width), _left_pad(new.values, width)))
         self.requests.append(request)
         self.next_tokens = torch.cat((self.next_tokens, token))
         self.generated = torch.cat((self.generated, generated))
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows``; drop the leading columns that are padding for every remaining row."""
+        """Keep only ``rows``; the others give their blocks back."""
+        kept = set(rows)
+        for index, request in enumerate(self.requests):
+            if index not in kept:
+                request.kv.release()
         if not rows:
-            self.requests, self.cache, self.next_tokens, self.generated = [], None, None, None
+            self.requests, self.next_tokens, self.generated = [], None, None
             return
         index = torch.tensor(rows, device=self.next_tokens.device)
         self.requests = [self.requests[i] for i in rows]
-        drop = self.width - max(request.length for request in self.requests)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, drop:]
-            layer.values = layer.values[index, :, drop:]
         self.next_tokens = self.next_tokens[index]
         self.generated = self.generated[index]
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """(batch, heads, length, dim) -> (batch, heads, width, dim), zeros in front."""
-    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
 
 
 class Scheduler:
@@ -243,8 +241,11 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.context_length = model.config.text_config.max_position_embeddings
         self._check_cache_layout()
+        self.runner = ModelRunner(
+            model, device, limits.kv_cache_tokens, limits.kv_block_tokens, limits.vision_chunk_frames
+        )
         self._condition = threading.Condition()
-        self._waiting: deque[_Request] = deque()  # guarded by _condition
+        self._waiting: RequestQueue[_Request] = RequestQueue(lambda r: r.prepared.settings.background)
         self._closing = False
         self._prefill: _Prefill | None = None  # the rest is touched by the scheduler thread only
         self._batch = _Batch()
@@ -262,8 +263,9 @@ class Scheduler:
         ):
             if prepared.final_length > limit:
                 raise PromptTooLong(
-                    f"the prompt takes {prepared.prompt_tokens} tokens and {settings.max_new_tokens} new tokens "
-                    f"were asked for, more than {name} of {limit} tokens: use fewer frames, a smaller image or a "
+                    f"the prompt is too long: its {prepared.prompt_tokens} tokens and the {settings.max_new_tokens} "
+                    f"new tokens asked for make {prepared.final_length}, {prepared.final_length - limit} more than "
+                    f"{name} of {limit} tokens: use fewer frames, a smaller image, a shorter conversation or a "
                     "lower max_new_tokens"
                 )
         request = _Request(
@@ -281,11 +283,7 @@ class Scheduler:
                 raise EngineBusy(
                     f"the service is busy ({len(self._waiting)} requests wait for the model); retry in a few seconds"
                 )
-            if settings.background:
-                self._waiting.append(request)
-            else:  # ahead of the background requests waiting, behind the others (FIFO each)
-                position = next((i for i, r in enumerate(self._waiting) if r.prepared.settings.background), None)
-                self._waiting.insert(len(self._waiting) if position is None else position, request)
+            self._waiting.add(request)
             self._condition.notify()
         return request.stream
 
@@ -305,6 +303,11 @@ class Scheduler:
     def waiting(self) -> int:
         """Requests queued for a free row."""
         return len(self._waiting)
+
+    @property
+    def kv_tokens_held(self) -> int:
+        """Tokens of KV memory the running requests hold (whole blocks)."""
+        return self.runner.pool.used_blocks * self.runner.pool.block_size
 
     def _free_rows(self) -> int:
         # Requests that will start at once do not count as waiting.
@@ -326,8 +329,10 @@ class Scheduler:
         closed = EngineClosed("the engine was shut down")
         self._fail_batch(closed)
         with self._condition:
-            ended = list(self._waiting) + ([self._prefill.request] if self._prefill else [])
-            self._waiting.clear()
+            ended = self._waiting.drain()
+            if self._prefill is not None:
+                ended.append(self._prefill.request)
+                self._release(self._prefill.request)
             self._prefill = None
         for request in ended:
             request.stream.fail(closed)
@@ -339,24 +344,26 @@ class Scheduler:
                 self._condition.wait()
             if self._closing:
                 return False
-            for request in list(self._waiting):
-                if self._ended_early(request):
-                    self._waiting.remove(request)
-            if self._prefill is None and self._waiting and self._fits(self._waiting[0]):
-                request = self._waiting.popleft()
+            self._waiting.remove_if(self._ended_early)
+            head = self._waiting.peek()
+            if self._prefill is None and head is not None and self._fits(head):
+                request = self._waiting.pop()
                 request.started = time.monotonic()
                 request.stream.mark_started()
+                request.kv = self.runner.new_row()
                 self._prefill = _Prefill(request, self._prefill_steps(request))
         return True
 
     def _fits(self, request: _Request) -> bool:
-        """Whether the batch can take ``request`` now. The padded cache of n rows can grow to
-        n x the longest final length among them, so that product must stay within the budget."""
+        """Whether the batch can take ``request`` now: a free row, and free blocks for every token
+        it and each running request will ever hold (prompt and new tokens), so no row ever waits
+        for memory mid-answer."""
         rows = self._batch.requests
         if len(rows) >= self.limits.max_batch_size:
             return False
-        longest = max([r.prepared.final_length for r in rows] + [request.prepared.final_length])
-        return (len(rows) + 1) * longest <= self.limits.kv_cache_tokens
+        pool = self.runner.pool
+        promised = sum(pool.blocks_for(r.prepared.final_length) for r in [*rows, request])
+        return promised <= pool.num_blocks
 
     def _ended_early(self, request: _Request) -> bool:
         """End a request that was cancelled or ran out of time; True if it ended."""
@@ -379,45 +386,54 @@ class Scheduler:
             return True
         return False
 
+    @staticmethod
+    def _release(request: _Request) -> None:
+        if request.kv is not None:
+            request.kv.release()
+
     def _advance_prefill(self) -> None:
         prefill = self._prefill
         assert prefill is not None
-        if self._ended_early(prefill.request):
+        request = prefill.request
+        if self._ended_early(request):
             self._prefill = None
+            self._release(request)
             return
         try:
             next(prefill.steps)
             self.stats.prefill_chunks += 1
             return
         except StopIteration as done:
-            cache, logits = done.value
+            logits = done.value
         except Exception as error:
             logger.exception("prefill failed")
             self._prefill = None
+            self._release(request)
             self.stats.failed += 1
-            prefill.request.stream.fail(error)
+            request.stream.fail(error)
             return
         self._prefill = None
-        request = prefill.request
-        request.length = request.prepared.prompt_tokens
         generated = torch.zeros_like(logits, dtype=torch.bool)
         token, logprobs = self.chooser.choose(logits, generated, [request.settings], [request.generator])
         request.first_token = time.monotonic()
-        if request.accept(int(token[0]), logprobs[0]):
+        last = request.accept(int(token[0]), logprobs[0])
+        if last is not None:
             self.stats.completed += 1
+            self._release(request)
+            request.stream.finish(last)
             return
         generated[0, token[0]] = True
-        self._batch.add(request, cache, token, generated)
+        self._batch.add(request, token, generated)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._batch.requests))
 
-    def _prefill_steps(self, request: _Request) -> Generator[None, None, tuple[DynamicCache, torch.Tensor]]:
-        """Prefill one request, yielding between units of work; returns its cache and last logits.
+    def _prefill_steps(self, request: _Request) -> Generator[None, None, torch.Tensor]:
+        """Prefill one request into its blocks, yielding between units of work; returns its last logits.
 
-        With a cached prefix of the same media, only the tokens after the common prefix are
+        With a kept prefix of the same media, only the tokens after the common prefix are
         prefilled (text only: the visual tokens are inside the prefix)."""
         prepared = request.prepared
-        input_ids = prepared.input_ids.to(self.device)
-        reused, cache = self._reused_prefix(prepared)
+        row = request.kv
+        reused = self._reuse_prefix(prepared, row)
         if prepared.media is not None:
             recalled = prepared.media.features is not None
             logger.info(
@@ -429,82 +445,53 @@ class Scheduler:
                 self.reuse.summary(),
             )
         if reused:
-            embeds = self.model.model.get_input_embeddings()(input_ids[:, reused:])
+            embeds = self.runner.embed_tokens(prepared.input_ids[:, reused:])
         else:
-            embeds = self._embed(request, input_ids)
+            embeds = self.runner.embed(prepared.input_ids, prepared.modality, self._features(request))
             yield
-            cache = DynamicCache(config=self.model.config)
         total, chunk = embeds.shape[1], self.limits.prefill_chunk_tokens
         self.stats.prefill_tokens += total
         start = 0
         while total - start > chunk:
-            positions = torch.arange(reused + start, reused + start + chunk, device=self.device)[None]
-            # The language model alone: no logits are needed before the last chunk.
-            self.model.model.language_model(
-                inputs_embeds=embeds[:, start : start + chunk], position_ids=positions, cache=cache, use_cache=True
-            )
+            # No logits are needed before the last chunk.
+            self.runner.prefill(row, embeds[:, start : start + chunk], logits=False)
             start += chunk
             yield
-        positions = torch.arange(reused + start, reused + total, device=self.device)[None]
-        output = self.model(
-            inputs_embeds=embeds[:, start:], position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        if prepared.media is not None:
-            self.reuse.store_prefix(prepared.media.key, prepared.input_ids, cache)
-        return cache, output.logits[:, -1]
+        logits = self.runner.prefill(row, embeds[:, start:], logits=True)
+        if prepared.media is not None and self.reuse.prefixes.enabled:
+            layers = self.runner.read_prefix(row, prepared.prompt_tokens)
+            self.reuse.store_prefix(prepared.media.key, prepared.input_ids, layers)
+        return logits
 
-    def _reused_prefix(self, prepared: PreparedRequest) -> tuple[int, DynamicCache | None]:
-        """Tokens of the prompt whose KV a cached prefix of the same media holds, and that KV."""
+    def _reuse_prefix(self, prepared: PreparedRequest, row: RowKV) -> int:
+        """Write the KV of the longest prompt prefix a kept prefix of the same media holds into the
+        (empty) row; the number of tokens written."""
         if prepared.media is None or not self.reuse.prefixes.enabled:
-            return 0, None
+            return 0
         prefix = self.reuse.prefix(prepared.media.key)
+        if prefix is None:
+            return 0
         config = self.model.config
         placeholder = config.video_token_index if prepared.modality == "video" else config.image_token_index
         visual_end = int((prepared.input_ids[0] == placeholder).nonzero()[-1]) + 1
-        reused = prefix.usable_length(prepared.input_ids, visual_end) if prefix is not None else 0
-        return reused, prefix.to_cache(reused, config) if reused else None
+        reused = prefix.usable_length(prepared.input_ids, visual_end)
+        if reused:
+            self.runner.write_prefix(row, prefix.layers, reused)
+        return reused
 
-    def _embed(self, request: _Request, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt's embeddings with the visual features in the placeholders' places, as
-        LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
+    def _features(self, request: _Request) -> torch.Tensor | None:
+        """The request's visual features: recalled, or from the vision tower (then kept for reuse)."""
         prepared = request.prepared
-        inner = self.model.model
-        embeds = inner.get_input_embeddings()(input_ids)
         if prepared.modality == "text":
-            return embeds
+            return None
         media = prepared.media
         if media is not None and media.features is not None:
-            features = media.features.to(self.device)
-        else:
-            began = time.monotonic()
-            features = self._visual_features(prepared)
-            if features.is_cuda:  # kernels run asynchronously: wait for them to time the tower
-                torch.cuda.synchronize(features.device)
-            request.vision_seconds = time.monotonic() - began
-            if media is not None:
-                self.reuse.store_features(media, features)
-        if prepared.modality == "video":
-            _, mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
-        else:
-            mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
-
-    def _visual_features(self, prepared: PreparedRequest) -> torch.Tensor:
-        """(visual tokens, hidden): the vision tower and projector over the request's pixels."""
+            return media.features.to(self.device)
         self.stats.vision_encodings += 1
-        inner = self.model.model
-        vision_dtype = inner.vision_tower.dtype
-        pixels = {
-            name: value.to(self.device, vision_dtype) if name.startswith("pixel_values") else value.to(self.device)
-            for name, value in prepared.pixel_inputs.items()
-            if value is not None
-        }
-        if prepared.modality == "video":
-            output = inner.get_video_features(
-                **pixels, frames_per_chunk=self.limits.vision_chunk_frames, return_dict=True
-            )
-            return output.pooler_output.flatten(0, 1)
-        return torch.cat(inner.get_image_features(**pixels, return_dict=True).pooler_output, dim=0)
+        features, request.vision_seconds = self.runner.visual_features(prepared.modality, prepared.pixel_inputs)
+        if media is not None:
+            self.reuse.store_features(media, features)
+        return features
 
     def _decode_step(self) -> None:
         """One token for every running row."""
@@ -514,19 +501,9 @@ class Scheduler:
             batch.keep(survivors)
             if not batch.requests:
                 return
-        width = batch.width
-        lengths = torch.tensor([request.length for request in batch.requests], device=self.device)
-        # Row i's cache is right-aligned: its real tokens are the last lengths[i] columns, plus the new one.
-        mask = torch.arange(width + 1, device=self.device)[None, :] >= (width - lengths)[:, None]
-        output = self.model(
-            input_ids=batch.next_tokens[:, None],
-            attention_mask=mask,
-            position_ids=lengths[:, None],
-            cache=batch.cache,
-            use_cache=True,
-        )
+        logits = self.runner.decode(batch.rows, batch.next_tokens)
         tokens, logprobs = self.chooser.choose(
-            output.logits[:, -1],
+            logits,
             batch.generated,
             [request.settings for request in batch.requests],
             [request.generator for request in batch.requests],
@@ -534,24 +511,28 @@ class Scheduler:
         self.stats.decode_steps += 1
         batch.generated[torch.arange(len(tokens), device=self.device), tokens] = True
         batch.next_tokens = tokens
-        keep = []
+        keep, finished = [], []
         for row, (request, token, logprob) in enumerate(zip(batch.requests, tokens.tolist(), logprobs, strict=True)):
-            request.length += 1
-            if request.accept(token, logprob):
-                self.stats.completed += 1
-            else:
+            last = request.accept(token, logprob)
+            if last is None:
                 keep.append(row)
-        if len(keep) < len(batch.requests):
-            batch.keep(keep)
+            else:
+                finished.append((request, last))
+        if finished:
+            batch.keep(keep)  # rows freed before their readers hear the end
+            self.stats.completed += len(finished)
+            for request, last in finished:
+                request.stream.finish(last)
 
     def _fail_batch(self, error: BaseException) -> None:
         for request in self._batch.requests:
             request.stream.fail(error)
+            self._release(request)
         self.stats.failed += len(self._batch.requests)
         self._batch = _Batch()
 
     def _check_cache_layout(self) -> None:
-        """The batch cache pads and slices plain full-attention layers; refuse anything else."""
+        """The paged cache holds plain full-attention layers; refuse anything else (sliding windows)."""
         cache = DynamicCache(config=self.model.config)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             raise ValueError("the scheduler supports full-attention language models only (no sliding window)")

@@ -231,13 +231,13 @@ def test_top_k_and_top_p_follow_transformers_warpers(top_k, top_p):
 
 @contextlib.contextmanager
 def step_logits(engine: Engine) -> Iterator[list[torch.Tensor]]:
-    """The logits of each forward of the whole model (last prefill chunk, then each decode step)."""
+    """The logits the model's head gives at each step (last prefill chunk, then each decode step)."""
     logits: list[torch.Tensor] = []
 
     def capture(_module, _args, output):
-        logits.append(output.logits[0, -1].detach().clone())
+        logits.append(output.reshape(-1, output.shape[-1])[-1].detach().clone())
 
-    handle = engine.model.register_forward_hook(capture)
+    handle = engine.model.lm_head.register_forward_hook(capture)
     try:
         yield logits
     finally:

@@ -88,10 +88,10 @@ def first_step_logits(engine: Engine, **answer_kwargs) -> torch.Tensor:
     """Logits of the first generated token, through the engine's own input building."""
     captured = []
 
-    def hook(_module, _inputs, output):
-        captured.append(output.logits[0, -1].clone())
+    def hook(_module, _inputs, output):  # the model's head: the prefill's last token comes first
+        captured.append(output.reshape(-1, output.shape[-1])[-1].clone())
 
-    handle = engine.model.register_forward_hook(hook)
+    handle = engine.model.lm_head.register_forward_hook(hook)
     try:
         submit = engine.submit_video if "frames" in answer_kwargs else engine.submit_image
         answer = submit(**answer_kwargs, settings=GenerationSettings(max_new_tokens=8)).result()

@@ -100,20 +100,29 @@ def our_runs(golden_checkpoints: dict[str, Path]) -> dict[str, OurRun]:
 def prefill_logits(engine: Engine) -> Iterator[list[torch.Tensor]]:
     """The first-step logits of every prefill, in the order the engine runs them.
 
-    The scheduler calls the model with ``inputs_embeds`` for a prompt's last chunk and with
-    ``input_ids`` for decode steps, so the hook can tell them apart.
+    The engine's runner calls the language model with ``inputs_embeds`` for prompt chunks and with
+    ``input_ids`` for decode steps, and the model's head only after a prompt's last chunk and after
+    each decode step, so the hooks can tell a prefill's logits from a step's.
     """
     logits: list[torch.Tensor] = []
+    prefilling = [False]
 
-    def capture(_module, _args, kwargs, output):
-        if kwargs.get("inputs_embeds") is not None:
-            logits.append(output.logits[0, -1].detach().clone())
+    def note_pass(_module, _args, kwargs):
+        prefilling[0] = kwargs.get("inputs_embeds") is not None
 
-    handle = engine.model.register_forward_hook(capture, with_kwargs=True)
+    def capture(_module, _args, output):
+        if prefilling[0]:
+            logits.append(output.reshape(-1, output.shape[-1])[-1].detach().clone())
+
+    handles = [
+        engine.model.model.language_model.register_forward_pre_hook(note_pass, with_kwargs=True),
+        engine.model.lm_head.register_forward_hook(capture),
+    ]
     try:
         yield logits
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def prepare_case(

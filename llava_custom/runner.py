@@ -1,0 +1,125 @@
+"""The model runner: the only code that calls the model, for the scheduler's thread.
+
+Vision features, prompt embeddings, a prefill chunk and a decode step, all over the model's own
+modules (transformers' LlavaOnevision with llava_custom.modeling's layout) and the engine's paged
+KV cache (kv_cache.py): a prefill writes one request's keys and values into its blocks, a decode
+step writes one token per running row in place, and attention reads each row up to its own length.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llava_custom.kv_cache import BlockPool, PagedPass, RowKV, install_paged_attention
+
+
+class ModelRunner:
+    """Runs the model over requests' inputs and their rows of the KV pool."""
+
+    def __init__(
+        self, model, device: torch.device, kv_cache_tokens: int, block_size: int, vision_chunk_frames: int
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.vision_chunk_frames = vision_chunk_frames
+        text = model.config.text_config
+        install_paged_attention(text)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dtype = model.model.get_input_embeddings().weight.dtype
+        self.pool = BlockPool(
+            text.num_hidden_layers,
+            text.num_key_value_heads,
+            head_dim,
+            -(-kv_cache_tokens // block_size),
+            block_size,
+            dtype,
+            device,
+        )
+
+    def new_row(self) -> RowKV:
+        return RowKV(self.pool)
+
+    # --- pictures and prompts -------------------------------------------------------------------
+
+    def visual_features(self, modality: str, pixel_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """(visual tokens, hidden) from the vision tower and projector, and the seconds they took."""
+        began = time.monotonic()
+        inner = self.model.model
+        vision_dtype = inner.vision_tower.dtype
+        pixels = {
+            name: value.to(self.device, vision_dtype) if name.startswith("pixel_values") else value.to(self.device)
+            for name, value in pixel_inputs.items()
+            if value is not None
+        }
+        if modality == "video":
+            output = inner.get_video_features(**pixels, frames_per_chunk=self.vision_chunk_frames, return_dict=True)
+            features = output.pooler_output.flatten(0, 1)
+        else:
+            features = torch.cat(inner.get_image_features(**pixels, return_dict=True).pooler_output, dim=0)
+        if features.is_cuda:  # kernels run asynchronously: wait for them to time the tower
+            torch.cuda.synchronize(features.device)
+        return features, time.monotonic() - began
+
+    def embed(self, input_ids: torch.Tensor, modality: str, features: torch.Tensor | None) -> torch.Tensor:
+        """The prompt's embeddings with the visual features in the placeholders' places, as
+        LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(input_ids.to(self.device))
+        if features is None:
+            return embeds
+        if modality == "video":
+            _, mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
+        else:
+            mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.get_input_embeddings()(input_ids.to(self.device))
+
+    # --- the language model over the pool -------------------------------------------------------
+
+    def prefill(self, row: RowKV, embeds: torch.Tensor, *, logits: bool) -> torch.Tensor | None:
+        """Run (1, tokens, hidden) embeddings after the row's tokens; the last token's logits if asked."""
+        paged = PagedPass([row], [embeds.shape[1]])
+        hidden = self._language_model(paged, inputs_embeds=embeds)
+        paged.advance([row])
+        return self.model.lm_head(hidden[:, -1]) if logits else None
+
+    def decode(self, rows: list[RowKV], tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each row: (rows,) ids in, (rows, vocabulary) logits out."""
+        paged = PagedPass(rows, [1] * len(rows))
+        hidden = self._language_model(paged, input_ids=tokens[None])
+        paged.advance(rows)
+        return self.model.lm_head(hidden[0])
+
+    def _language_model(self, paged: PagedPass, **inputs: torch.Tensor) -> torch.Tensor:
+        output = self.model.model.language_model(
+            **inputs,
+            position_ids=paged.position_ids(self.device),
+            attention_mask={"full_attention": paged.mask},  # built by the pass: no mask creation here
+            cache=paged,
+            use_cache=True,
+            paged=paged,
+        )
+        return output.last_hidden_state
+
+    # --- prompt KV kept for reuse ---------------------------------------------------------------
+
+    def read_prefix(self, row: RowKV, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Copies of the row's first ``length`` tokens' keys and values, (1, kv heads, length, dim) per layer."""
+        slots = row.slots(0, length)
+        return tuple(
+            (keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None])
+            for keys, values in zip(self.pool.keys, self.pool.values, strict=True)
+        )
+
+    def write_prefix(self, row: RowKV, layers: tuple[tuple[torch.Tensor, torch.Tensor], ...], length: int) -> None:
+        """Start an empty row with the first ``length`` tokens of a kept prefix."""
+        row.reserve(length)
+        slots = row.slots(0, length)
+        for (keys, values), pool_keys, pool_values in zip(layers, self.pool.keys, self.pool.values, strict=True):
+            pool_keys.index_copy_(0, slots, keys[0, :, :length].transpose(0, 1).to(pool_keys.dtype))
+            pool_values.index_copy_(0, slots, values[0, :, :length].transpose(0, 1).to(pool_values.dtype))
+        row.length = length
