@@ -74,8 +74,9 @@ class Settings(BaseSettings):
         _ENGINE.max_batch_size, ge=1, description="requests generating together (continuous batching)"
     )
     kv_cache_tokens: int = Field(
-        _ENGINE.kv_cache_tokens, ge=1, description="KV cache budget of the whole padded batch, in tokens"
+        _ENGINE.kv_cache_tokens, ge=1, description="the KV cache, in tokens of all requests, allocated at start"
     )
+    kv_block_tokens: int = Field(_ENGINE.kv_block_tokens, ge=1, le=4096, description="tokens per block of the KV cache")
     prefill_chunk_tokens: int = Field(
         _ENGINE.prefill_chunk_tokens, ge=16, description="prompt tokens prefilled between two decode steps"
     )
@@ -129,6 +130,7 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_waiting=self.max_pending_requests,
             kv_cache_tokens=self.kv_cache_tokens,
+            kv_block_tokens=self.kv_block_tokens,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             request_timeout=self.request_timeout,
             vision_chunk_frames=self.vision_chunk_frames,

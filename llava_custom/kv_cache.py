@@ -178,7 +178,8 @@ class PagedPass:
         values.index_copy_(0, self.write, value_states[0].transpose(0, 1))
         if self.fresh:
             return key_states, value_states
-        return keys[self.read].transpose(0, 1)[None], values[self.read].transpose(0, 1)[None]
+        read = self.read
+        return keys.index_select(0, read).transpose(0, 1)[None], values.index_select(0, read).transpose(0, 1)[None]
 
 
 def paged_attention(

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from llava_custom.engine import Engine, EngineLimits, GenerationSettings
+from llava_custom.engine import Engine, EngineLimits, GenerationSettings, PreparedRequest
 from llava_custom.errors import EngineBusy, PromptTooLong, RequestCancelled, RequestTimeout
 from llava_custom.streaming import IncrementalDetokenizer, TokenStream
 
@@ -57,7 +57,7 @@ def wait_for_tokens(stream: TokenStream, count: int) -> list:
 
 
 def test_batched_greedy_answers_equal_the_answers_alone(loaded):
-    """Prompts of different lengths (2, 4, 8 frames, two images) share the padded batch."""
+    """Prompts of different lengths (2, 4, 8 frames, two images) share the batch."""
     greedy = GenerationSettings(max_new_tokens=24)
 
     def submit_all(engine: Engine) -> list[TokenStream]:
@@ -248,6 +248,54 @@ def test_the_kv_budget_limits_the_batch_and_refuses_what_never_fits(loaded):
     with engine_with(loaded, kv_cache_tokens=2 * context) as engine:
         with pytest.raises(PromptTooLong, match="model's context"):
             submit_video(engine, 76, GenerationSettings(max_new_tokens=context))
+
+
+def test_rows_joining_and_leaving_never_change_another_rows_answer(loaded):
+    """A long answer keeps decoding while rows of other lengths join, finish and are cancelled
+    around it: its tokens are the ones it gets alone, and so are each short one's."""
+    greedy = GenerationSettings(max_new_tokens=6)
+    with engine_with(loaded) as engine:
+        long_alone = submit_video(engine, 101, long_settings(200), count=8).result()
+        shorts_alone = [submit_video(engine, 102 + i, greedy, count=2 + 2 * i).result() for i in range(3)]
+    with engine_with(loaded) as engine:
+        long = submit_video(engine, 101, long_settings(200), count=8)
+        wait_for_tokens(long, 5)
+        shorts = []
+        for i in range(3):  # each joins, and leaves before the next one comes
+            shorts.append(submit_video(engine, 102 + i, greedy, count=2 + 2 * i).result())
+            cancelled = submit_video(engine, 110 + i, long_settings(300))
+            wait_for_tokens(cancelled, 2)
+            cancelled.cancel()
+        assert long.result().token_ids == long_alone.token_ids
+        assert [answer.token_ids for answer in shorts] == [answer.token_ids for answer in shorts_alone]
+        pool = engine.scheduler.runner.pool
+        assert pool.free_blocks == pool.num_blocks, "every row gave its blocks back"
+
+
+def test_the_budget_admits_by_the_tokens_each_request_holds(loaded):
+    """One long video beside seven short questions: the padded cache needed 8 x the longest row;
+    the pool holds each row's own tokens, one partly filled block per row at most."""
+    tokens = GenerationSettings(max_new_tokens=300, ignore_eos=True)
+
+    def prepare(engine: Engine) -> list[PreparedRequest]:
+        long = engine.prepare_video(frames(120, 16), 8.0, [i * 0.5 for i in range(16)], "What happens?", tokens)
+        return [long] + [engine.prepare_video(frames(121 + i, 1), 0.5, [0.0], "Colour?", tokens) for i in range(7)]
+
+    with engine_with(loaded) as engine:
+        alone = [engine.submit(request).result() for request in prepare(engine)]
+    finals = [answer.prompt_tokens + 300 for answer in alone]
+    budget = sum(finals) + 8 * 16  # each request's last block may be partly filled
+    assert budget < 8 * max(finals) / 2, "a padded batch could not hold this mix"
+    with engine_with(loaded, kv_cache_tokens=budget) as engine:
+        streams = [engine.submit(request) for request in prepare(engine)]
+        wait_for_tokens(streams[-1], 5)
+        scheduler = engine.scheduler
+        held = scheduler.kv_tokens_held
+        written = sum(request.kv.length for request in scheduler._batch.requests)
+        assert len(scheduler._batch.requests) == 8
+        assert written <= held < written + 8 * scheduler.runner.pool.block_size
+        assert [stream.result().token_ids for stream in streams] == [answer.token_ids for answer in alone]
+        assert scheduler.stats.largest_batch == 8
 
 
 def test_limits_that_could_never_serve_the_largest_request_are_refused_at_start(loaded):
