@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(
         _ENGINE.kv_cache_tokens, ge=1, description="the KV cache, in tokens of all requests, allocated at start"
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        _ENGINE.compile, description="torch.compile the decode step (during warm-up); auto: where it measured faster"
+    )
     kv_block_tokens: int = Field(_ENGINE.kv_block_tokens, ge=1, le=4096, description="tokens per block of the KV cache")
     prefill_chunk_tokens: int = Field(
         _ENGINE.prefill_chunk_tokens, ge=16, description="prompt tokens prefilled between two decode steps"
@@ -131,6 +134,7 @@ class Settings(BaseSettings):
             max_waiting=self.max_pending_requests,
             kv_cache_tokens=self.kv_cache_tokens,
             kv_block_tokens=self.kv_block_tokens,
+            compile=self.compile,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             request_timeout=self.request_timeout,
             vision_chunk_frames=self.vision_chunk_frames,

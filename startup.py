@@ -196,7 +196,12 @@ class ModelStartup:
             engine.check_capacity(s.max_frames, s.max_new_tokens_limit)
             warm = time.monotonic()
             answer = engine.warm_up(video_frames=s.warmup_frames)
-            logger.info("warm-up generation: %d tokens in %.2f s", answer.completion_tokens, time.monotonic() - warm)
+            logger.info(
+                "warm-up generation: %d tokens in %.2f s%s",
+                answer.completion_tokens,
+                time.monotonic() - warm,
+                " (decode step compiled during it)" if engine.scheduler.runner.compiled else "",
+            )
             if memory := gpu_memory(loaded.device):
                 logger.info(memory)
             logger.info(s.describe_limits())

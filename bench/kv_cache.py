@@ -107,7 +107,7 @@ def profile_step(engine, prepared: list) -> dict:
     return {"outside_share": 1 - inside / total if total else None}
 
 
-def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float) -> dict:
+def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float, compile_step: str | None) -> dict:
     import torch
 
     from llava_custom.builder import load_pretrained_model
@@ -115,10 +115,15 @@ def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float) -> di
     from llava_custom.prompting import Conversation, Turn
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    started = time.perf_counter()
     loaded = load_pretrained_model(checkpoint, load_4bit=width == "real", device="cpu")
     # Room for the old engine's padded batch too (8 rows as long as the longest), so both run the mix.
     limits = EngineLimits(max_batch_size=8, kv_cache_tokens=8 * (long_tokens + NEW_TOKENS + 256))
+    if compile_step is not None:  # the old engine has no such setting
+        limits = dataclasses.replace(limits, compile=compile_step)
     engine = Engine(loaded, limits)
+    engine.warm_up()  # as the service does before it says ready (and compiles the step then)
+    ready = time.perf_counter() - started
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
     def ask(text: str):
@@ -130,8 +135,8 @@ def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float) -> di
     while long.prompt_tokens > long_tokens:  # trim to the tokens asked for
         words = words[: int(len(words) * long_tokens / long.prompt_tokens) - 1]
         long = ask(words)
-    engine.submit(ask("warm up")).result()
     results = {
+        "ready_s": ready,
         "batch 1": measure(engine, short[:1], seconds),
         "batch 8": measure(engine, short, seconds),
         "mixed": measure(engine, [long, *short[:SHORT_ROWS]], seconds),
@@ -157,11 +162,14 @@ def write_checkpoint(folder: Path, width: str) -> Path:
     return write_random_checkpoint(folder / "real-width", spec)
 
 
-def run_child(engine: str, checkpoint: Path, args: argparse.Namespace, code: Path | None) -> dict:
+def run_child(
+    engine: str, checkpoint: Path, args: argparse.Namespace, code: Path | None, compile_step: str | None = None
+) -> dict:
     path = [str(code), str(REPO)] if code else [str(REPO)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     command = [sys.executable, "-m", "bench.kv_cache", "--one", str(checkpoint), "--width", args.width]
     command += ["--long-tokens", str(args.long_tokens), "--seconds", str(args.seconds)]
+    command += ["--compile", compile_step] if compile_step else []
     done = subprocess.run(command, cwd=code or REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {engine} engine failed:\n{done.stderr[-4000:]}")
@@ -170,16 +178,22 @@ def run_child(engine: str, checkpoint: Path, args: argparse.Namespace, code: Pat
 
 def report(results: dict) -> str:
     old, new = results["old"], results["new"]
+    runs = [("old", old), ("new", new)] + ([("compiled", results["compiled"])] if "compiled" in results else [])
     lines = [
         f"Machine: {results['machine']}; {results['width']} width; long row {new['long_prompt_tokens']} prompt tokens",
         "",
-        f"| decode step | old ({results['baseline']}) ms | new ms | new / old |",
-        "|---|---|---|---|",
+        "| decode step, ms | "
+        + " | ".join(name for name, _ in runs)
+        + " | new / old |"
+        + (" compiled / old |" if len(runs) == 3 else ""),
+        "|---" * (len(runs) + 1 + (len(runs) - 1)) + "|",
     ]
     for name in ("batch 1", "batch 8", "mixed"):
-        o, n = old[name]["ms_per_step"], new[name]["ms_per_step"]
-        lines.append(f"| {name} | {o:.2f} | {n:.2f} | x{n / o:.2f} |")
-    for label, run in (("old", old), ("new", new)):
+        cells = [f"{run[name]['ms_per_step']:.2f}" for _, run in runs]
+        ratios = [f"x{run[name]['ms_per_step'] / old[name]['ms_per_step']:.2f}" for _, run in runs[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
+    lines.append("| load + warm-up to ready, s | " + " | ".join(f"{run['ready_s']:.1f}" for _, run in runs) + " |")
+    for label, run in runs:
         mixed = run["mixed"]
         lines.append(
             f"\n{label}: mixed step / 8 short = x{mixed['ms_per_step'] / run['batch 8']['ms_per_step']:.2f}; "
@@ -187,9 +201,8 @@ def report(results: dict) -> str:
             f"tokens (x{mixed['kv_held'] / mixed['kv_needed']:.2f})"
         )
         if "profile" in run:
-            lines.append(
-                f"{label}: share of a mixed step outside the layers' arithmetic {run['profile']['outside_share']:.0%}"
-            )
+            share = run["profile"]["outside_share"]
+            lines.append(f"{label}: share of a mixed step outside the layers' arithmetic {share:.0%}")
     return "\n".join(lines)
 
 
@@ -200,11 +213,13 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=None, help="default: 8192 (tiny), 13600 (real)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    parser.add_argument("--compile", choices=("on", "off"), help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.long_tokens = args.long_tokens or (8192 if args.width == "tiny" else 13600)
     if args.one:
-        print(json.dumps(run_one(args.one, args.width, args.long_tokens, args.seconds)))
+        print(json.dumps(run_one(args.one, args.width, args.long_tokens, args.seconds, args.compile)))
         return
     from bench.machine import machine
 
@@ -213,7 +228,9 @@ def main() -> None:
         checkpoint = write_checkpoint(workdir, args.width)
         results = {"machine": machine(), "width": args.width, "baseline": args.baseline}
         results["old"] = run_child("old", checkpoint, args, baseline_code(workdir, args.baseline))
-        results["new"] = run_child("new", checkpoint, args, None)
+        results["new"] = run_child("new", checkpoint, args, None, "off")
+        if not args.no_compile:
+            results["compiled"] = run_child("new, compiled", checkpoint, args, None, "on")
     print(report(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -149,6 +149,8 @@ class PagedPass:
             None if self.fresh else torch.cat([row.slots(0, n) for row, n in zip(rows, self.key_lengths, strict=True)])
         )
         self.mask = None if self.fresh or self.rows == 1 and new[0] == 1 else self._mask(pool.keys[0].device)
+        # Several rows of one new token each: attention folds the KV heads (see paged_attention).
+        self.folded = self.rows > 1 and max(new) == 1
 
     def advance(self, rows: Sequence[RowKV]) -> None:
         """Record the pass's tokens as written (call once the forward succeeded)."""
@@ -169,7 +171,8 @@ class PagedPass:
         mask = (query_rows[:, None] == key_rows[None, :]) & (key_positions[None, :] <= query_positions[:, None])
         return mask[None, None]
 
-    # transformers' Cache protocol, as the attention layers use it.
+    # transformers' Cache protocol, as the attention layers use it. Never traced by torch.compile:
+    # the pool is written in place, outside any graph, so no compiled graph copies it.
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the pass's (1, kv heads, tokens, dim) keys and values into their slots; return what
         the pass attends to, (1, kv heads, keys, dim), every row's keys one after another."""
@@ -197,7 +200,7 @@ def paged_attention(
     if paged is None:
         return _fallback(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
-    if paged.mask is None or groups == 1 or max(paged.query_lengths) > 1:
+    if not paged.folded or groups == 1:
         # One row, a prefill, or no grouped heads: transformers' SDPA path, as a model without a
         # paged cache runs it (a fresh prefill takes its causal kernel, a lone row needs no mask).
         return sdpa_attention_forward(module, query, key, value, paged.mask, scaling=scaling, dropout=dropout)

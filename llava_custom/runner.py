@@ -8,22 +8,37 @@ step writes one token per running row in place, and attention reads each row up 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from llava_custom.kv_cache import BlockPool, PagedPass, RowKV, install_paged_attention
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRunner:
     """Runs the model over requests' inputs and their rows of the KV pool."""
 
     def __init__(
-        self, model, device: torch.device, kv_cache_tokens: int, block_size: int, vision_chunk_frames: int
+        self,
+        model,
+        device: torch.device,
+        kv_cache_tokens: int,
+        block_size: int,
+        vision_chunk_frames: int,
+        compile_decode: bool = False,
     ) -> None:
         self.model = model
         self.device = device
         self.vision_chunk_frames = vision_chunk_frames
+        language_model = model.model.language_model
+        # The decode step compiled with dynamic shapes: one graph serves every batch size and
+        # length (the pool's reads and writes stay outside it, see PagedPass.update). Prefill is
+        # not compiled: its shapes differ with every prompt, and its arithmetic dominates anyway.
+        self.compiled = compile_decode
+        self._decode_model = torch.compile(language_model, dynamic=True) if compile_decode else language_model
         text = model.config.text_config
         install_paged_attention(text)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -90,12 +105,21 @@ class ModelRunner:
     def decode(self, rows: list[RowKV], tokens: torch.Tensor) -> torch.Tensor:
         """One token for each row: (rows,) ids in, (rows, vocabulary) logits out."""
         paged = PagedPass(rows, [1] * len(rows))
-        hidden = self._language_model(paged, input_ids=tokens[None])
+        try:
+            hidden = self._language_model(paged, self._decode_model, input_ids=tokens[None])
+        except Exception:
+            if self._decode_model is self.model.model.language_model:
+                raise
+            # A compiler fault must not take the service down: the step runs eagerly from now on
+            # (its writes to the pool are repeated with the same values).
+            logger.exception("the compiled decode step failed; decoding without compilation from now on")
+            self._decode_model, self.compiled = self.model.model.language_model, False
+            hidden = self._language_model(paged, self._decode_model, input_ids=tokens[None])
         paged.advance(rows)
         return self.model.lm_head(hidden[0])
 
-    def _language_model(self, paged: PagedPass, **inputs: torch.Tensor) -> torch.Tensor:
-        output = self.model.model.language_model(
+    def _language_model(self, paged: PagedPass, model=None, **inputs: torch.Tensor) -> torch.Tensor:
+        output = (self.model.model.language_model if model is None else model)(
             **inputs,
             position_ids=paged.position_ids(self.device),
             attention_mask={"full_attention": paged.mask},  # built by the pass: no mask creation here

@@ -68,6 +68,7 @@ class EngineLimits:
     prefill_chunk_tokens: int = 2048  # prompt tokens prefilled between two decode steps
     request_timeout: float = 600.0  # seconds from submission to the last token
     vision_chunk_frames: int = 8  # video frames through the vision tower at once
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the decode step; auto: see compile_decode
 
     def __post_init__(self) -> None:
         for name in (
@@ -79,6 +80,8 @@ class EngineLimits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError("compile must be auto, on or off")
         if self.max_waiting < 0 or self.request_timeout <= 0:
             raise ValueError("max_waiting must be >= 0 and request_timeout > 0")
 
@@ -242,7 +245,12 @@ class Scheduler:
         self.context_length = model.config.text_config.max_position_embeddings
         self._check_cache_layout()
         self.runner = ModelRunner(
-            model, device, limits.kv_cache_tokens, limits.kv_block_tokens, limits.vision_chunk_frames
+            model,
+            device,
+            limits.kv_cache_tokens,
+            limits.kv_block_tokens,
+            limits.vision_chunk_frames,
+            compile_decode(limits.compile, device),
         )
         self._condition = threading.Condition()
         self._waiting: RequestQueue[_Request] = RequestQueue(lambda r: r.prepared.settings.background)
@@ -536,3 +544,15 @@ class Scheduler:
         cache = DynamicCache(config=self.model.config)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             raise ValueError("the scheduler supports full-attention language models only (no sliding window)")
+
+
+def compile_decode(setting: str, device: torch.device) -> bool:
+    """Whether the decode step is compiled: ``on``/``off`` as said; ``auto`` where bench.kv_cache
+    showed compilation to win (see docs/BENCHMARKS.md)."""
+    if setting != "auto":
+        return setting == "on"
+    return COMPILE_WINS.get(device.type, False)
+
+
+# Where bench.kv_cache measured the compiled decode step faster than the eager one.
+COMPILE_WINS: dict[str, bool] = {"cpu": False, "cuda": False}

@@ -387,3 +387,27 @@ def test_requests_go_ahead_of_waiting_background_requests_and_keep_their_order(l
             assert time.monotonic() < deadline
             time.sleep(0.02)
     assert finished == ["running", "question 1", "question 2", "caption 1", "caption 2", "caption 3"]
+
+
+# --- the compiled decode step ------------------------------------------------------------------
+
+
+def test_compiled_and_eager_decode_steps_give_the_same_answers(loaded):
+    """LLAVA_COMPILE=on: the decode step under torch.compile (dynamic shapes), alone and batched,
+    with rows joining and leaving, answers as the eager step does; compiled during warm-up."""
+    greedy = GenerationSettings(max_new_tokens=12)
+
+    def answers(engine: Engine) -> list[tuple[int, ...]]:
+        engine.warm_up()
+        alone = submit_video(engine, 131, greedy).result()
+        streams = [submit_video(engine, 131 + i, greedy, count=1 + i) for i in range(4)]
+        return [alone.token_ids] + [stream.result().token_ids for stream in streams]
+
+    with engine_with(loaded, compile="off") as engine:
+        assert not engine.scheduler.runner.compiled
+        eager = answers(engine)
+    with engine_with(loaded, compile="on") as engine:
+        compiled = answers(engine)
+        assert engine.scheduler.runner.compiled, "the compiled step ran without falling back"
+        assert engine.scheduler.stats.largest_batch == 4
+    assert compiled == eager
