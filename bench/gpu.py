@@ -64,6 +64,7 @@ from llava_custom.engine import (  # noqa: E402
     ReuseCache,
     TokenStream,
 )
+from llava_custom.prompting import Conversation, Turn  # noqa: E402
 from llava_custom.reuse import image_key, video_key  # noqa: E402
 from llava_custom.tiny import LLAVA_VIDEO_7B, TinySpec, write_random_checkpoint  # noqa: E402
 
@@ -71,6 +72,7 @@ REQUESTS = 8  # the concurrent rows
 IMAGE_SIZE = (1280, 720)  # (width, height)
 VIDEO_SECONDS = 60.0  # frames are sampled uniformly over a video this long
 QUESTIONS = {"image": "Describe this image in detail.", "video": "What happens in this video?"}
+SHORT_QUESTION = "Name a colour."
 FOLLOW_UP = "What colour is the largest object, and where is it?"
 # Peak memory bandwidth by device name, first match wins (so more specific names come first).
 NOMINAL_BANDWIDTH = (
@@ -145,7 +147,7 @@ class Decode:
     tokens_per_s: float
     steps: int
     rows: float  # sequences per step
-    context: float  # mean padded KV length (tokens per row) the steps attended over
+    context: float  # mean KV length per row (tokens) the steps attended over
     window: str  # which steps were measured
 
 
@@ -161,27 +163,28 @@ def decode_together(timings: list[StreamTiming], decode_steps: int) -> Decode:
     """Steps in which every request decodes: from the last one's first token to the first one's end.
 
     Requests join the batch one by one (prefills run one at a time between decode steps), so the
-    steps are counted on the last request to join, and each step's padded width is the longest
-    row's prompt plus the tokens it has so far. When the first request ends before the last one
-    joins (too few new tokens), it falls back to the whole run: every decode token over the time
-    from the first first token to the last token, prefills included, with the mean batch size from
-    the scheduler's step counter (``decode_steps`` steps ran for these requests).
+    steps are counted on the last request to join; each row attends over its own prompt plus the
+    tokens it has so far (the paged KV cache reads no padding), averaged over rows and steps. When
+    the first request ends before the last one joins (too few new tokens), it falls back to the
+    whole run: every decode token over the time from the first first token to the last token,
+    prefills included, with the mean batch size from the scheduler's step counter
+    (``decode_steps`` steps ran for these requests).
     """
     last = max(timings, key=lambda timing: timing.first)
     end = min(timing.token_times[-1] for timing in timings)
     steps = [moment for moment in last.token_times[1:] if moment <= end]
     if steps:
         widths = [
-            max(timing.prompt_tokens + bisect.bisect_right(timing.token_times, moment) for timing in timings)
+            statistics.fmean(
+                timing.prompt_tokens + bisect.bisect_right(timing.token_times, moment) for timing in timings
+            )
             for moment in steps
         ]
         rate = len(timings) * len(steps) / (steps[-1] - last.first)
         return Decode(rate, len(steps), len(timings), statistics.fmean(widths), f"all {len(timings)} rows decoding")
     tokens = sum(len(timing.token_times) - 1 for timing in timings)
     seconds = max(timing.token_times[-1] for timing in timings) - min(timing.first for timing in timings)
-    context = max(timing.prompt_tokens for timing in timings) + statistics.fmean(
-        len(timing.token_times) / 2 for timing in timings
-    )
+    context = statistics.fmean(timing.prompt_tokens + len(timing.token_times) / 2 for timing in timings)
     window = "whole run, prefills included (the rows never decoded all together: raise --new-tokens)"
     return Decode(tokens / seconds, decode_steps, tokens / max(decode_steps, 1), context, window)
 
@@ -374,6 +377,30 @@ class Bench:
         image = Workload("warm-up", "image", image_size=(512, 384))
         run_at_once([image.ask(self.engine, 3, settings)], QUESTIONS["image"])
 
+    def mixed(self, longest: Workload, seed: int) -> tuple[list[Row], dict]:
+        """Eight short text questions, then the longest video beside seven of them: the decode step
+        of each, and the KV the engine held for the mix against its tokens' own bytes."""
+
+        def short(index: int) -> Ask:
+            return lambda question: self.engine.submit_text(
+                Conversation([Turn("user", f"{question} ({index})")]), self.settings
+            )
+
+        shorts = [short(index) for index in range(REQUESTS)]
+        rows = [self.row(Workload("8 short questions", "text"), f"batch {REQUESTS}", shorts, SHORT_QUESTION)]
+        stats = self.engine.scheduler.stats
+        stats.peak_kv_tokens_held = stats.kv_tokens_at_peak = 0
+        mix = [longest.ask(self.engine, seed, self.settings), *shorts[1:]]
+        rows.append(self.row(Workload(f"{longest.name} + 7 short questions", "video"), "mixed", mix, SHORT_QUESTION))
+        step_ms = [1000 * row.decode_rows / row.decode_tokens_per_s for row in rows]
+        kv = {
+            "short_step_ms": step_ms[0],
+            "mixed_step_ms": step_ms[1],
+            "kv_held_bytes": stats.peak_kv_tokens_held * self.costs.kv_per_token,
+            "kv_token_bytes": stats.kv_tokens_at_peak * self.costs.kv_per_token,
+        }
+        return rows, kv
+
     def workload(self, workload: Workload, seed: int) -> list[Row]:
         """First question alone, the follow-up about the same input, then 8 new inputs at once."""
         question = QUESTIONS[workload.modality]
@@ -421,7 +448,7 @@ class Bench:
 def comparisons(rows: list[Row]) -> list[dict]:
     """Per workload: batch-8 / batch-1 decode tokens/s, follow-up / first time to first token."""
     result = []
-    for name in dict.fromkeys(row.workload for row in rows):
+    for name in dict.fromkeys(row.workload for row in rows if row.run == "batch 1"):
         runs = {row.run.split(" (")[0]: row for row in rows if row.workload == name}
         alone, follow_up, batch = runs["batch 1"], runs["follow-up"], runs[f"batch {REQUESTS}"]
         result.append(
@@ -505,6 +532,8 @@ def run(args: argparse.Namespace) -> dict:
         rows = []
         for index, workload in enumerate(all_workloads):
             rows += bench.workload(workload, seed=1000 * (index + 1))
+        mixed_rows, mixed = bench.mixed(all_workloads[-1], seed=99_000)
+        rows += mixed_rows
     finally:
         engine.close()
     text = loaded.model.config.text_config
@@ -539,6 +568,7 @@ def run(args: argparse.Namespace) -> dict:
         "new_tokens": args.new_tokens,
         "rows": [asdict(row) for row in rows],
         "comparisons": comparisons(rows),
+        "mixed": mixed,
         "total_s": time.perf_counter() - started,
     }
 
@@ -582,6 +612,14 @@ def report(results: dict) -> str:
         lines.append(
             f"| {item['workload']} | x{item['batch8_vs_batch1_decode']:.2f} | x{item['follow_up_vs_first_ttft']:.2f} |"
         )
+    mixed = results["mixed"]
+    ratio = mixed["mixed_step_ms"] / mixed["short_step_ms"]
+    lines.append(
+        f"\nOne video of the longest workload beside 7 short questions: a decode step {mixed['mixed_step_ms']:.1f} ms "
+        f"against {mixed['short_step_ms']:.1f} ms for 8 short questions (x{ratio:.2f}); "
+        f"KV held {mixed['kv_held_bytes'] / GIB:.2f} GiB for {mixed['kv_token_bytes'] / GIB:.2f} GiB of tokens "
+        f"(x{mixed['kv_held_bytes'] / max(mixed['kv_token_bytes'], 1):.2f})."
+    )
     partial = {row["decode_window"] for row in results["rows"] if row["decode_window"].startswith("whole run")}
     if partial:
         lines.append(f"\nBatch rows measured over the {partial.pop()}.")

@@ -120,6 +120,9 @@ class SchedulerStats:
     cancelled: int = 0
     timed_out: int = 0
     failed: int = 0
+    # The most KV the running rows held after a decode step (whole blocks), and the tokens they had then.
+    peak_kv_tokens_held: int = 0
+    kv_tokens_at_peak: int = 0
 
 
 @dataclass(eq=False)
@@ -517,6 +520,9 @@ class Scheduler:
             [request.generator for request in batch.requests],
         )
         self.stats.decode_steps += 1
+        if self.kv_tokens_held > self.stats.peak_kv_tokens_held:
+            self.stats.peak_kv_tokens_held = self.kv_tokens_held
+            self.stats.kv_tokens_at_peak = sum(row.length for row in batch.rows)
         batch.generated[torch.arange(len(tokens), device=self.device), tokens] = True
         batch.next_tokens = tokens
         keep, finished = [], []

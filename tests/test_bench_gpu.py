@@ -32,11 +32,21 @@ def test_tiny_run_reports_every_row(tmp_path):
     results = json.loads(out.read_text())
     assert "| workload | run |" in done.stdout
     expected = [(workload, run) for workload in ("image 1280x720", "video 2 frames", "video 4 frames") for run in RUNS]
+    expected += [("8 short questions", "batch 8"), ("video 4 frames + 7 short questions", "mixed")]
     assert [(row["workload"], row["run"]) for row in results["rows"]] == expected
     for row in results["rows"]:
         numbers = {key: value for key, value in row.items() if not isinstance(value, str)}
         assert len(numbers) == 13 and all(value > 0 for value in numbers.values()), row
-        assert row["new_tokens"] == 4 and row["requests"] == (REQUESTS if row["run"].startswith("batch 8") else 1)
+        assert row["new_tokens"] == 4 and row["requests"] == (1 if row["run"].startswith(("batch 1", "follow")) else 8)
+    mixed = results["mixed"]
+    assert mixed["mixed_step_ms"] > 0 and mixed["short_step_ms"] > 0
+    # Whole blocks of each row's own tokens: at most one partly filled block per row.
+    assert (
+        mixed["kv_token_bytes"]
+        <= mixed["kv_held_bytes"]
+        < mixed["kv_token_bytes"] + 8 * 16 * results["kv_bytes_per_token"]
+    )
+    assert "beside 7 short questions" in done.stdout
     for item in results["comparisons"]:
         assert item["batch8_vs_batch1_decode"] > 0 and item["follow_up_vs_first_ttft"] > 0
     for key in ("write_s", "load_s", "peak_memory_bytes", "bandwidth_bytes_per_s", "step_weight_bytes"):
@@ -60,8 +70,8 @@ def test_decode_together_measures_while_every_row_decodes():
     # Together from t=3 to t=9 (row 0's last token): steps at 4..9, two tokens each, in 6 s.
     assert decode.steps == 6 and decode.rows == 2 and decode.tokens_per_s == pytest.approx(2.0)
     assert decode.window.startswith("all 2 rows")
-    # Widths: the longest row is row 0 (50 + tokens so far, 5..10) or row 1 (60 + 2..7): row 1's.
-    assert decode.context == pytest.approx(statistics.fmean(60 + n for n in range(2, 8)))
+    # Each row's own length, averaged: row 0 (50 + tokens so far, 5..10) and row 1 (60 + 2..7).
+    assert decode.context == pytest.approx(statistics.fmean((50 + n + 3 + 60 + n) / 2 for n in range(2, 8)))
 
 
 def test_decode_together_falls_back_to_the_whole_run():
