@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import media
-from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, LongVideoJob, SegmentCaption
+from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, CaptionAnswerer, LongVideoJob, SegmentCaption
 from jobs.segments import Segment, SegmentPlanError, plan_segments
 from jobs.store import JobStore
 from llava_custom.engine import Engine, GenerationSettings
@@ -228,9 +228,7 @@ class JobManager:
             )
             for index, item in enumerate(result["segments"])
         ]
-        answerer = LongVideoJob(
-            self.engine, _no_reading, [c.segment for c in captions], settings=generation, question=question
-        )
+        answerer = CaptionAnswerer(self.engine, generation)
         answer = answerer.answer(captions, question)
         return answer, answerer.usage
 
@@ -374,7 +372,3 @@ def _caption_body(caption: SegmentCaption) -> dict[str, Any]:
         "error": caption.error,
         "frame_times": list(caption.frame_times),
     }
-
-
-def _no_reading(segment: Segment) -> media.SampledVideo:
-    raise RuntimeError("answering from captions reads no video")
