@@ -36,7 +36,6 @@ from jobs.errors import (
     SegmentPlanError,
     TooManyJobs,
     UnknownJob,
-    kind_of,
 )
 from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, CaptionAnswerer, LongVideoJob, SegmentCaption
 from jobs.records import CaptionRecord, JobProgress, JobRecord, JobResult, JobStatus, TokenUsage, VideoInfo
@@ -267,11 +266,7 @@ class JobManager:
     def _end(self, running: _Running, status: JobStatus, error: Exception | None = None) -> None:
         with self._lock:
             record = _snapshot(running)
-            record.status, record.ended_at = status, time.time()
-            if status is JobStatus.COMPLETED:
-                record.progress.remaining_seconds = 0.0
-            if error is not None:
-                record.error, record.error_kind = str(error), kind_of(error)
+            record.end(status, error)
             self.store.save(record)
             self._running.pop(running.task_id, None)
         logger.info("job %s %s after %.1f s", running.task_id, status.value, record.progress.elapsed_seconds)
@@ -296,8 +291,7 @@ class JobManager:
                 continue
             host, _, pid = record.owner.rpartition(":")
             if host == socket.gethostname() and (not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid))):
-                record.status, record.ended_at = JobStatus.FAILED, time.time()
-                record.error, record.error_kind = reason, JobInterrupted.__name__
+                record.end(JobStatus.FAILED, JobInterrupted(reason))
                 self.store.save(record)
                 if record.folder:  # the video of a job cut off by a crash
                     shutil.rmtree(record.folder, ignore_errors=True)

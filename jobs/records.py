@@ -18,12 +18,13 @@ store then answers as for no record).
 
 from __future__ import annotations
 
+import time
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from jobs.errors import InternalJobError, JobInterrupted
+from jobs.errors import InternalJobError, JobInterrupted, kind_of
 
 # What GET /jobs/status answers, from the job's record.
 STATUS_FIELDS = ("task_id", "status", "created_at", "ended_at", "video_info", "progress", "segments", "error")
@@ -122,6 +123,14 @@ class JobRecord(BaseModel):
         if self.status is JobStatus.COMPLETED and self.result is None:
             raise ValueError("a completed job's record has its result")
         return self
+
+    def end(self, status: JobStatus, error: BaseException | None = None) -> None:
+        """Mark the job ended now with ``status``; a failure keeps ``error``'s kind and message."""
+        self.status, self.ended_at = status, time.time()
+        if status is JobStatus.COMPLETED:
+            self.progress.remaining_seconds = 0.0
+        if error is not None:
+            self.error, self.error_kind = str(error), kind_of(error)
 
     def to_json(self) -> str:
         return self.model_dump_json()
