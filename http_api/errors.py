@@ -92,6 +92,19 @@ def status_for(error: Exception) -> int:
     return next((status for cls, status in ERROR_STATUS if isinstance(error, cls)), 500)
 
 
+def status_for_kind(kind: str) -> int:
+    """The status of an error known by its kind, its class's name (a failed job records it so):
+    as :func:`status_for` answers for that class, found among the mapped classes and their
+    subclasses; 500 when no such class is mapped."""
+    classes: list[type[BaseException]] = [cls for cls, _ in ERROR_STATUS]
+    while classes:
+        cls = classes.pop()
+        if cls.__name__ == kind:
+            return next(status for mapped, status in ERROR_STATUS if issubclass(cls, mapped))
+        classes.extend(cls.__subclasses__())
+    return 500
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PREFIX)
 

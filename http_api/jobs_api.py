@@ -34,7 +34,7 @@ from starlette.routing import Route
 import media
 from http_api import request_log
 from http_api.analysis import Analyzer
-from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, status_for
+from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, status_for, status_for_kind
 from http_api.schemas import Failure, JobMetadata, JobQuestion
 from jobs.manager import JobFailed, JobManager, JobParameters, UnknownJob
 from jobs.store import valid_task_id
@@ -187,8 +187,8 @@ def _parameters(analyzer: Analyzer, meta: JobMetadata) -> JobParameters:
 
 
 def _failure(error: Exception) -> JSONResponse:
-    if isinstance(error, JobFailed):
-        status = error.status
+    if isinstance(error, JobFailed):  # the job's own failure, answered by its kind as outside a job
+        status = status_for_kind(error.kind)
     elif isinstance(error, CLIENT_ERRORS):
         status = status_for(error)
     else:  # a bug or a device failure: logged, no internals

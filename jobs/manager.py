@@ -8,6 +8,7 @@ segment plan against its limits), so those mistakes get an answer at once. Jobs 
 The job's video lives in a folder of its own, deleted when the job ends; its record (status, then
 the result or the failure) lives in the :class:`~jobs.store.JobStore`, where it survives a
 restart until it expires. A job cut off by a restart or a shutdown is recorded as failed.
+A failed job's record keeps its error's kind and message (:mod:`jobs.errors`), never an HTTP status.
 """
 
 from __future__ import annotations
@@ -27,8 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import media
-from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, LongVideoJob, SegmentCaption
-from jobs.segments import Segment, SegmentPlanError, plan_segments
+from jobs.errors import (
+    InternalJobError,
+    JobFailed,
+    JobInterrupted,
+    JobNotFinished,
+    SegmentPlanError,
+    TooManyJobs,
+    UnknownJob,
+)
+from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, CaptionAnswerer, LongVideoJob, SegmentCaption
+from jobs.records import CaptionRecord, JobProgress, JobRecord, JobResult, JobStatus, TokenUsage, VideoInfo
+from jobs.segments import Segment, plan_segments
 from jobs.store import JobStore
 from llava_custom.engine import Engine, GenerationSettings
 from llava_custom.errors import RequestCancelled
@@ -37,20 +48,9 @@ logger = logging.getLogger("llava_video_service")
 
 
 STOPPED = "the server stopped while this job ran; submit it again"
-# What GET /jobs/status answers, from the job's record.
-STATUS_FIELDS = ("task_id", "status", "created_at", "ended_at", "video_info", "progress", "segments", "error")
-
-
-class UnknownJob(LookupError):
-    """No job has this id here (never submitted, or its record expired)."""
-
-
-class JobNotFinished(Exception):
-    """The job has no result (yet): it is still running, or it was cancelled."""
-
-
-class TooManyJobs(Exception):
-    """As many jobs as allowed already wait to run."""
+RESTARTED = "the server restarted while this job ran; submit it again"
+# Unfinished jobs: those a restart or a shutdown cuts off.
+UNFINISHED = (JobStatus.PENDING, JobStatus.IN_PROGRESS)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class _Running:
     task_id: str
     job: LongVideoJob
     folder: Path
-    record: dict[str, Any]
+    record: JobRecord
     started: bool = False
 
 
@@ -107,7 +107,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(limits.max_running, thread_name_prefix="llava-job")
         self._closed = False
-        self._mark_cut_off("the server restarted while this job ran; submit it again")
+        self._mark_cut_off(RESTARTED)
 
     # --- submitting ------------------------------------------------------------------------
 
@@ -145,22 +145,20 @@ class JobManager:
             in_flight=self.limits.captions_in_flight,
             on_progress=lambda: self._progressed(task_id),
         )
-        record = {
-            "task_id": task_id,
-            "owner": f"{socket.gethostname()}:{os.getpid()}",
-            "folder": str(folder),  # deleted when the job ends, or by the next start after a crash
-            "status": "pending",
-            "created_at": time.time(),
-            "ended_at": None,
-            "error": None,
-            "video_info": {
-                "video_duration": duration,
-                "start_time": segments[0].start,
-                "end_time": segments[-1].end,
-                "segment_count": len(segments),
-                "frames_per_segment": parameters.frames_per_segment,
-            },
-        }
+        record = JobRecord(
+            task_id=task_id,
+            owner=f"{socket.gethostname()}:{os.getpid()}",
+            folder=str(folder),
+            status=JobStatus.PENDING,
+            created_at=time.time(),
+            video_info=VideoInfo(
+                video_duration=duration,
+                start_time=segments[0].start,
+                end_time=segments[-1].end,
+                segment_count=len(segments),
+                frames_per_segment=parameters.frames_per_segment,
+            ),
+        )
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job manager is closed")
@@ -181,23 +179,25 @@ class JobManager:
         for a job another process runs (a replica sharing the folder), as of its last caption."""
         with self._lock:
             running = self._running.get(task_id)
-            record = _snapshot(running) if running is not None else None
-        if record is None:
-            record = self._record(task_id)
-        return {key: record.get(key) for key in STATUS_FIELDS}
+            if running is not None:
+                return _snapshot(running).status_body()
+        return self._record(task_id).status_body()
 
     def result(self, task_id: str) -> dict[str, Any]:
         """The finished job's result body; raises UnknownJob, JobNotFinished or JobFailed."""
+        return self._result(task_id).model_dump(mode="json")
+
+    def _result(self, task_id: str) -> JobResult:
         record = self._record(task_id)
-        if record["status"] == "completed":
-            return record["result"]
-        if record["status"] == "canceled":
+        if record.status is JobStatus.COMPLETED and record.result is not None:
+            return record.result
+        if record.status is JobStatus.CANCELED:
             raise JobNotFinished(f"job {task_id} was cancelled; it has no result")
-        if record["status"] in ("pending", "in_progress"):
+        if record.status in UNFINISHED:
             raise JobNotFinished(
                 f"job {task_id} has not finished; GET /jobs/status?task_id={task_id} shows its progress"
             )
-        raise JobFailed(record.get("error") or "the job failed", record.get("error_status", 500))
+        raise JobFailed(record.error or "the job failed", record.error_kind or InternalJobError.__name__)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Stop the job (a waiting one never starts; a running one within a segment). A job that
@@ -205,32 +205,21 @@ class JobManager:
         with self._lock:
             running = self._running.get(task_id)
             if running is not None:
-                running.record["status"] = "canceled"  # at once; the thread ends within a segment
+                running.record.status = JobStatus.CANCELED  # at once; the thread ends within a segment
         if running is not None:
             running.job.cancel()
-            return {"task_id": task_id, "status": "canceled"}
+            return {"task_id": task_id, "status": JobStatus.CANCELED.value}
         record = self._record(task_id)
-        if record["status"] not in ("pending", "in_progress"):
-            return {"task_id": task_id, "status": record["status"]}
+        if record.status not in UNFINISHED:
+            return {"task_id": task_id, "status": record.status.value}
         self.store.request_cancel(task_id)
-        return {"task_id": task_id, "status": "canceled"}
+        return {"task_id": task_id, "status": JobStatus.CANCELED.value}
 
     def ask(self, task_id: str, question: str, generation: GenerationSettings) -> tuple[str, tuple[int, int]]:
         """``question`` answered from the finished job's captions (text only, no second look at
         the video); returns the answer and its (prompt, completion) tokens. Blocking."""
-        result = self.result(task_id)
-        captions = [
-            SegmentCaption(
-                Segment(index, item["start"], item["end"]),
-                item.get("caption"),
-                item.get("error"),
-                tuple(item.get("frame_times", ())),
-            )
-            for index, item in enumerate(result["segments"])
-        ]
-        answerer = LongVideoJob(
-            self.engine, _no_reading, [c.segment for c in captions], settings=generation, question=question
-        )
+        captions = [_segment_caption(index, item) for index, item in enumerate(self._result(task_id).segments)]
+        answerer = CaptionAnswerer(self.engine, generation)
         answer = answerer.answer(captions, question)
         return answer, answerer.usage
 
@@ -241,32 +230,25 @@ class JobManager:
         with self._lock:
             running.started = True
             job.progress.started = time.monotonic()
-            if record["status"] == "pending":  # not when cancelled while waiting: run() then stops at once
-                record["status"] = "in_progress"
+            if record.status is JobStatus.PENDING:  # not when cancelled while waiting: run() then stops at once
+                record.status = JobStatus.IN_PROGRESS
         if self.store.cancel_requested(running.task_id):
             job.cancel()
         try:
             result = job.run()
         except Exception as error:
-            if self._closed:  # cancelled, or its decoder or engine closed under it
-                self._end(running, "failed", STOPPED, 503)
-            elif isinstance(error, RequestCancelled):
-                self._end(running, "canceled")
-            elif isinstance(error, media.MediaError):
-                self._end(running, "failed", str(error), 422)
-            else:  # a bug or a device failure: logged; the record says where to look
+            status, failure = job_ending(error, closed=self._closed)
+            if isinstance(failure, InternalJobError):
                 logger.exception("job %s failed", running.task_id)
-                message = f"internal error while running the job ({type(error).__name__}); see the server log"
-                self._end(running, "failed", message)
+            self._end(running, status, failure)
         else:
-            record["result"] = {
-                "answer": result.answer,
-                "segments": [_caption_body(c) for c in result.captions],
-                "video_info": record["video_info"],
-                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-                "status": "success",
-            }
-            self._end(running, "completed")
+            record.result = JobResult(
+                answer=result.answer,
+                segments=[_caption_record(c) for c in result.captions],
+                video_info=record.video_info,
+                usage=TokenUsage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+            )
+            self._end(running, JobStatus.COMPLETED)
         finally:
             shutil.rmtree(running.folder, ignore_errors=True)
 
@@ -281,17 +263,13 @@ class JobManager:
         if self.store.cancel_requested(task_id):
             self.cancel(task_id)
 
-    def _end(self, running: _Running, status: str, error: str | None = None, error_status: int = 500) -> None:
+    def _end(self, running: _Running, status: JobStatus, error: Exception | None = None) -> None:
         with self._lock:
             record = _snapshot(running)
-            record.update(status=status, ended_at=time.time())
-            if status == "completed":
-                record["progress"]["remaining_seconds"] = 0.0
-            if error is not None:
-                record.update(error=error, error_status=error_status)
+            record.end(status, error)
             self.store.save(record)
             self._running.pop(running.task_id, None)
-        logger.info("job %s %s after %.1f s", running.task_id, status, record["progress"]["elapsed_seconds"])
+        logger.info("job %s %s after %.1f s", running.task_id, status.value, record.progress.elapsed_seconds)
 
     def _read_segment(self, source: Path, frames: int, segment: Segment, last_end: float) -> media.SampledVideo:
         # A segment is [start, end): a frame right at its end opens the next segment (with no
@@ -299,7 +277,7 @@ class JobManager:
         end = segment.end if segment.end >= last_end else math.nextafter(segment.end, 0.0)
         return self.decoder.read_video(source, frames, start_time=segment.start, end_time=end, **self.decode_options)
 
-    def _record(self, task_id: str) -> dict[str, Any]:
+    def _record(self, task_id: str) -> JobRecord:
         record = self.store.load(task_id)
         if record is None:
             raise UnknownJob(f"no job {task_id} (never submitted here, or its result expired)")
@@ -309,14 +287,14 @@ class JobManager:
         """Record as failed the unfinished jobs of this process, or of a process on this host
         that is gone (this worker before a restart); other replicas' jobs are theirs."""
         for record in self.store.records():
-            if record["status"] not in ("pending", "in_progress"):
+            if record.status not in UNFINISHED:
                 continue
-            host, _, pid = str(record.get("owner", "")).rpartition(":")
+            host, _, pid = record.owner.rpartition(":")
             if host == socket.gethostname() and (not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid))):
-                record.update(status="failed", ended_at=time.time(), error=reason, error_status=503)
+                record.end(JobStatus.FAILED, JobInterrupted(reason))
                 self.store.save(record)
-                if record.get("folder"):  # the video of a job cut off by a crash
-                    shutil.rmtree(record["folder"], ignore_errors=True)
+                if record.folder:  # the video of a job cut off by a crash
+                    shutil.rmtree(record.folder, ignore_errors=True)
 
     def close(self) -> None:
         """Cancel every job; those running end as failed ('the server stopped'), not resumable."""
@@ -333,26 +311,32 @@ class JobManager:
         self._mark_cut_off(STOPPED)
 
 
-class JobFailed(Exception):
-    """The job ended in failure; ``status`` is the HTTP status its failure maps to."""
+def job_ending(error: Exception, *, closed: bool) -> tuple[JobStatus, Exception | None]:
+    """How a job whose run raised ``error`` ends: its status, and the error its record keeps (as
+    its kind and message), if any."""
+    if closed:  # cancelled, or its decoder or engine closed under it
+        return JobStatus.FAILED, JobInterrupted(STOPPED)
+    if isinstance(error, RequestCancelled):
+        return JobStatus.CANCELED, None
+    if isinstance(error, media.MediaError):  # its own kind: answered as the same error outside a job
+        return JobStatus.FAILED, error
+    # A bug or a device failure (the caller logs it); the record says where to look.
+    message = f"internal error while running the job ({type(error).__name__}); see the server log"
+    return JobStatus.FAILED, InternalJobError(message)
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
-
-def _snapshot(running: _Running) -> dict[str, Any]:
+def _snapshot(running: _Running) -> JobRecord:
     """The running job's record with its progress and captions as of now (call under the lock)."""
     progress = running.job.progress
-    running.record["progress"] = {
-        "segments_total": progress.total,
-        "segments_decoded": progress.decoded,
-        "segments_captioned": progress.captioned,
-        "generated_tokens": progress.generated_tokens,
-        "elapsed_seconds": progress.elapsed if running.started else 0.0,
-        "remaining_seconds": progress.remaining,
-    }
-    running.record["segments"] = [_caption_body(c) for c in progress.captions]
+    running.record.progress = JobProgress(
+        segments_total=progress.total,
+        segments_decoded=progress.decoded,
+        segments_captioned=progress.captioned,
+        generated_tokens=progress.generated_tokens,
+        elapsed_seconds=progress.elapsed if running.started else 0.0,
+        remaining_seconds=progress.remaining,
+    )
+    running.record.segments = [_caption_record(c) for c in progress.captions]
     return running.record
 
 
@@ -366,15 +350,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _caption_body(caption: SegmentCaption) -> dict[str, Any]:
-    return {
-        "start": caption.segment.start,
-        "end": caption.segment.end,
-        "caption": caption.caption,
-        "error": caption.error,
-        "frame_times": list(caption.frame_times),
-    }
+def _caption_record(caption: SegmentCaption) -> CaptionRecord:
+    return CaptionRecord(
+        start=caption.segment.start,
+        end=caption.segment.end,
+        caption=caption.caption,
+        error=caption.error,
+        frame_times=list(caption.frame_times),
+    )
 
 
-def _no_reading(segment: Segment) -> media.SampledVideo:
-    raise RuntimeError("answering from captions reads no video")
+def _segment_caption(index: int, item: CaptionRecord) -> SegmentCaption:
+    """A recorded caption as the pipeline's, for questions asked after the job."""
+    return SegmentCaption(Segment(index, item.start, item.end), item.caption, item.error, tuple(item.frame_times))

@@ -6,9 +6,10 @@ instruction for that segment. Captions go through the same engine as interactive
 most ``in_flight`` at a time, so they batch with each other and with interactive requests but
 never fill the engine's queue ahead of them; the job manager also marks them ``background``, so
 waiting interactive requests start first. A segment that cannot be decoded is reported in its place and the job goes on.
-The answer comes from a text-only prompt to the same model: the captions with their times; when
-they do not fit the context budget, groups of captions are summarised first (keeping their
-times), then the summaries, until they fit.
+The answer comes from a text-only prompt to the same model (:class:`CaptionAnswerer`, which also
+answers the questions asked after the job): the captions with their times; when they do not fit
+the context budget, groups of captions are summarised first (keeping their times), then the
+summaries, until they fit.
 """
 
 from __future__ import annotations
@@ -101,14 +102,15 @@ class LongVideoJob:
         self.in_flight = max(1, in_flight)
         self.on_progress = on_progress  # called from run()'s thread after each caption
         self.progress = Progress(total=len(self.segments))
-        self.hours = bool(self.segments) and self.segments[-1].end >= 3600
         self._cancelled = threading.Event()
         self._streams: list[TokenStream] = []
         self._usage = [0, 0]  # prompt, completion tokens over every generation of the job
+        self._answerer = CaptionAnswerer(engine, settings, on_generated=self._count)
 
     def cancel(self) -> None:
-        """Stop at the next segment; captions being generated are cancelled too."""
+        """Stop at the next segment; captions (and the answer) being generated are cancelled too."""
         self._cancelled.set()
+        self._answerer.cancel()
         for stream in list(self._streams):
             stream.cancel()
 
@@ -131,23 +133,13 @@ class LongVideoJob:
         while pending:
             self._collect(pending.popleft(), captions)
         ordered = [captions[segment.index] for segment in self.segments]
-        answer = self.answer(ordered, self.question)
+        answer = self._answerer.answer(ordered, self.question)
         return JobResult(answer, ordered, *self._usage)
 
     @property
     def usage(self) -> tuple[int, int]:
-        """Prompt and completion tokens of every generation so far (captions, summaries, answers)."""
+        """Prompt and completion tokens of every generation so far (captions, summaries, answer)."""
         return self._usage[0], self._usage[1]
-
-    def answer(self, captions: Sequence[SegmentCaption], question: str) -> str:
-        """``question`` answered from ``captions`` (text only); also for questions after the job."""
-        notes = [(c.segment.start, c.segment.end, c.caption) for c in captions if c.caption]
-        if not notes:
-            return "No part of the video could be decoded, so there is nothing to answer from."
-        budget = self._budget()
-        while self._tokens(self._lines(notes)) > budget and len(notes) > 1:
-            notes = self._summarised_groups(notes, budget)
-        return self._generate(_answer_prompt(self._lines(notes), question))
 
     # --- captions ---------------------------------------------------------------------------
 
@@ -182,22 +174,61 @@ class LongVideoJob:
         if self.on_progress is not None:
             self.on_progress()
 
-    # --- answering from text -----------------------------------------------------------------
+    def _count(self, answer: Answer) -> None:
+        self._usage[0] += answer.prompt_tokens
+        self._usage[1] += answer.completion_tokens
+        self.progress.generated_tokens += answer.completion_tokens
 
-    def _summarised_groups(self, notes: list[Note], budget: int) -> list[Note]:
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise RequestCancelled("the job was cancelled")
+
+
+class CaptionAnswerer:
+    """Questions answered from captions with the model's language side (text only, no second look
+    at the video): a job's answer, and the questions asked after it. :meth:`answer` blocks (call it
+    from a worker thread), :meth:`cancel` from any; ``on_generated`` sees every generation's answer."""
+
+    def __init__(
+        self, engine: Engine, settings: GenerationSettings, on_generated: Callable[[Answer], None] | None = None
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.on_generated = on_generated
+        self._cancelled = threading.Event()
+        self._streams: list[TokenStream] = []
+        self._usage = [0, 0]  # prompt, completion tokens over every generation (summaries, answers)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        for stream in list(self._streams):
+            stream.cancel()
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        """Prompt and completion tokens of every generation so far (summaries, answers)."""
+        return self._usage[0], self._usage[1]
+
+    def answer(self, captions: Sequence[SegmentCaption], question: str) -> str:
+        """``question`` answered from ``captions`` (in segment order); raises RequestCancelled when cancelled."""
+        notes = [(c.segment.start, c.segment.end, c.caption) for c in captions if c.caption]
+        if not notes:
+            return "No part of the video could be decoded, so there is nothing to answer from."
+        hours = captions[-1].segment.end >= 3600  # times as HH:MM:SS throughout from an hour on
+        budget = self._budget()
+        while self._tokens(_lines(notes, hours)) > budget and len(notes) > 1:
+            notes = self._summarised_groups(notes, budget, hours)
+        return self._generate(_answer_prompt(_lines(notes, hours), question))
+
+    def _summarised_groups(self, notes: list[Note], budget: int, hours: bool) -> list[Note]:
         """Each run of notes that fits half the budget, summarised into one note over its span."""
         groups: list[list[Note]] = [[]]
         for note in notes:
-            if groups[-1] and self._tokens(self._lines([*groups[-1], note])) > budget // 2:
+            if groups[-1] and self._tokens(_lines([*groups[-1], note], hours)) > budget // 2:
                 groups.append([])
             groups[-1].append(note)
         question = "Summarise these parts briefly, citing their times."
-        return [(g[0][0], g[-1][1], self._generate(_answer_prompt(self._lines(g), question))) for g in groups]
-
-    def _lines(self, notes: Sequence[Note]) -> list[str]:
-        return [
-            f"[{clock(start, hours=self.hours)}-{clock(end, hours=self.hours)}] {text}" for start, end, text in notes
-        ]
+        return [(g[0][0], g[-1][1], self._generate(_answer_prompt(_lines(g, hours), question))) for g in groups]
 
     def _generate(self, prompt: str) -> str:
         self._check_cancelled()
@@ -224,11 +255,16 @@ class LongVideoJob:
     def _count(self, answer: Answer) -> None:
         self._usage[0] += answer.prompt_tokens
         self._usage[1] += answer.completion_tokens
-        self.progress.generated_tokens += answer.completion_tokens
+        if self.on_generated is not None:
+            self.on_generated(answer)
 
     def _check_cancelled(self) -> None:
         if self._cancelled.is_set():
             raise RequestCancelled("the job was cancelled")
+
+
+def _lines(notes: Sequence[Note], hours: bool) -> list[str]:
+    return [f"[{clock(start, hours=hours)}-{clock(end, hours=hours)}] {text}" for start, end, text in notes]
 
 
 def _answer_prompt(lines: Sequence[str], question: str) -> str:

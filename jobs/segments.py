@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from jobs.errors import SegmentPlanError
+
 # A last piece shorter than this merges into the segment before (a caption of a blink helps nobody).
 MIN_LAST_SEGMENT_SECONDS = 1.0
 
@@ -24,10 +26,6 @@ class Segment:
     @property
     def seconds(self) -> float:
         return self.end - self.start
-
-
-class SegmentPlanError(ValueError):
-    """The parameters do not describe a span of this video that can be cut into segments."""
 
 
 def plan_segments(

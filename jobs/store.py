@@ -6,21 +6,21 @@ ends, with its result or failure. A cancel asked of a process that does not run 
 ``<task_id>.cancel`` file that the one running it sees at its next caption. Nothing else is kept:
 the video itself is deleted once the job ends. Records of ended jobs expire ``ttl_seconds`` after
 they ended; expired ones are deleted when the store next looks at them and at every start. Writes go to a temporary
-file first and replace the record in one step, so a crash never leaves half a record.
+file first and replace the record in one step, so a crash never leaves half a record. What a record holds, and its
+JSON, is :class:`~jobs.records.JobRecord`'s; a file that is not a record reads as none.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+
+from jobs.records import JobRecord
 
 # Task ids are uuid4 hex strings; anything else can never name a record (no path tricks).
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
-ENDED = ("completed", "failed", "canceled")
 
 
 def valid_task_id(task_id: str) -> bool:
@@ -35,21 +35,21 @@ class JobStore:
         self.ttl_seconds = ttl_seconds
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, record: dict[str, Any]) -> None:
-        """Write ``record`` (it has a ``task_id``), replacing any earlier one."""
-        path = self._path(record["task_id"])
+    def save(self, record: JobRecord) -> None:
+        """Write ``record``, replacing any earlier one of its job."""
+        path = self._path(record.task_id)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record), encoding="utf-8")
+        temporary.write_text(record.to_json(), encoding="utf-8")
         os.replace(temporary, path)
 
-    def load(self, task_id: str) -> dict[str, Any] | None:
-        """The job's record, or None when there is none or it has expired (then it is deleted)."""
+    def load(self, task_id: str) -> JobRecord | None:
+        """The job's record, or None when there is none, it is damaged, or it has expired (then it is deleted)."""
         if not valid_task_id(task_id):
             return None
         path = self._path(task_id)
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            record = JobRecord.from_json(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):  # UnicodeDecodeError is a ValueError
             return None
         if self._expired(record):
             path.unlink(missing_ok=True)
@@ -64,7 +64,7 @@ class JobStore:
     def cancel_requested(self, task_id: str) -> bool:
         return self._path(task_id).with_suffix(".cancel").exists()
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[JobRecord]:
         """Every record not expired (expired ones are deleted on the way)."""
         found = []
         for path in self.directory.glob("*.json"):
@@ -73,9 +73,9 @@ class JobStore:
                 found.append(record)
         return found
 
-    def _expired(self, record: dict[str, Any]) -> bool:
-        ended = record.get("ended_at")
-        return record.get("status") in ENDED and ended is not None and time.time() - ended > self.ttl_seconds
+    def _expired(self, record: JobRecord) -> bool:
+        ended = record.ended_at
+        return record.status.ended and ended is not None and time.time() - ended > self.ttl_seconds
 
     def _path(self, task_id: str) -> Path:
         if not valid_task_id(task_id):

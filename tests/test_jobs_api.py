@@ -331,3 +331,5 @@ def test_finished_results_survive_a_restart_and_a_job_cut_off_says_so(service, v
     assert asked.status_code == 200 and asked.json()["response"]
     status = service.status(cut_off)
     assert status["status"] == "failed" and "submit it again" in status["error"]
+    cut = service.client.get(f"{service.base}/jobs/get", params={"task_id": cut_off})  # as the service stopping
+    assert cut.status_code == 503 and cut.headers["retry-after"] and cut.json()["error"] == status["error"]

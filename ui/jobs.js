@@ -6,7 +6,15 @@
 import { call, clock } from "./api.js";
 
 const POLL_MS = 2000;
-const FINISHED = new Set(["completed", "failed", "canceled"]);
+// The statuses the job API answers, as jobs/records.py's JobStatus names them (a test checks both agree).
+const JobStatus = Object.freeze({
+  PENDING: "pending",
+  IN_PROGRESS: "in_progress",
+  COMPLETED: "completed",
+  FAILED: "failed",
+  CANCELED: "canceled",
+});
+const FINISHED = new Set([JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED]);
 const $ = (id) => document.getElementById(id);
 let taskId = null; // the job that follow-up questions go to
 
@@ -81,7 +89,7 @@ export async function startJob(signal, page) {
     page.setStatus(`Job ${job.status.replace("_", " ")}…`);
     if (!FINISHED.has(job.status)) await sleep(POLL_MS, signal);
   } while (!FINISHED.has(job.status));
-  if (job.status !== "completed") throw new Error(job.error || `the job was ${job.status}`);
+  if (job.status !== JobStatus.COMPLETED) throw new Error(job.error || `the job was ${job.status}`);
   const result = await (await call(`/jobs/get?${query}`, { signal })).json();
   showSegments(result.segments);
   $("answer").textContent = result.answer;
