@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import bentoml
 
@@ -35,18 +35,19 @@ logger = logging.getLogger("llava_video_service")
 # This process's phase (loading, ready, failed, draining), shared by the service and the gate in
 # front of its routes; a worker process holds one service.
 lifecycle = Lifecycle()
-T = TypeVar("T")
 
 
 def current_analyzer() -> Analyzer:
-    return bentoml.get_current_service().analyzer
+    """This worker's Analyzer; the lifecycle gate lets requests through only once it exists."""
+    return _loaded(bentoml.get_current_service().startup.analyzer)
 
 
 def current_jobs() -> JobManager:
-    return bentoml.get_current_service().jobs
+    """This worker's long-video jobs; they exist once the model is loaded."""
+    return _loaded(bentoml.get_current_service().startup.jobs)
 
 
-def _loaded(part: T | None) -> T:
+def _loaded(part: Any) -> Any:
     if part is None:
         raise RuntimeError("the model is not loaded")
     return part
@@ -87,16 +88,6 @@ class LLaVAVideoService:
         self.startup = startup.ModelStartup(s, self.decoder, lifecycle)
         self.startup.start()
         drain_on_sigterm(lifecycle, s.shutdown_grace_seconds, self.startup.close)
-
-    @property
-    def analyzer(self) -> Analyzer:
-        """The worker's Analyzer; the lifecycle gate lets requests through only once it exists."""
-        return _loaded(self.startup.analyzer)
-
-    @property
-    def jobs(self) -> JobManager:
-        """The worker's long-video jobs; they exist once the model is loaded."""
-        return _loaded(self.startup.jobs)
 
     # Coroutines, so that BentoML answers probes on the event loop instead of a worker thread.
     async def __is_alive__(self) -> bool:
