@@ -2,7 +2,14 @@
 
 BentoML wraps its app in the middlewares in the order they are added: the first added runs
 outermost (sees the request first and the response last). Each of them looks the request's path
-up in the route table (http_api.routes). service.py adds them as :func:`middlewares` lists them.
+up in the route table (http_api.routes). service.py adds them as :func:`middlewares` lists them;
+BentoML installs each as a Starlette ``Middleware`` entry of its app.
+
+They are plain ASGI classes rather than Starlette's ``BaseHTTPMiddleware``: that one runs the app
+in a task of its own and hands the response over through a stream, which changes what a
+streamed answer and a client's disconnect look like to the app (the guard must answer before the
+body is read, the gate and the key check without reading it, the request log must see every
+byte of a server-sent stream as it goes out).
 """
 
 from __future__ import annotations
