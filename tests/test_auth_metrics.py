@@ -123,3 +123,21 @@ def test_job_routes_are_counted_per_route_not_per_job(keyed) -> None:
     assert metric(text, "llava_requests_total", '{route="/jobs/status",status="404"}') >= 2
     assert metric(text, "llava_requests_total", '{route="/jobs/get",status="404"}') >= 2
     assert "0" * 32 not in text and "1" * 32 not in text
+
+
+def test_the_route_table_gives_the_metric_labels(keyed) -> None:
+    """Each route is counted under its label in http_api.routes; the rest as "other"; /metrics not at all."""
+    from http_api.routes import ROUTES
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    statuses = {}
+    for route in ROUTES:
+        if not route.prefix and route.metric not in (None, "other"):
+            statuses[route.metric] = httpx.get(f"{keyed}{route.path}", headers=headers, timeout=30).status_code
+    text = httpx.get(f"{keyed}/metrics", timeout=30).text
+    for label, status in statuses.items():
+        assert metric(text, "llava_requests_total", f'{{route="{label}",status="{status}"}}') >= 1, label
+    httpx.get(f"{keyed}/docs.json", timeout=30)
+    text = httpx.get(f"{keyed}/metrics", timeout=30).text
+    assert metric(text, "llava_requests_total", '{route="other",status="200"}') >= 1
+    assert 'route="/metrics"' not in text and 'route="/docs.json"' not in text
