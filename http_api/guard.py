@@ -18,6 +18,10 @@ the route's failure body (http_api.errors) when something is wrong:
   (no boundary included: the one rule for them is here) and form values that BentoML's
   ``json.loads`` fails on with more than a JSONDecodeError (bytes in no Unicode encoding, nesting
   too deep), which would be 500s, are answered 400 here.
+- 400 for a multipart body with a part of the route (http_api.routes: ``fields``) given twice,
+  which BentoML would keep one of silently, and for a file part the route does not take
+  (``-F file=@clip.mp4``), which BentoML would try to read as JSON; the message names the parts
+  the route takes.
 - 503 with Retry-After when http_api.admission refuses a request whose body has fully arrived.
 
 The first MiB of a body is inspected before the app starts, so most refusals never reach it.
