@@ -1,5 +1,7 @@
-"""Optional API key: ``Authorization: Bearer <LLAVA_API_KEY>`` on every route but health, metrics
-and the web page's static files (``/``, ``/ui/...``: the page sends the key with its API calls).
+"""Optional API key: ``Authorization: Bearer <LLAVA_API_KEY>`` on every route but the open ones
+of http_api.routes: health, metrics, the web page's static files (``/``, ``/ui/...``: the page
+sends the key with its API calls) and the API's description (``/docs``, ``/docs.json``,
+``/schema.json``, which BentoML's client reads first).
 
 The OpenAI SDK sends its ``api_key`` in exactly that header, so one key serves curl, BentoML's
 client (``bentoml.SyncHTTPClient(url, token=key)``) and OpenAI clients. A request without the
@@ -12,11 +14,8 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from http_api.errors import Receive, Scope, Send, send_error
-from http_api.web_ui import is_page_path
-
-# Probes and scrapers must not need the key (Kubernetes probes and Prometheus carry none).
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+from http_api.errors import Receive, Scope, Send, reply_for
+from http_api.routes import route_for
 
 
 class ApiKeyAuth:
@@ -33,7 +32,7 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if self.expected is None or scope["type"] != "http" or path in OPEN_PATHS or is_page_path(path):
+        if self.expected is None or scope["type"] != "http" or not route_for(path).needs_key:
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope.get("headers", []) if name.lower() == b"authorization"), b"")
@@ -47,4 +46,4 @@ class ApiKeyAuth:
         )
         # The body is not read: close the connection rather than leave it half-read.
         headers = [(b"www-authenticate", b'Bearer realm="llava-video-service"'), (b"connection", b"close")]
-        await send_error(send, scope["path"], 401, message, headers)
+        await reply_for(path, 401, message).send(send, headers)

@@ -1,21 +1,34 @@
 """Every failure the HTTP side answers, in one place: which status an error gets, and its body.
 
-Native endpoints answer ``{"response": "", "status": "failed", "error": "..."}``; the OpenAI routes
-(under ``/v1/``) answer OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with the same
-status, so that the SDK raises its matching exception class. The endpoints, the OpenAI routes,
-the request guard and :class:`FailureBodyMiddleware` (errors BentoML raises before an endpoint
-runs) all build their bodies with :func:`error_body`.
+:data:`ERROR_STATUS` maps each error class a client can cause (or that says the service is busy)
+to its status; :func:`status_for` picks the most specific mapped class of an error by its class
+hierarchy (its MRO, as httpx's ``map_exceptions`` does), not by the table's order; anything
+unmapped is a fault of the service: 500, logged with its traceback, its message not shown.
+
+:func:`translate` is the one way from an error to what the client gets, for every route and
+middleware: an :class:`ErrorReply` in the route's shape (http_api.routes.Shape), sent whole
+(:meth:`ErrorReply.response`, :meth:`ErrorReply.send` from ASGI middleware) or as the last event
+of a stream whose status is already sent (:meth:`ErrorReply.event`). Native routes and /jobs
+answer ``{"response": "", "status": "failed", "error": "..."}``; the OpenAI routes (``/v1/``)
+answer OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with the same status, so
+that the SDK raises its matching exception class. :class:`FailureBodyMiddleware` gives errors
+BentoML and Starlette answer by themselves (validation, unknown routes) the same bodies.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 import media
+from http_api import record
+from http_api.routes import Route, Shape, route_for
 from http_api.schemas import Failure
-from jobs.manager import JobNotFinished, TooManyJobs, UnknownJob
+from jobs.errors import JobNotFinished, TooManyJobs, UnknownJob
 from jobs.segments import SegmentPlanError
 from llava_custom.errors import (
     EngineBusy,
@@ -31,8 +44,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OPENAI_PREFIX = "/v1/"
-JOBS_PREFIX = "/jobs/"
 # Seconds a 503 asks the client to wait before retrying.
 RETRY_AFTER_SECONDS = 10
 
@@ -47,29 +58,31 @@ class RequestError(Exception):
         self.param = param
 
 
-# Most specific classes first: the first match decides the status.
-ERROR_STATUS: list[tuple[type[Exception], int]] = [
-    (RequestError, 400),
-    (SegmentPlanError, 400),
-    (UnknownJob, 404),
-    (JobNotFinished, 409),
-    (InvalidPrompt, 400),
-    (media.InvalidSource, 400),
-    (media.MediaTooLarge, 413),
-    (PromptTooLong, 413),
-    (media.UnsupportedMedia, 415),
-    (media.UndecodableMedia, 422),
-    (media.UpstreamTimeout, 504),
-    (media.UpstreamError, 502),
-    (EngineBusy, 503),
-    (TooManyJobs, 503),
-    (RequestTimeout, 503),
-    (EngineClosed, 503),
-    (RequestCancelled, 499),  # nginx's "client closed request": only the access log sees it
-]
+# The status of each mapped error class; a subclass gets its nearest mapped ancestor's status
+# (media.RefusedAddress is an InvalidSource: 400; media.UpstreamTimeout, an UpstreamError, has
+# its own: 504).
+ERROR_STATUS: dict[type[Exception], int] = {
+    RequestError: 400,
+    SegmentPlanError: 400,
+    UnknownJob: 404,
+    JobNotFinished: 409,
+    InvalidPrompt: 400,
+    media.InvalidSource: 400,
+    media.MediaTooLarge: 413,
+    PromptTooLong: 413,
+    media.UnsupportedMedia: 415,
+    media.UndecodableMedia: 422,
+    media.UpstreamError: 502,
+    media.UpstreamTimeout: 504,
+    EngineBusy: 503,
+    TooManyJobs: 503,
+    RequestTimeout: 503,
+    EngineClosed: 503,
+    RequestCancelled: 499,  # nginx's "client closed request": only the access log sees it
+}
 # The errors a client can cause or that say the service is busy: answered with their status and
 # message, never logged as our fault.
-CLIENT_ERRORS: tuple[type[Exception], ...] = tuple(cls for cls, _ in ERROR_STATUS)
+CLIENT_ERRORS: tuple[type[Exception], ...] = tuple(ERROR_STATUS)
 
 # OpenAI's error ``type`` and our ``code`` per status.
 _OPENAI_TYPES = {
@@ -88,29 +101,30 @@ _OPENAI_TYPES = {
 }
 
 
-def status_for(error: Exception) -> int:
-    return next((status for cls, status in ERROR_STATUS if isinstance(error, cls)), 500)
+def status_for(error: BaseException) -> int:
+    """The status of the most specific mapped class ``error`` is an instance of; 500 if none."""
+    return _status_of_class(type(error))
+
+
+def _status_of_class(cls: type) -> int:
+    return next((ERROR_STATUS[each] for each in cls.__mro__ if each in ERROR_STATUS), 500)
 
 
 def status_for_kind(kind: str) -> int:
-    """The status of an error known by its kind, its class's name (a failed job records it so):
-    as :func:`status_for` answers for that class, found among the mapped classes and their
-    subclasses; 500 when no such class is mapped."""
-    classes: list[type[BaseException]] = [cls for cls, _ in ERROR_STATUS]
-    while classes:
-        cls = classes.pop()
+    """The status of the error class named ``kind`` (its ``__name__``, as a failed job records
+    it): the class's own mapping or its nearest mapped ancestor's; 500 if no mapped class or
+    subclass of one has that name."""
+    pending: list[type] = list(ERROR_STATUS)
+    seen: set[type] = set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
         if cls.__name__ == kind:
-            return next(status for mapped, status in ERROR_STATUS if issubclass(cls, mapped))
-        classes.extend(cls.__subclasses__())
+            return _status_of_class(cls)
+        pending.extend(cls.__subclasses__())
     return 500
-
-
-def is_openai_path(path: str) -> bool:
-    return path.startswith(OPENAI_PREFIX)
-
-
-def is_jobs_path(path: str) -> bool:
-    return path.startswith(JOBS_PREFIX)
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -119,28 +133,62 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict[st
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_body(path: str, status: int, message: str, param: str | None = None) -> bytes:
-    """The JSON failure body a request to ``path`` gets."""
-    if is_openai_path(path):
-        return json.dumps(openai_error(status, message, param)).encode()
-    return Failure(error=message).model_dump_json().encode()
+@dataclass(frozen=True)
+class ErrorReply:
+    """A failure as the client gets it: status, message, and the route's shape of body."""
+
+    status: int
+    message: str
+    shape: Shape = Shape.NATIVE
+    param: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        if self.shape is Shape.OPENAI:
+            return openai_error(self.status, self.message, self.param)
+        return Failure(error=self.message).model_dump()
+
+    def json(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Headers every failure with this status carries (a 503 says when to retry)."""
+        return [("retry-after", str(RETRY_AFTER_SECONDS))] if self.status == 503 else []
+
+    def response(self) -> JSONResponse:
+        """The whole answer, for a Starlette route."""
+        return JSONResponse(self.body(), status_code=self.status, headers=dict(self.headers()))
+
+    def event(self) -> str:
+        """The last server-sent event of a stream that fails after its 200 was sent."""
+        if self.shape is Shape.OPENAI:
+            return f"data: {json.dumps(openai_error(self.status, self.message))}\n\n"
+        return f"event: error\ndata: {Failure(error=self.message).model_dump_json()}\n\n"
+
+    async def send(self, send: Send, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Answer from ASGI middleware; ``headers`` (e.g. from the original response) are kept
+        but for those the body sets."""
+        body = self.json()
+        own = (b"content-length", b"content-type", b"retry-after")
+        kept = [(k, v) for k, v in headers if k.lower() not in own]
+        kept += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        kept += [(name.encode(), value.encode()) for name, value in self.headers()]
+        await send({"type": "http.response.start", "status": self.status, "headers": kept})
+        await send({"type": "http.response.body", "body": body})
 
 
-def error_headers(status: int) -> list[tuple[bytes, bytes]]:
-    """Headers every failure with ``status`` carries (a 503 says when to retry)."""
-    return [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())] if status == 503 else []
+def translate(error: BaseException, shape: Shape, doing: str = "answering") -> ErrorReply:
+    """What the client gets for ``error``: a mapped error's status and message, or a 500 that
+    tells no internals (the error goes to the request's log line with its traceback)."""
+    status = status_for(error)
+    if status == 500:
+        record.note_failure(error, f"failed while {doing}")
+        return ErrorReply(500, f"internal error while {doing}; see the server log", shape)
+    return ErrorReply(status, str(error), shape, getattr(error, "param", None))
 
 
-async def send_error(
-    send: Send, path: str, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    """Answer with the failure body for ``path`` (``headers`` from the original response are kept)."""
-    body = error_body(path, status, message)
-    kept = [(k, v) for k, v in headers or [] if k.lower() not in (b"content-length", b"content-type", b"retry-after")]
-    kept += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    kept += error_headers(status)
-    await send({"type": "http.response.start", "status": status, "headers": kept})
-    await send({"type": "http.response.body", "body": body})
+def reply_for(path: str, status: int, message: str) -> ErrorReply:
+    """A failure the HTTP side decides itself (guard, key, lifecycle), in ``path``'s shape."""
+    return ErrorReply(status, message, route_for(path).shape or Shape.NATIVE)
 
 
 class FailureBodyMiddleware:
@@ -149,16 +197,16 @@ class FailureBodyMiddleware:
     BentoML validates the request itself (JSON syntax, field types, multipart framing) and answers
     ``{"error": ..., "detail": [...]}``; Starlette answers unknown routes in plain text. Clients
     expect one error shape per API. Successful responses pass straight through; only error
-    responses are buffered and rewritten.
+    responses are buffered and rewritten, on every route with a failure shape (http_api.routes).
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], paths: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
-        self.paths = paths or ("/analyze_video", "/analyze_image")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not (path in self.paths or is_openai_path(path) or is_jobs_path(path)):
+        route = route_for(scope.get("path", ""))
+        shape = route.shape
+        if scope["type"] != "http" or shape is None:
             await self.app(scope, receive, send)
             return
         started: Message | None = None
@@ -177,30 +225,31 @@ class FailureBodyMiddleware:
                 body.extend(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                if _shaped_for(path, bytes(body)):  # our own failure: already the right body
+                if _shaped_for(shape, bytes(body)):  # our own failure: already the right body
                     await send(started)
                     await send({"type": "http.response.body", "body": bytes(body)})
                 else:
-                    status = started["status"]
-                    await send_error(send, path, status, framework_error_message(bytes(body)), started["headers"])
+                    reply = ErrorReply(started["status"], framework_error_message(bytes(body), route), shape)
+                    await reply.send(send, started["headers"])
 
         await self.app(scope, receive, capture)
 
 
-def _shaped_for(path: str, body: bytes) -> bool:
+def _shaped_for(shape: Shape, body: bytes) -> bool:
     try:
         payload = json.loads(body)
     except ValueError:
         return False
     if not isinstance(payload, dict):
         return False
-    if is_openai_path(path):
+    if shape is Shape.OPENAI:
         return isinstance(payload.get("error"), dict)
     return payload.get("status") == "failed"
 
 
-def framework_error_message(body: bytes) -> str:
-    """The message of an error body: ours already, OpenAI's, BentoML's ``{"error", "detail"}``."""
+def framework_error_message(body: bytes, route: Route | None = None) -> str:
+    """The message of an error body: ours already, OpenAI's, BentoML's ``{"error", "detail"}``;
+    a field the route does not take is named with the one it meant where that is clear."""
     try:
         payload = json.loads(body)
     except ValueError:
@@ -222,6 +271,14 @@ def framework_error_message(body: bytes) -> str:
                 unknown.append(where)
             else:
                 problems.append(f"{where}: {item.get('msg', 'invalid')}")
+        urls = [name for name in unknown if route is not None and route.url_field and name.endswith("url")]
+        unknown = [name for name in unknown if name not in urls]
+        for name in urls:
+            assert route is not None and route.url_field is not None
+            problems.append(
+                f"{name}: not a field of {route.path}; send the {route.upload}'s URL as '{route.url_field}', "
+                f'e.g. {{"{route.url_field}": "https://..."}}'
+            )
         if unknown:
             problems.append(
                 f"{', '.join(unknown)}: not a field of this endpoint; the question and its settings go "

@@ -18,6 +18,10 @@ the route's failure body (http_api.errors) when something is wrong:
   (no boundary included: the one rule for them is here) and form values that BentoML's
   ``json.loads`` fails on with more than a JSONDecodeError (bytes in no Unicode encoding, nesting
   too deep), which would be 500s, are answered 400 here.
+- 400 for a multipart body with a part of the route (http_api.routes: ``fields``) given twice,
+  which BentoML would keep one of silently, and for a file part the route does not take
+  (``-F file=@clip.mp4``), which BentoML would try to read as JSON; the message names the parts
+  the route takes.
 - 503 with Retry-After when http_api.admission refuses a request whose body has fully arrived.
 
 The first MiB of a body is inspected before the app starts, so most refusals never reach it.
@@ -37,7 +41,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from http_api.admission import Admission, ServiceBusy
-from http_api.errors import Message, Receive, Scope, Send, error_body, error_headers
+from http_api.errors import Message, Receive, Scope, Send, reply_for
+from http_api.routes import UPLOAD_FIELDS, Route, route_for
 
 MiB = 1024 * 1024
 # Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
@@ -48,15 +53,6 @@ MULTIPART_OVERHEAD = 2 * MiB
 JSON_WHITESPACE = b" \t\r\n"
 # Body bytes inspected before the app starts (see _GuardedRequest._read_ahead).
 READ_AHEAD_BYTES = 1 * MiB
-# Guarded routes -> the one multipart field BentoML treats as the upload (None: JSON only).
-GUARDED_PATHS: dict[str, str | None] = {
-    "/analyze_video": "video",
-    "/analyze_image": "image",
-    "/v1/chat/completions": None,
-    "/jobs/submit": "video",
-}
-# Guarded routes whose uploads may reach ``max_job_upload_bytes`` instead of ``max_upload_bytes``.
-JOB_PATHS = frozenset({"/jobs/submit"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +62,7 @@ class GuardLimits:
     max_upload_bytes: int
     max_json_bytes: int
     max_in_flight: int
-    file_fields: frozenset[str] = frozenset({"video", "image"})
+    file_fields: frozenset[str] = UPLOAD_FIELDS
     max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
 
 
@@ -80,13 +76,13 @@ class Refusal(Exception):
 
 
 class RequestGuard:
-    """ASGI middleware; ``LLaVAVideoService.add_asgi_middleware(RequestGuard)`` installs it."""
+    """ASGI middleware on the POST requests of the routes http_api.routes marks ``guarded``; the
+    route's ``upload`` is the one multipart part BentoML treats as the upload (None: JSON only)."""
 
     def __init__(
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         limits: GuardLimits | None = None,
-        paths: dict[str, str | None] | None = None,
     ) -> None:
         if limits is None:
             import settings  # settings imports this module for GuardLimits
@@ -94,23 +90,24 @@ class RequestGuard:
             limits = settings.current().guard_limits()
         self.app = app
         self.limits = limits
-        self.paths = paths or GUARDED_PATHS
         self.admission = Admission(limits.max_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths or scope.get("method") != "POST":
+        route = route_for(scope.get("path", ""))
+        if scope["type"] != "http" or not route.guarded or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        await _GuardedRequest(self, scope, receive, send).run()
+        await _GuardedRequest(self, route, scope, receive, send).run()
 
 
 class _GuardedRequest:
     """One request's pass through the guard."""
 
-    def __init__(self, guard: RequestGuard, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, guard: RequestGuard, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         self.guard = guard
+        self.route = route
         self.limits = guard.limits
-        if scope["path"] in JOB_PATHS and guard.limits.max_job_upload_bytes is not None:
+        if route.job_upload and guard.limits.max_job_upload_bytes is not None:
             self.limits = dataclasses.replace(guard.limits, max_upload_bytes=guard.limits.max_job_upload_bytes)
         self.scope = scope
         self.receive = receive
@@ -157,7 +154,7 @@ class _GuardedRequest:
         # BentoML picks its parser from this exact, case-sensitive value; so does the guard.
         media_type = (content_type or "").split(";")[0].strip()
         declared = _first_header(self.scope, b"content-length") or ""
-        upload_field = self.guard.paths[self.scope["path"]]
+        upload_field = self.route.upload
         if media_type == "application/x-www-form-urlencoded" and upload_field is not None:
             # What BentoML's own client sends for a URL input (no file): parsed as a form.
             cap = self.limits.max_json_bytes
@@ -165,7 +162,7 @@ class _GuardedRequest:
         elif media_type == "multipart/form-data" and upload_field is not None:
             cap = self.limits.max_upload_bytes + MULTIPART_OVERHEAD
             inspector: _JsonInspector | _MultipartInspector | _FormInspector = _MultipartInspector(
-                content_type or "", self.limits, upload_field
+                content_type or "", self.limits, self.route
             )
         elif media_type in ("application/json", ""):
             cap = self.limits.max_json_bytes
@@ -223,13 +220,9 @@ class _GuardedRequest:
 
     async def _refuse(self, refusal: Refusal) -> None:
         self.refused = True
-        body = error_body(self.scope["path"], refusal.status, refusal.message)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if not self.body_complete:
-            headers.append((b"connection", b"close"))  # the rest of the request body is not read
-        headers += error_headers(refusal.status)
-        await self.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": body})
+        # Without the whole body read, the connection is closed rather than left half-read.
+        headers = [] if self.body_complete else [(b"connection", b"close")]
+        await reply_for(self.scope["path"], refusal.status, refusal.message).send(self.send, headers)
 
 
 class _JsonInspector:
@@ -260,9 +253,11 @@ class _MultipartInspector:
     anything else (undecodable bytes, nesting too deep), which would be 500s.
     """
 
-    def __init__(self, content_type: str, limits: GuardLimits, upload_field: str) -> None:
+    def __init__(self, content_type: str, limits: GuardLimits, route: Route) -> None:
         self.limits = limits
-        self.upload_field = upload_field
+        self.route = route
+        self.upload_field = route.upload
+        self.seen: set[str] = set()
         _, params = parse_options_header(content_type)
         self.charset = _charset(params)
         boundary = params.get(b"boundary", b"")
@@ -322,6 +317,16 @@ class _MultipartInspector:
             raise Refusal(400, 'every multipart part needs a Content-Disposition header with a name="..."')
         self.part_name = _user_safe_decode(options[b"name"], self.charset)
         self.part_is_file = b"filename" in options
+        if self.part_name in self.route.fields:
+            if self.part_name in self.seen:  # BentoML would keep one and drop the other silently
+                raise Refusal(400, f"the '{self.part_name}' part is given twice; send one")
+            self.seen.add(self.part_name)
+        elif self.part_is_file:  # e.g. -F file=@clip.mp4: BentoML would JSON-decode the file
+            raise Refusal(
+                400,
+                f"the '{self.part_name}' part is not one {self.route.path} takes: it takes "
+                f"{self.route.describe_fields()}, e.g. curl -F '{self.upload_field}=@file'",
+            )
         self.files += self.part_is_file
         self.fields += not self.part_is_file
         if max(self.files, self.fields) > MAX_PARTS:

@@ -32,10 +32,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import media
-from http_api import request_log
 from http_api.analysis import Analyzer
-from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, status_for, status_for_kind
-from http_api.schemas import Failure, JobMetadata, JobQuestion
+from http_api.errors import ErrorReply, RequestError, status_for_kind, translate
+from http_api.routes import Shape
+from http_api.schemas import JobMetadata, JobQuestion
 from jobs.manager import JobFailed, JobManager, JobParameters, UnknownJob
 from jobs.store import valid_task_id
 
@@ -187,13 +187,7 @@ def _parameters(analyzer: Analyzer, meta: JobMetadata) -> JobParameters:
 
 
 def _failure(error: Exception) -> JSONResponse:
+    """The failure body; a bug or a device failure is logged, the caller gets no internals."""
     if isinstance(error, JobFailed):  # the job's own failure, answered by its kind as outside a job
-        status = status_for_kind(error.kind)
-    elif isinstance(error, CLIENT_ERRORS):
-        status = status_for(error)
-    else:  # a bug or a device failure: logged, no internals
-        request_log.note_failure(error, "job request failed")
-        error = RuntimeError("internal error while handling the job; see the server log")
-        status = 500
-    headers = {k.decode(): v.decode() for k, v in error_headers(status)}
-    return JSONResponse(Failure(error=str(error)).model_dump(), status_code=status, headers=headers)
+        return ErrorReply(status_for_kind(error.kind), str(error), Shape.NATIVE).response()
+    return translate(error, Shape.NATIVE, "handling the job").response()

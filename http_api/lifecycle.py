@@ -1,9 +1,9 @@
 """The worker's life: loading, ready, failed, draining; what the routes answer in each phase.
 
 :class:`Lifecycle` holds the phase (the model loads in a background thread, see startup.py) and
-counts the requests in flight. :class:`LifecycleGate`, an ASGI middleware in front of the model's
-routes, answers 503 while the model loads, after it failed to load, and while the worker drains;
-health routes, the OpenAPI page and metrics always pass.
+counts the requests in flight. :class:`LifecycleGate`, an ASGI middleware in front of the routes
+that need the model (http_api.routes), answers 503 while the model loads, after it failed to
+load, and while the worker drains; health routes, the OpenAPI page and metrics always pass.
 
 :func:`drain_on_sigterm` makes SIGTERM graceful. Left to itself uvicorn stops accepting at once,
 but under `bentoml serve` the listening socket belongs to the circus arbiter, so connections made
@@ -23,11 +23,10 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable
 
-from http_api.errors import Receive, Scope, Send, error_body, error_headers, is_jobs_path, is_openai_path
+from http_api.errors import Receive, Scope, Send, reply_for
+from http_api.routes import route_for
 
 logger = logging.getLogger("llava_video_service")
-# Routes that need the model; everything else (health, docs, metrics) is always answered.
-MODEL_PATHS = ("/analyze_video", "/analyze_image")
 # After the grace period the engine is stopped; requests then end within this many seconds.
 STOPPED_REQUESTS_WAIT = 10.0
 
@@ -105,32 +104,19 @@ class Lifecycle:
 class LifecycleGate:
     """ASGI middleware: model routes pass only while the worker is ready; counts them in flight."""
 
-    def __init__(
-        self,
-        app: Callable[[Scope, Receive, Send], Awaitable[None]],
-        lifecycle: Lifecycle,
-        paths: tuple[str, ...] = MODEL_PATHS,
-    ) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], lifecycle: Lifecycle) -> None:
         self.app = app
         self.lifecycle = lifecycle
-        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path in self.paths or is_openai_path(path) or is_jobs_path(path)):
+        if scope["type"] != "http" or not route_for(path).needs_model:
             await self.app(scope, receive, send)
             return
         reason = self.lifecycle.refusal()
         if reason is not None:
-            body = error_body(path, 503, reason)
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),  # the body is not read; and a draining worker wants no reuse
-                *error_headers(503),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            # The body is not read; and a draining worker wants no reuse of the connection.
+            await reply_for(path, 503, reason).send(send, [(b"connection", b"close")])
             return
         self.lifecycle.enter()
         try:

@@ -24,26 +24,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from http_api.errors import Message, Receive, Scope, Send
+from http_api.routes import route_for
 
 if TYPE_CHECKING:
     from llava_custom.engine import Answer, Engine
 
-# Routes get their own label value; anything else is "other", so scanners cannot blow up the
-# number of time series.
-ROUTES = (
-    "/analyze_video",
-    "/analyze_image",
-    "/v1/chat/completions",
-    "/v1/models",
-    "/jobs/submit",
-    "/jobs/status",
-    "/jobs/get",
-    "/jobs/cancel",
-    "/jobs/ask",
-    "/livez",
-    "/readyz",
-    "/healthz",
-)
 # Seconds: from a cached image's few milliseconds to a long video's minutes.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -85,7 +70,9 @@ class Metrics:
             self.generate_seconds.observe(answer.timings.generate)
 
     def responded(self, path: str, status: int, seconds: float) -> None:
-        route = path if path in ROUTES else "other"
+        # The route table's label: anything but our routes is "other", so that scanners cannot
+        # blow up the number of time series.
+        route = route_for(path).metric or "other"
         self.requests.labels(route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
@@ -104,7 +91,7 @@ class RequestMetrics:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/metrics":
+        if scope["type"] != "http" or route_for(scope["path"]).metric is None:
             await self.app(scope, receive, send)
             return
         metrics = process_metrics()

@@ -16,7 +16,6 @@ without a picture go to the language model alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -47,9 +46,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from typing_extensions import Required, TypedDict
 
-from http_api import request_log
 from http_api.analysis import Analyzer, Started, until_answered
-from http_api.errors import CLIENT_ERRORS, RequestError, error_headers, openai_error, status_for
+from http_api.errors import ErrorReply, RequestError, translate
+from http_api.routes import Shape
 from http_api.schemas import VideoSampling
 from llava_custom.engine import Answer, Conversation, GenerationSettings, TokenLogprob, Turn
 
@@ -130,11 +129,8 @@ def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
             return _error(400, "the body is not valid JSON")
         try:
             return await _chat(analyzer(), request, body)
-        except CLIENT_ERRORS as error:
-            return _error(status_for(error), str(error), getattr(error, "param", None))
-        except Exception as error:  # a bug or a device failure: log it, tell the caller without internals
-            request_log.note_failure(error, "chat completion failed")
-            return _error(500, "internal error while answering; see the server log")
+        except Exception as error:  # a bug or a device failure is logged; the caller gets no internals
+            return translate(error, Shape.OPENAI).response()
 
     async def models(request: Request) -> Response:
         served = Model(id=analyzer().model_id, created=0, object="model", owned_by="llava-video-service")
@@ -149,8 +145,7 @@ def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    headers = {k.decode(): v.decode() for k, v in error_headers(status)}
-    return JSONResponse(openai_error(status, message, param), status_code=status, headers=headers)
+    return ErrorReply(status, message, Shape.OPENAI, param).response()
 
 
 async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
@@ -373,11 +368,8 @@ async def _events(
                 yield event([chunk.Choice(index=0, delta=chunk.ChoiceDelta(), finish_reason=delta.finish_reason)])
         if include_usage and answer is not None:
             yield event([], answer)
-    except CLIENT_ERRORS as error:  # the headers are sent: the error goes into the stream
-        yield f"data: {json.dumps(openai_error(status_for(error), str(error)))}\n\n"
-    except Exception as error:
-        request_log.note_failure(error, "streamed chat completion failed")
-        yield f"data: {json.dumps(openai_error(500, 'internal error while answering; see the server log'))}\n\n"
+    except Exception as error:  # the headers are sent: the error goes into the stream
+        yield translate(error, Shape.OPENAI).event()
     finally:
         stream.cancel()  # a no-op once finished
     yield "data: [DONE]\n\n"

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from http_api.errors import Message, Receive, Scope, Send
+from http_api.routes import Kind, routes_of
 from http_api.schemas import Failure, ImageAnswer, JobMetadata, JobQuestion, Metadata, VideoAnswer
 
 DOCS_PATH = "/docs.json"
@@ -30,10 +31,9 @@ ERROR_STATUSES = {
     "503": "Busy or shutting down: retry after the Retry-After seconds",
     "504": "The URL's server timed out",
 }
-_NATIVE = {
-    "/analyze_video": ("video", VideoAnswer),
-    "/analyze_image": ("image", ImageAnswer),
-}
+_ANSWERS: dict[str, type[BaseModel]] = {"video": VideoAnswer, "image": ImageAnswer}
+# The native routes of http_api.routes: their upload part and their answer.
+_NATIVE = {route.path: (route.upload, _ANSWERS[route.upload]) for route in routes_of(Kind.NATIVE) if route.upload}
 
 
 class OpenAPIDocs:

@@ -12,8 +12,9 @@ logged, e.g.::
 Client mistakes and refusals are logged at INFO without a traceback, and so are 502/503/504 (the
 URL's server failed, the service is busy or stopping: conditions, not faults). Faults of the
 service (500) are logged at ERROR with the traceback of what failed, which the code that answered
-500 hands over with :func:`note_failure`. Health and metrics requests are logged at DEBUG only
-(probes would drown the rest; /readyz says 503 all the while the model loads).
+500 hands over with :func:`note_failure` (http_api.record). Quiet routes (health and metrics,
+http_api.routes) are logged at DEBUG only (probes would drown the rest; /readyz says 503 all the
+while the model loads).
 
 BentoML logs its own validation errors (malformed JSON, a field of the wrong type: 400s) at ERROR
 with a full traceback; :class:`FrameworkErrorFilter` takes those records over: inside a request
@@ -23,74 +24,39 @@ error is lowered to INFO without its traceback.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from http_api.errors import Message, Receive, Scope, Send, framework_error_message, send_error
+from http_api.errors import Message, Receive, Scope, Send, framework_error_message, reply_for
+from http_api.record import RequestRecord, Timed, current, current_record, note_decode, note_failure, note_stream
+from http_api.routes import route_for
+
+# The request's record is kept in http_api.record; its notes are offered here too.
+__all__ = [
+    "FrameworkErrorFilter",
+    "RequestLog",
+    "RequestRecord",
+    "Timed",
+    "current",
+    "install_framework_filter",
+    "note_decode",
+    "note_failure",
+    "note_stream",
+    "request_id_from",
+]
 
 logger = logging.getLogger("llava_video_service.request")
 HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Routes probed every few seconds by orchestrators: their lines are DEBUG.
-QUIET_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 # The logger BentoML's api_endpoint_wrapper logs "Exception on <path> [<method>]" to.
 FRAMEWORK_LOGGER = "bentoml._internal.server.http_app"
 # Largest error body read for the message in the log line.
 _MAX_ERROR_BODY = 64 * 1024
-
-
-class Timed(Protocol):
-    """What the log reads from a request's token stream (llava_custom.streaming.TokenStream)."""
-
-    @property
-    def queue_seconds(self) -> float | None: ...
-
-
-@dataclass
-class RequestRecord:
-    """What is known about the request being answered, filled in by whoever learns it."""
-
-    request_id: str
-    decode_seconds: float | None = None
-    stream: Timed | None = None
-    failure: BaseException | None = None
-    durations: dict[str, float] = field(default_factory=dict)
-
-
-_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("llava_request", default=None)
-
-
-def current() -> RequestRecord | None:
-    """The record of the request this code runs for (None outside a request)."""
-    return _current.get()
-
-
-def note_decode(seconds: float) -> None:
-    """Time spent reading the media (download excluded): decoding in a child, or recalling it."""
-    if (record := _current.get()) is not None:
-        record.decode_seconds = (record.decode_seconds or 0.0) + seconds
-
-
-def note_stream(stream: Timed) -> None:
-    """The request's token stream, whose queue time the line reports."""
-    if (record := _current.get()) is not None:
-        record.stream = stream
-
-
-def note_failure(error: BaseException, what: str) -> None:
-    """The exception behind a 500 (or a stream that broke off): the request's line carries its
-    traceback; outside a request it is logged at once, as ``what``."""
-    if (record := _current.get()) is not None:
-        record.failure = error
-    else:
-        logger.error(what, exc_info=error)
 
 
 def request_id_from(scope: Scope) -> str:
@@ -130,17 +96,17 @@ class RequestLog:
                 error_body.extend(message.get("body", b"")[: _MAX_ERROR_BODY - len(error_body)])
             await send(message)
 
-        token = _current.set(record)
+        token = current_record.set(record)
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as error:  # escaped every handler: answer 500 here, log it once below
             record.failure = error
             if status == 0:
-                await send_error(send_with_id, scope.get("path", ""), 500, "internal error; see the server log")
+                await reply_for(scope.get("path", ""), 500, "internal error; see the server log").send(send_with_id)
             else:
                 status = 500  # the response broke off; the client sees a truncated answer
         finally:
-            _current.reset(token)
+            current_record.reset(token)
             _log(scope, record, status, time.monotonic() - started, bytes(error_body))
 
 
@@ -152,18 +118,18 @@ def _log(scope: Scope, record: RequestRecord, status: int, total: float, error_b
     if record.stream is not None and (queue := record.stream.queue_seconds) is not None:
         parts.append(f"queue={queue:.3f}s")
     if status >= 400:
-        parts.append("error=" + json.dumps(_error_message(error_body) if error_body else "-"))
+        parts.append("error=" + json.dumps(_error_message(error_body, path) if error_body else "-"))
     line = " ".join(parts)
     if status == 500 or record.failure is not None:
         logger.error(line, exc_info=record.failure)
-    elif path in QUIET_PATHS:  # probes; a 503 of /readyz while loading or draining is expected too
+    elif route_for(path).quiet:  # probes; a 503 of /readyz while loading or draining is expected too
         logger.debug(line)
     else:
         logger.info(line)
 
 
-def _error_message(body: bytes) -> str:
-    message = framework_error_message(body)
+def _error_message(body: bytes, path: str) -> str:
+    message = framework_error_message(body, route_for(path))
     return message if len(message) <= 300 else message[:297] + "..."
 
 
@@ -175,7 +141,7 @@ class FrameworkErrorFilter(logging.Filter):
         if not record.exc_info or record.exc_info[1] is None:
             return True
         error = record.exc_info[1]
-        request = _current.get()
+        request = current_record.get()
         if request is not None:
             if not _is_client_error(error):
                 request.failure = error

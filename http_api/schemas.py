@@ -16,14 +16,26 @@ class VideoSampling(BaseModel):
     """Which frames of a video the model sees: the native ``metadata`` fields and the chat route's
     extensions alike. Without any of them: ``LLAVA_NUM_FRAMES`` frames over the whole video."""
 
-    num_frames: int | None = Field(None, ge=1, description="frames to sample from a video (server limit applies)")
+    num_frames: int | None = Field(
+        None, strict=True, ge=1, description="frames to sample from a video (server limit applies)"
+    )
     fps: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="sample at this rate over the analysed span, at most num_frames"
+        None,
+        strict=True,
+        gt=0,
+        allow_inf_nan=False,
+        description="sample at this rate over the analysed span, at most num_frames",
     )
     start_time: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="analyse from this second on (frame_times stay whole-video)"
+        None,
+        strict=True,
+        ge=0,
+        allow_inf_nan=False,
+        description="analyse from this second on (frame_times stay whole-video)",
     )
-    end_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="analyse up to this second")
+    end_time: float | None = Field(
+        None, strict=True, gt=0, allow_inf_nan=False, description="analyse up to this second"
+    )
 
     @model_validator(mode="after")
     def _segment_is_ordered(self) -> VideoSampling:
@@ -38,11 +50,19 @@ class Metadata(VideoSampling):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, description="the question; a default description prompt applies when absent")
-    max_new_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens (server limit applies)")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, used when temperature > 0")
-    top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens; 0 or absent: all")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="makes a sampled answer (temperature > 0) reproducible")
+    max_new_tokens: int | None = Field(
+        None, strict=True, ge=1, description="longest answer, in tokens (server limit applies)"
+    )
+    temperature: float | None = Field(None, strict=True, ge=0, le=2, description="0 (default) decodes greedily")
+    top_p: float | None = Field(
+        None, strict=True, gt=0, le=1, description="nucleus sampling, used when temperature > 0"
+    )
+    top_k: int | None = Field(
+        None, strict=True, ge=0, description="sample from the k most likely tokens; 0 or absent: all"
+    )
+    seed: int | None = Field(
+        None, strict=True, ge=0, lt=2**63, description="makes a sampled answer (temperature > 0) reproducible"
+    )
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, max_length=4, description="up to 4 strings that end the answer (not included in it)"
     )
@@ -70,18 +90,30 @@ class JobMetadata(BaseModel):
     caption_prompt: str | None = Field(
         None, description="what each segment's caption describes; default: a dense, factual description"
     )
-    segment_seconds: float = Field(30.0, gt=0, allow_inf_nan=False, description="length of each captioned segment")
-    overlap_seconds: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="each segment starts this long before the previous one ends"
+    segment_seconds: float = Field(
+        30.0, strict=True, gt=0, allow_inf_nan=False, description="length of each captioned segment"
     )
-    frames_per_segment: int = Field(16, ge=1, description="frames each caption sees (server limit applies)")
-    start_time: float | None = Field(None, ge=0, allow_inf_nan=False, description="analyse from this second on")
-    end_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="analyse up to this second")
-    max_new_tokens: int | None = Field(None, ge=1, description="longest caption and answer, in tokens")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 (default) decodes greedily")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    overlap_seconds: float = Field(
+        0.0,
+        strict=True,
+        ge=0,
+        allow_inf_nan=False,
+        description="each segment starts this long before the previous one ends",
+    )
+    frames_per_segment: int = Field(
+        16, strict=True, ge=1, description="frames each caption sees (server limit applies)"
+    )
+    start_time: float | None = Field(
+        None, strict=True, ge=0, allow_inf_nan=False, description="analyse from this second on"
+    )
+    end_time: float | None = Field(
+        None, strict=True, gt=0, allow_inf_nan=False, description="analyse up to this second"
+    )
+    max_new_tokens: int | None = Field(None, strict=True, ge=1, description="longest caption and answer, in tokens")
+    temperature: float | None = Field(None, strict=True, ge=0, le=2, description="0 (default) decodes greedily")
+    top_p: float | None = Field(None, strict=True, gt=0, le=1)
+    top_k: int | None = Field(None, strict=True, ge=0)
+    seed: int | None = Field(None, strict=True, ge=0, lt=2**63)
     ignore_eos: bool = Field(False, description="generate exactly max_new_tokens per caption (load tests)")
 
     @model_validator(mode="after")
@@ -104,11 +136,11 @@ class JobQuestion(BaseModel):
 
     task_id: str = Field(description="the finished job's id, as /jobs/submit answered")
     question: str = Field(min_length=1, description="answered from the job's captions, citing times")
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_new_tokens: int | None = Field(None, strict=True, ge=1)
+    temperature: float | None = Field(None, strict=True, ge=0, le=2)
+    top_p: float | None = Field(None, strict=True, gt=0, le=1)
+    top_k: int | None = Field(None, strict=True, ge=0)
+    seed: int | None = Field(None, strict=True, ge=0, lt=2**63)
 
     @classmethod
     def parse(cls, raw: Any) -> JobQuestion:

@@ -4,8 +4,9 @@ The page (ui/index.html, app.js, jobs.js, api.js, style.css) calls the same HTTP
 client, so it needs nothing from the server but its files. :func:`create_app` serves them;
 service.py mounts it at :data:`PAGE_PREFIX`. :class:`PageRoutes` sends ``/`` to the page and keeps
 BentoML's OpenAPI page (which BentoML serves at ``/``) reachable at :data:`API_DOCS_PATH`.
-The page's paths are open without an API key (http_api.auth): they hold no data, and a browser
-cannot add a header when it opens a URL; the page sends the key with each API call.
+The page's paths, and the OpenAPI page, are open without an API key (http_api.routes): they hold
+no data, and a browser cannot add a header when it opens a URL; the page sends the key with each
+API call.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ API_DOCS_PATH = "/docs"
 def create_app(directory: Path = PAGE_DIRECTORY) -> Starlette:
     """The page's files; ``/ui/`` answers index.html."""
     return Starlette(routes=[Mount("/", StaticFiles(directory=directory, html=True))])
-
-
-def is_page_path(path: str) -> bool:
-    """``/`` and everything under ``/ui``: the static page, no API."""
-    return path == "/" or path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/")
 
 
 class PageRoutes:

@@ -33,7 +33,7 @@ def test_without_the_right_key_requests_get_401(keyed, media_dir, headers) -> No
     assert response.json()["status"] == "failed" and "key" in response.json()["error"]
     chat = httpx.post(f"{keyed}/v1/chat/completions", json={"messages": []}, headers=headers, timeout=30)
     assert chat.status_code == 401 and chat.json()["error"]["type"] == "authentication_error"
-    assert httpx.get(f"{keyed}/docs.json", headers=headers, timeout=30).status_code == 401
+    assert httpx.get(f"{keyed}/v1/models", headers=headers, timeout=30).status_code == 401
     job = httpx.post(f"{keyed}/jobs/submit", json={"video_url": "http://127.0.0.1/x.mp4"}, headers=headers, timeout=30)
     assert job.status_code == 401 and job.json()["status"] == "failed"
     assert httpx.get(f"{keyed}/jobs/status?task_id={'0' * 32}", headers=headers, timeout=30).status_code == 401
@@ -56,6 +56,34 @@ def test_the_right_key_gets_in_from_every_client(keyed, media_dir, file_server) 
 def test_health_and_metrics_need_no_key(keyed) -> None:
     for path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(f"{keyed}{path}", timeout=30).status_code == 200, path
+
+
+def test_the_route_table_decides_which_routes_need_the_key(keyed) -> None:
+    """Every route http_api.routes marks open answers without the key, every other one is a 401."""
+    from http_api.routes import ROUTES
+
+    for route in ROUTES:
+        path = route.path + ("index.html" if route.path == "/ui/" else "x" if route.prefix else "")
+        status = httpx.get(f"{keyed}{path}", timeout=30).status_code
+        assert (status == 401) == route.needs_key, (path, status)
+    assert httpx.get(f"{keyed}/no-such-route", timeout=30).status_code == 401  # anything else needs it too
+
+
+def test_the_api_description_is_open_and_a_client_without_a_token_is_told_why(keyed, file_server) -> None:
+    """/docs, /docs.json and BentoML's /schema.json describe the API and hold no data: open, so
+    that a browser opens /docs and BentoML's client gets as far as the call's 401."""
+    docs = httpx.get(f"{keyed}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    assert "Metadata" in httpx.get(f"{keyed}/docs.json", timeout=30).json()["components"]["schemas"]
+    assert httpx.get(f"{keyed}/schema.json", timeout=30).status_code == 200
+    import bentoml
+
+    with (
+        bentoml.SyncHTTPClient(keyed, timeout=120) as client,
+        pytest.raises(bentoml.exceptions.BentoMLException) as info,
+    ):
+        client.analyze_image(image_url=f"{file_server}/photo.jpg")
+    assert "API key" in str(info.value) and "schema" not in str(info.value)
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -95,3 +123,21 @@ def test_job_routes_are_counted_per_route_not_per_job(keyed) -> None:
     assert metric(text, "llava_requests_total", '{route="/jobs/status",status="404"}') >= 2
     assert metric(text, "llava_requests_total", '{route="/jobs/get",status="404"}') >= 2
     assert "0" * 32 not in text and "1" * 32 not in text
+
+
+def test_the_route_table_gives_the_metric_labels(keyed) -> None:
+    """Each route is counted under its label in http_api.routes; the rest as "other"; /metrics not at all."""
+    from http_api.routes import ROUTES
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    statuses = {}
+    for route in ROUTES:
+        if not route.prefix and route.metric not in (None, "other"):
+            statuses[route.metric] = httpx.get(f"{keyed}{route.path}", headers=headers, timeout=30).status_code
+    text = httpx.get(f"{keyed}/metrics", timeout=30).text
+    for label, status in statuses.items():
+        assert metric(text, "llava_requests_total", f'{{route="{label}",status="{status}"}}') >= 1, label
+    httpx.get(f"{keyed}/docs.json", timeout=30)
+    text = httpx.get(f"{keyed}/metrics", timeout=30).text
+    assert metric(text, "llava_requests_total", '{route="other",status="200"}') >= 1
+    assert 'route="/metrics"' not in text and 'route="/docs.json"' not in text

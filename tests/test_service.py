@@ -503,3 +503,108 @@ def test_a_segment_of_the_video_at_a_rate(client, media_dir):
 )
 def test_bad_segments_and_rates_are_refused(client, media_dir, metadata, words):
     assert_failed(upload(client, "/analyze_video", "video", media_dir / "clip.mp4", metadata), 400, *words)
+
+
+# --- what a new user hit (issue 26) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"num_frames": True},
+        {"num_frames": "8"},
+        {"max_new_tokens": "4"},
+        {"temperature": "0.5"},
+        {"fps": True},
+        {"start_time": "1"},
+        {"seed": False},
+    ],
+)
+def test_booleans_and_numbers_in_strings_are_refused_for_numeric_fields(client, media_dir, metadata):
+    (name,) = metadata
+    assert_failed(upload(client, "/analyze_video", "video", media_dir / "clip.mp4", metadata), 400, name)
+    response = client.post("/analyze_video", json={"video_url": "http://127.0.0.1:9/x.mp4", "metadata": metadata})
+    assert_failed(response, 400, name)
+
+
+def test_whole_numbers_are_still_numbers_for_float_fields(client, media_dir):
+    metadata = {"num_frames": 4, "temperature": 0, "fps": 2, "start_time": 0, "end_time": 3}
+    response = upload(client, "/analyze_video", "video", media_dir / "clip.mp4", metadata)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "name"), [("/analyze_video", "video", "clip.mp4"), ("/analyze_image", "image", "photo.jpg")]
+)
+def test_two_uploads_are_refused_naming_the_part(client, media_dir, endpoint, field, name):
+    data = (media_dir / name).read_bytes()
+    files = [(field, (name, data)), (field, (name, data))]
+    assert_failed(client.post(endpoint, files=files), 400, f"'{field}' part is given twice")
+
+
+@pytest.mark.parametrize("part", ["file", "video_file", "image"])
+def test_a_wrong_part_name_is_told_the_parts_the_route_takes(client, media_dir, part):
+    response = client.post("/analyze_video", files={part: ("clip.mp4", (media_dir / "clip.mp4").read_bytes())})
+    error = assert_failed(response, 400, f"'{part}' part", "'video' (the file)", "'video_url'", "'metadata'")
+    assert "neither text nor JSON" not in error
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "right"),
+    [
+        ("/analyze_image", "url", "image_url"),
+        ("/analyze_image", "video_url", "image_url"),
+        ("/analyze_video", "url", "video_url"),
+        ("/analyze_video", "image_url", "video_url"),
+    ],
+)
+def test_a_url_in_the_wrong_field_is_told_the_right_one(client, endpoint, field, right):
+    error = assert_failed(client.post(endpoint, json={field: "http://127.0.0.1:9/x"}), 400, field, f"'{right}'")
+    assert "inside metadata" not in error
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_an_unknown_route_answers_json(client, method):
+    response = client.request(method, "/analyze_videos")
+    assert response.headers["content-type"] == "application/json"
+    assert_failed(response, 404)
+    assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"  # OpenAI's shape under /v1
+
+
+def test_the_route_table_decides_which_lines_are_quiet(client, caplog):
+    """Quiet routes of http_api.routes are logged at DEBUG, the others at INFO."""
+    from http_api.routes import ROUTES
+
+    # /metrics is quiet too, but in-process BentoML has no metrics directory to read (served: test_auth_metrics).
+    quiet = [route.path for route in ROUTES if route.quiet and not route.prefix and route.path != "/metrics"]
+    loud = ["/docs.json", "/analyze_videos", "/v1/models"]
+    with caplog.at_level(logging.DEBUG, logger="llava_video_service.request"):
+        for path in quiet + loud:
+            client.get(path)
+    levels = {}
+    for record in caplog.records:
+        if record.name == "llava_video_service.request" and record.getMessage().startswith("request "):
+            levels[record.getMessage().split()[3]] = record.levelname
+    assert {path: levels[path] for path in quiet} == dict.fromkeys(quiet, "DEBUG")
+    assert {path: levels[path] for path in loud} == dict.fromkeys(loud, "INFO")
+
+
+def test_status_by_class_hierarchy_and_by_kind():
+    """The most specific mapped class decides, whatever the table's order; a job's recorded kind
+    (the class name) gets the same status."""
+    import media
+    from http_api.errors import ERROR_STATUS, status_for, status_for_kind
+
+    assert status_for(media.UpstreamTimeout("x")) == 504  # an UpstreamError (502) of its own
+    assert status_for(media.DecodeTimeout("x")) == 422  # unmapped: its parent UndecodableMedia's
+    reordered = dict(reversed(list(ERROR_STATUS.items())))
+    ERROR_STATUS.clear()
+    ERROR_STATUS.update(reordered)
+    try:
+        assert status_for(media.UpstreamTimeout("x")) == 504 and status_for(media.RefusedAddress("x")) == 400
+    finally:
+        ERROR_STATUS.clear()
+        ERROR_STATUS.update(dict(reversed(list(reordered.items()))))
+    assert status_for_kind("MediaTooLarge") == 413 and status_for_kind("UnsupportedMedia") == 415
+    assert status_for_kind("DecodeTimeout") == 422 and status_for_kind("RefusedAddress") == 400
+    assert status_for_kind("RuntimeError") == 500 and status_for_kind("nothing") == 500
