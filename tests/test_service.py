@@ -608,3 +608,13 @@ def test_status_by_class_hierarchy_and_by_kind():
     assert status_for_kind("MediaTooLarge") == 413 and status_for_kind("UnsupportedMedia") == 415
     assert status_for_kind("DecodeTimeout") == 422 and status_for_kind("RefusedAddress") == 400
     assert status_for_kind("RuntimeError") == 500 and status_for_kind("nothing") == 500
+
+
+def test_a_prompt_too_long_for_the_model_says_so_and_by_how_much(client, media_dir):
+    """A question of half a megabyte: a 413 that names the prompt as the cause and how many tokens
+    it is over, not a hint about frames."""
+    question = "Describe every detail of this picture again and again. " * 9500  # about 525 KB
+    response = upload(client, "/analyze_image", "image", media_dir / "photo.jpg", {"prompt": question})
+    message = assert_failed(response, 413, "the prompt is too long", "more than")
+    over = int(message.split(", ")[1].split(" more than")[0])
+    assert over > 0
