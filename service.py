@@ -213,7 +213,7 @@ for _api in LLaVAVideoService.apis.values():
 # every request, then refuse a missing API key before anything else looks at the request.
 LLaVAVideoService.add_asgi_middleware(request_log.RequestLog)
 LLaVAVideoService.add_asgi_middleware(RequestMetrics)
-LLaVAVideoService.add_asgi_middleware(ApiKeyAuth)
+LLaVAVideoService.add_asgi_middleware(ApiKeyAuth, key=lambda: settings.current().api_key_value)
 # Inside the key check: / (open) redirects to the page, /docs (keyed, as / was) shows BentoML's page.
 LLaVAVideoService.add_asgi_middleware(PageRoutes)
 LLaVAVideoService.add_asgi_middleware(OpenAPIDocs)
@@ -221,4 +221,4 @@ LLaVAVideoService.add_asgi_middleware(FailureBodyMiddleware)
 # Added after it, so these run inside FailureBodyMiddleware (their answers already have our body);
 # the gate first, so that a loading or draining worker refuses before the guard reads the body.
 LLaVAVideoService.add_asgi_middleware(LifecycleGate, lifecycle=lifecycle)
-LLaVAVideoService.add_asgi_middleware(RequestGuard)
+LLaVAVideoService.add_asgi_middleware(RequestGuard, limits=lambda: settings.current().guard_limits())

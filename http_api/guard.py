@@ -30,7 +30,6 @@ import codecs
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import FormParserError
@@ -38,6 +37,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from http_api.admission import Admission, ServiceBusy
 from http_api.errors import Message, Receive, Scope, Send, error_body, error_headers
+from http_api.limits import GuardLimits
 
 MiB = 1024 * 1024
 # Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
@@ -59,17 +59,6 @@ GUARDED_PATHS: dict[str, str | None] = {
 JOB_PATHS = frozenset({"/jobs/submit"})
 
 
-@dataclass(frozen=True)
-class GuardLimits:
-    """The caps the guard enforces; ``file_fields`` are the form fields that must be files."""
-
-    max_upload_bytes: int
-    max_json_bytes: int
-    max_in_flight: int
-    file_fields: frozenset[str] = frozenset({"video", "image"})
-    max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
-
-
 class Refusal(Exception):
     """A request the guard answers itself."""
 
@@ -80,18 +69,18 @@ class Refusal(Exception):
 
 
 class RequestGuard:
-    """ASGI middleware; ``LLaVAVideoService.add_asgi_middleware(RequestGuard)`` installs it."""
+    """ASGI middleware; ``LLaVAVideoService.add_asgi_middleware(RequestGuard, limits=...)`` installs
+    it. ``limits`` may be a function that returns them: called when BentoML builds the app in a
+    worker, after the settings were checked (service.py passes the settings' guard limits)."""
 
     def __init__(
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
-        limits: GuardLimits | None = None,
+        limits: GuardLimits | Callable[[], GuardLimits],
         paths: dict[str, str | None] | None = None,
     ) -> None:
-        if limits is None:
-            import settings  # settings imports this module for GuardLimits
-
-            limits = settings.current().guard_limits()
+        if callable(limits):
+            limits = limits()
         self.app = app
         self.limits = limits
         self.paths = paths or GUARDED_PATHS

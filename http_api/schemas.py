@@ -7,6 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs.limits import DEFAULT_FRAMES_PER_SEGMENT, DEFAULT_SEGMENT_SECONDS
 from media import VideoInfo
 
 M = TypeVar("M", bound=BaseModel)
@@ -70,11 +71,15 @@ class JobMetadata(BaseModel):
     caption_prompt: str | None = Field(
         None, description="what each segment's caption describes; default: a dense, factual description"
     )
-    segment_seconds: float = Field(30.0, gt=0, allow_inf_nan=False, description="length of each captioned segment")
+    segment_seconds: float = Field(
+        DEFAULT_SEGMENT_SECONDS, gt=0, allow_inf_nan=False, description="length of each captioned segment"
+    )
     overlap_seconds: float = Field(
         0.0, ge=0, allow_inf_nan=False, description="each segment starts this long before the previous one ends"
     )
-    frames_per_segment: int = Field(16, ge=1, description="frames each caption sees (server limit applies)")
+    frames_per_segment: int = Field(
+        DEFAULT_FRAMES_PER_SEGMENT, ge=1, description="frames each caption sees (server limit applies)"
+    )
     start_time: float | None = Field(None, ge=0, allow_inf_nan=False, description="analyse from this second on")
     end_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="analyse up to this second")
     max_new_tokens: int | None = Field(None, ge=1, description="longest caption and answer, in tokens")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import media
+from jobs.limits import DEFAULT_FRAMES_PER_SEGMENT, DEFAULT_SEGMENT_SECONDS, JobLimits
 from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, LongVideoJob, SegmentCaption
 from jobs.segments import Segment, SegmentPlanError, plan_segments
 from jobs.store import JobStore
@@ -54,23 +55,13 @@ class TooManyJobs(Exception):
 
 
 @dataclass(frozen=True)
-class JobLimits:
-    max_video_seconds: float
-    max_segments: int
-    max_frames: int
-    max_running: int = 1
-    max_pending: int = 16
-    captions_in_flight: int = 1
-
-
-@dataclass(frozen=True)
 class JobParameters:
     """A job's validated parameters (the HTTP layer checks types and ranges)."""
 
     generation: GenerationSettings
-    segment_seconds: float = 30.0
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS
     overlap_seconds: float = 0.0
-    frames_per_segment: int = 16
+    frames_per_segment: int = DEFAULT_FRAMES_PER_SEGMENT
     start_time: float | None = None
     end_time: float | None = None
     caption_prompt: str | None = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from jobs.limits import DEFAULT_SEGMENT_SECONDS
+
 # A last piece shorter than this merges into the segment before (a caption of a blink helps nobody).
 MIN_LAST_SEGMENT_SECONDS = 1.0
 
@@ -33,7 +35,7 @@ class SegmentPlanError(ValueError):
 def plan_segments(
     duration: float,
     *,
-    segment_seconds: float = 30.0,
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
     overlap_seconds: float = 0.0,
     start_time: float | None = None,
     end_time: float | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from llava_custom.scheduler import EngineLimits
+from llava_custom.limits import EngineLimits
 from media.fetch import FetchLimits
 from settings import Settings, explain
 

@@ -1,0 +1,20 @@
+"""The request guard's limits (http_api.guard enforces them; settings.py builds them).
+
+Imports nothing from the rest of the HTTP side, so that reading the settings does not import the
+routes, the jobs or the engine; http_api.guard re-exports :class:`GuardLimits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """The caps the guard enforces; ``file_fields`` are the form fields that must be files."""
+
+    max_upload_bytes: int
+    max_json_bytes: int
+    max_in_flight: int
+    file_fields: frozenset[str] = frozenset({"video", "image"})
+    max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
