@@ -7,8 +7,10 @@ that one, so each default is stated once.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -233,6 +235,20 @@ def explain(error: ValidationError) -> str:
             message = f"{name}={item.get('input')!r}: {message}"
         problems.append(message)
     return "invalid setting: " + "; ".join(problems)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``LLAVA_*`` variable that is no setting (a misspelt one is otherwise
+    ignored without a word), naming the closest setting when one is close enough."""
+    known = {"LLAVA_" + name.upper() for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(environ if environ is not None else os.environ):
+        if not name.startswith("LLAVA_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "see README, Configuration"
+        warnings.append(f"{name} is not a setting of this service and is ignored; {hint}")
+    return warnings
 
 
 def _size(count: int) -> str:

@@ -112,6 +112,15 @@ def test_a_missing_model_ends_the_server_before_any_worker_starts(where, tmp_pat
     assert "Traceback" not in output and "listening" not in output
 
 
+def test_a_misspelt_setting_is_named_in_the_start_up_log_with_the_closest_one(tmp_path):
+    """LLAVA_MAX_FRAMS would otherwise be ignored without a word (here the missing model then ends
+    the server at once, after the settings were read)."""
+    status, output, _ = run_to_exit(serve_command(free_port()), tiny_env(tmp_path / "nowhere", LLAVA_MAX_FRAMS="8"))
+    assert status == 2, output
+    warnings = [line for line in output.splitlines() if "LLAVA_MAX_FRAMS " in line]
+    assert len(warnings) == 1 and "did you mean LLAVA_MAX_FRAMES?" in warnings[0], output
+
+
 def test_a_model_that_fails_to_load_in_the_worker_stops_the_server(tiny_checkpoint, tmp_path):
     """Damaged weights pass the main process's checks (the files are there); the worker's load
     fails, and the server ends with status 3 instead of restarting the worker."""
