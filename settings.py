@@ -23,6 +23,7 @@ from http_api.limits import GuardLimits
 from jobs.limits import JobLimits
 from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
+from media.sizes import format_bytes
 
 MiB = 1024 * 1024
 _ENGINE = EngineLimits()
@@ -216,11 +217,12 @@ class Settings(BaseSettings):
             f"limits: frames {self.num_frames} by default, at most {self.max_frames}; new tokens "
             f"{self.max_new_tokens} by default, at most {self.max_new_tokens_limit}; batch "
             f"{self.max_batch_size} + {self.max_pending_requests} waiting; KV cache {self.kv_cache_tokens} tokens; "
-            f"upload {_size(self.max_upload_bytes)}, download {_size(self.max_download_bytes)}, data: URL "
-            f"{_size(self.max_data_url_bytes)}; {self.decode_workers} decode workers, {self.decode_timeout:g} s "
-            f"per file; request timeout {self.request_timeout:g} s; shutdown grace {self.shutdown_grace_seconds:g} s; "
-            f"jobs: {self.max_running_jobs} at once + {self.max_pending_jobs} waiting, videos up to "
-            f"{self.max_job_video_seconds:g} s and {_size(self.max_job_bytes)} in {self.max_job_segments} segments, "
+            f"upload {format_bytes(self.max_upload_bytes)}, download {format_bytes(self.max_download_bytes)}, "
+            f"data: URL {format_bytes(self.max_data_url_bytes)}; {self.decode_workers} decode workers, "
+            f"{self.decode_timeout:g} s per file; request timeout {self.request_timeout:g} s; shutdown grace "
+            f"{self.shutdown_grace_seconds:g} s; jobs: {self.max_running_jobs} at once + {self.max_pending_jobs} "
+            f"waiting, videos up to {self.max_job_video_seconds:g} s and {format_bytes(self.max_job_bytes)} in "
+            f"{self.max_job_segments} segments, "
             f"results kept {self.job_result_seconds:g} s in {self.job_dir}"
         )
 
@@ -249,10 +251,6 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         hint = f"did you mean {close[0]}?" if close else "see README, Configuration"
         warnings.append(f"{name} is not a setting of this service and is ignored; {hint}")
     return warnings
-
-
-def _size(count: int) -> str:
-    return f"{count / MiB:g} MiB" if count >= MiB else f"{count} bytes"
 
 
 @functools.cache

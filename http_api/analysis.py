@@ -79,7 +79,8 @@ class Analyzer:
                 raise media.InvalidSource(f"the uploaded {kind} file is empty")
             if size > self.settings.max_upload_bytes:
                 raise media.MediaTooLarge(
-                    f"the uploaded {kind} is {size} bytes, over the {self.settings.max_upload_bytes}-byte limit"
+                    f"the uploaded {kind} is {media.format_bytes(size)}, over the "
+                    f"{media.format_bytes(self.settings.max_upload_bytes)} limit"
                 )
             return source
         if url:

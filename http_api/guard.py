@@ -38,6 +38,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from http_api.admission import Admission, ServiceBusy
 from http_api.errors import Message, Receive, Scope, Send, error_body, error_headers
 from http_api.limits import GuardLimits
+from media.sizes import format_bytes
 
 MiB = 1024 * 1024
 # Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
@@ -232,7 +233,7 @@ class _JsonInspector:
     def feed(self, chunk: bytes, more: bool) -> None:
         self.received += len(chunk)
         if self.received > self.max_bytes:
-            raise Refusal(413, f"the JSON body is larger than {_format_mib(self.max_bytes)}")
+            raise Refusal(413, f"the JSON body is larger than {format_bytes(self.max_bytes)}")
         if not self.checked_start:
             start = chunk.lstrip(JSON_WHITESPACE)[:1]
             if start and start != b"{":
@@ -332,7 +333,7 @@ class _MultipartInspector:
         if self.part_data is not None:
             self.part_data += data[start:end]
             if len(self.part_data) > MAX_FIELD_BYTES:
-                raise Refusal(413, f"the '{self.part_name}' part is larger than {_format_mib(MAX_FIELD_BYTES)}")
+                raise Refusal(413, f"the '{self.part_name}' part is larger than {format_bytes(MAX_FIELD_BYTES)}")
 
     def _on_part_end(self) -> None:
         if self.part_data is None:
@@ -359,7 +360,7 @@ class _FormInspector:
     def feed(self, chunk: bytes, more: bool) -> None:
         self.body += chunk
         if len(self.body) > self.limits.max_json_bytes:
-            raise Refusal(413, f"the form is larger than {_format_mib(self.limits.max_json_bytes)}")
+            raise Refusal(413, f"the form is larger than {format_bytes(self.limits.max_json_bytes)}")
         if more:
             return
         try:
@@ -383,12 +384,8 @@ class _FormInspector:
 
 def _too_large_message(media_type: str, limits: GuardLimits) -> str:
     if media_type == "multipart/form-data":
-        return f"the upload is larger than the {_format_mib(limits.max_upload_bytes)} limit; send a smaller file"
-    return f"the JSON body is larger than {_format_mib(limits.max_json_bytes)}"
-
-
-def _format_mib(count: int) -> str:
-    return f"{count / MiB:g} MiB" if count >= MiB else f"{count} bytes"
+        return f"the upload is larger than the {format_bytes(limits.max_upload_bytes)} limit; send a smaller file"
+    return f"the JSON body is larger than {format_bytes(limits.max_json_bytes)}"
 
 
 def _first_header(scope: Scope, name: bytes) -> str | None:
