@@ -24,6 +24,7 @@ from jobs.limits import JobLimits
 from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
 from media.sizes import format_bytes
+from media.video import DEFAULT_CHUNK_BYTES
 
 MiB = 1024 * 1024
 _ENGINE = EngineLimits()
@@ -51,7 +52,9 @@ class Settings(BaseSettings):
     num_frames: int = Field(16, ge=1, description="frames sampled when the request does not say")
     max_frames: int = Field(64, ge=1, description="most frames a request may ask for")
     decode_chunk_bytes: int = Field(
-        64 * MiB, ge=MiB, description="bytes of full-resolution frames held at once while decoding (at least one frame)"
+        DEFAULT_CHUNK_BYTES,
+        ge=MiB,
+        description="bytes of full-resolution frames held at once while decoding (at least one frame)",
     )
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, description="answer length when the request does not say")
     max_new_tokens_limit: int = Field(4096, ge=1, description="longest answer a request may ask for")
