@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import REPO, served
 from bench.machine import machine
+from testing.served import REPO, served
 
 QUESTIONS = ("What happens in this video?", "What colour is the biggest object?")
 
@@ -52,7 +52,7 @@ def write_inputs(folder: Path, videos: int) -> tuple[Path, list[Path]]:
     sys.path.insert(0, str(REPO / "tests"))
     from mediafiles import write_video
 
-    from llava_custom.tiny import write_tiny_checkpoint
+    from testing.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
     paths = [write_video(folder / f"video{i}.mp4", frames=100 + i, fps=25, size=(1280, 720)) for i in range(videos)]

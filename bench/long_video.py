@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.load import REPO, served
 from bench.machine import machine
+from testing.served import REPO, served
 
 MiB = 1024 * 1024
 
@@ -196,7 +196,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from mediafiles import write_minutes_video, write_video
 
-    from llava_custom.tiny import write_tiny_checkpoint
+    from testing.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
         folder = Path(tmp)

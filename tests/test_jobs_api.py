@@ -24,8 +24,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import QuietFileHandler, free_port, running_service, service_env
+from conftest import QuietFileHandler, running_service, service_env
 from mediafiles import write_minutes_video
+
+from testing.served import free_port
 
 pytestmark = pytest.mark.served
 

@@ -24,28 +24,17 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+from testing.served import REPO, cpu_env, free_port, serve_command
+
 pytestmark = pytest.mark.served
 
 HUB_ID = "llava-tiny/tiny-llava-video"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def serve_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
-
-
 def tiny_env(model: Path | str, **extra: str) -> dict[str, str]:
-    return os.environ | {
-        "LLAVA_MODEL": str(model),
-        "LLAVA_LOAD_4BIT": "false",
-        "LLAVA_DEVICE": "cpu",
-        "LLAVA_DTYPE": "float32",
-        "LLAVA_MAX_NEW_TOKENS": "6",
-        **extra,
-    }
+    return os.environ | cpu_env(model) | {"LLAVA_MAX_NEW_TOKENS": "6", **extra}
 
 
 def run_to_exit(command: list[str], env: dict[str, str], limit: float = 120) -> tuple[int, str, float]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from bench.load import REPO, served
-from llava_custom.tiny import write_tiny_checkpoint
+from testing.served import REPO, served
+from testing.tiny import write_tiny_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]

@@ -9,7 +9,7 @@ Every quantised width is a multiple of 64 so bitsandbytes 4-bit also runs on CPU
 is the published model's) without building the model: each tensor is drawn on the given device
 and written shard by shard, so 7B parameters take seconds on a GPU and one shard of host memory.
 
-    python -m llava_custom.tiny DIR [--layout transformers|original] [--seed N]
+    python -m testing.tiny DIR [--layout transformers|original] [--seed N]
 """
 
 from __future__ import annotations
