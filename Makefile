@@ -27,7 +27,7 @@ demo: $(STAMP) $(DEMO_MODEL)/config.json
 	$(BIN)/bentoml serve service:LLaVAVideoService --port $(PORT)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)
-	$(BIN)/python -m testing.tiny $(DEMO_MODEL)
+	$(BIN)/python -m testing.tiny --readable $(DEMO_MODEL)
 
 ## test: the whole test suite (tiny checkpoints, real media, real HTTP, the web page in chromium)
 test: $(STAMP) $(CHROMIUM)
