@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from bench.machine import machine
-from testing.served import REPO, served
+from testing.served import served
 
 VIDEOS = 8
 
@@ -124,9 +123,7 @@ def bench_service(base: str, videos: list[Path], frames: int, tokens: int, repea
 
 def write_inputs(folder: Path) -> tuple[Path, list[Path]]:
     """A tiny checkpoint and 8 different short videos (320x240, 3 s and a bit more each)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from mediafiles import write_video
-
+    from testing.mediafiles import write_video
     from testing.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")

@@ -2,5 +2,6 @@
 ships none of it, bentofile.yaml's include list names the service's packages only).
 
 - tiny: tiny random-weight checkpoints in both layouts (``python -m testing.tiny DIR``, make demo);
-- served: a real ``bentoml serve`` of a checkpoint in its own process group, until /readyz answers.
+- served: a real ``bentoml serve`` of a checkpoint in its own process group, until /readyz answers;
+- mediafiles: real video and image files (PyAV, Pillow) whose frames carry their own index.
 """

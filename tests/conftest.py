@@ -32,9 +32,9 @@ atexit.register(shutil.rmtree, JOB_DIR, ignore_errors=True)
 os.environ["LLAVA_JOB_DIR"] = JOB_DIR
 
 import pytest  # noqa: E402
-from mediafiles import write_image, write_video  # noqa: E402
 
 from testing import served as served_instance  # noqa: E402
+from testing.mediafiles import write_image, write_video  # noqa: E402
 from testing.served import cpu_env, free_port  # noqa: E402
 from testing.tiny import write_tiny_checkpoint  # noqa: E402
 

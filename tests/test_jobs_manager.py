@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import engine_with
-from mediafiles import write_minutes_video
 
 import media
 from jobs.manager import JobLimits, JobManager, JobNotFinished, JobParameters
 from jobs.store import JobStore
 from llava_custom.engine import GenerationSettings
+from testing.mediafiles import write_minutes_video
 
 LIMITS = JobLimits(max_video_seconds=3600, max_segments=100, max_frames=64)
 

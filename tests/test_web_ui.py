@@ -18,8 +18,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import TEST_API_KEY
-from mediafiles import frame_index_from_pixels
 from PIL import Image
+
+from testing.mediafiles import frame_index_from_pixels
 
 pytestmark = pytest.mark.served
 CHROMIUM = "/usr/bin/chromium"
@@ -233,7 +234,7 @@ def test_the_page_asks_for_the_api_key_and_works_once_given(browser, keyed, medi
 def test_a_long_video_as_a_job_shows_progress_captions_on_a_timeline_and_takes_questions(
     browser, keyed, tmp_path
 ) -> None:
-    from mediafiles import write_minutes_video
+    from testing.mediafiles import write_minutes_video
 
     video = write_minutes_video(tmp_path / "two-minutes.mp4", 2, size=(64, 48))
     page = open_page(browser, keyed)
@@ -276,7 +277,7 @@ def test_a_long_video_as_a_job_shows_progress_captions_on_a_timeline_and_takes_q
 
 @pytest.mark.browser
 def test_stop_cancels_a_running_job(browser, keyed, tmp_path) -> None:
-    from mediafiles import write_minutes_video
+    from testing.mediafiles import write_minutes_video
 
     video = write_minutes_video(tmp_path / "ten-minutes.mp4", 10, size=(64, 48))
     page = open_page(browser, keyed)
