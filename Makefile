@@ -52,6 +52,8 @@ lint: $(STAMP)
 ## build: a Bento (then `bentoml containerize llava_video_service:latest`)
 build: $(STAMP)
 	$(BIN)/bentoml build
+	@echo "note: the 'python=3.11' and 'system_packages' options are not ignored, whatever BentoML logged" \
+	  "above: the generated Dockerfile installs them on the base image (bentofile.yaml, README: Container image)"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
