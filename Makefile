@@ -27,7 +27,7 @@ demo: $(STAMP) $(DEMO_MODEL)/config.json
 	$(BIN)/bentoml serve service:LLaVAVideoService --port $(PORT)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)
-	$(BIN)/python -m llava_custom.tiny $(DEMO_MODEL)
+	$(BIN)/python -m testing.tiny --readable $(DEMO_MODEL)
 
 ## test: the whole test suite (tiny checkpoints, real media, real HTTP, the web page in chromium)
 test: $(STAMP) $(CHROMIUM)
@@ -52,6 +52,8 @@ lint: $(STAMP)
 ## build: a Bento (then `bentoml containerize llava_video_service:latest`)
 build: $(STAMP)
 	$(BIN)/bentoml build
+	@echo "note: the 'python=3.11' and 'system_packages' options are not ignored, whatever BentoML logged" \
+	  "above: the generated Dockerfile installs them on the base image (bentofile.yaml, README: Container image)"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

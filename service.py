@@ -125,5 +125,12 @@ class LLaVAVideoService:
 
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = native.refuse_unknown_fields(_api.input_spec)
-for _middleware, _options in middlewares(lifecycle):
+# The key and the guard's limits are read when BentoML builds the app in a worker, after the
+# settings were checked.
+_stack = middlewares(
+    lifecycle,
+    api_key=lambda: settings.current().api_key_value,
+    guard_limits=lambda: settings.current().guard_limits(),
+)
+for _middleware, _options in _stack:
     LLaVAVideoService.add_asgi_middleware(_middleware, **_options)

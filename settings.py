@@ -7,22 +7,29 @@ that one, so each default is stated once.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from http_api.guard import GuardLimits
-from jobs.manager import JobLimits
-from llava_custom.scheduler import EngineLimits
+# The limit objects live with the behaviour they limit, in modules that import nothing heavy
+# (tests/test_imports.py checks that reading the settings imports no torch, and no circle).
+from http_api.limits import GuardLimits
+from jobs.limits import JobLimits
+from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
+from media.sizes import format_bytes
+from media.video import DEFAULT_CHUNK_BYTES
 
 MiB = 1024 * 1024
 _ENGINE = EngineLimits()
 _FETCH = FetchLimits(max_bytes=1024 * MiB)
+_JOBS = JobLimits(max_frames=1)  # its max_frames is LLAVA_MAX_FRAMES; the other defaults are read
 
 
 class Settings(BaseSettings):
@@ -45,9 +52,11 @@ class Settings(BaseSettings):
     num_frames: int = Field(16, ge=1, description="frames sampled when the request does not say")
     max_frames: int = Field(64, ge=1, description="most frames a request may ask for")
     decode_chunk_bytes: int = Field(
-        64 * MiB, ge=MiB, description="bytes of full-resolution frames held at once while decoding (at least one frame)"
+        DEFAULT_CHUNK_BYTES,
+        ge=MiB,
+        description="bytes of full-resolution frames held at once while decoding (at least one frame)",
     )
-    max_new_tokens: int = Field(512, ge=1, description="answer length when the request does not say")
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, description="answer length when the request does not say")
     max_new_tokens_limit: int = Field(4096, ge=1, description="longest answer a request may ask for")
 
     max_upload_bytes: int = Field(1024 * MiB, ge=1)
@@ -104,12 +113,18 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="seconds a finished job's result stays available (and its follow-up questions)"
     )
     max_job_bytes: int = Field(8192 * MiB, ge=1, description="largest video a job may upload or download")
-    max_job_video_seconds: float = Field(4 * 3600.0, gt=0, description="longest video a job may analyse, in seconds")
-    max_job_segments: int = Field(500, ge=1, description="most segments one job may cut its video into")
-    max_running_jobs: int = Field(1, ge=1, description="jobs captioning at once; more wait in order")
-    max_pending_jobs: int = Field(16, ge=0, description="jobs allowed to wait; one more is refused with 503")
+    max_job_video_seconds: float = Field(
+        _JOBS.max_video_seconds, gt=0, description="longest video a job may analyse, in seconds"
+    )
+    max_job_segments: int = Field(_JOBS.max_segments, ge=1, description="most segments one job may cut its video into")
+    max_running_jobs: int = Field(_JOBS.max_running, ge=1, description="jobs captioning at once; more wait in order")
+    max_pending_jobs: int = Field(
+        _JOBS.max_pending, ge=0, description="jobs allowed to wait; one more is refused with 503"
+    )
     job_captions_in_flight: int = Field(
-        1, ge=1, description="captions one job keeps in the engine at once (2 overlaps decoding with generation)"
+        _JOBS.captions_in_flight,
+        ge=1,
+        description="captions one job keeps in the engine at once (2 overlaps decoding with generation)",
     )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
@@ -119,6 +134,11 @@ class Settings(BaseSettings):
     def max_json_body_bytes(self) -> int:
         """JSON bodies carry a data: URL in base64 (4 characters per 3 bytes) plus the rest."""
         return self.max_data_url_bytes * 4 // 3 + MiB
+
+    @property
+    def api_key_value(self) -> str | None:
+        """LLAVA_API_KEY as the key check compares it; None: no key, every route is open."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
     @property
     def model_id(self) -> str:
@@ -206,11 +226,12 @@ class Settings(BaseSettings):
             f"limits: frames {self.num_frames} by default, at most {self.max_frames}; new tokens "
             f"{self.max_new_tokens} by default, at most {self.max_new_tokens_limit}; batch "
             f"{self.max_batch_size} + {self.max_pending_requests} waiting; KV cache {self.kv_cache_tokens} tokens; "
-            f"upload {_size(self.max_upload_bytes)}, download {_size(self.max_download_bytes)}, data: URL "
-            f"{_size(self.max_data_url_bytes)}; {self.decode_workers} decode workers, {self.decode_timeout:g} s "
-            f"per file; request timeout {self.request_timeout:g} s; shutdown grace {self.shutdown_grace_seconds:g} s; "
-            f"jobs: {self.max_running_jobs} at once + {self.max_pending_jobs} waiting, videos up to "
-            f"{self.max_job_video_seconds:g} s and {_size(self.max_job_bytes)} in {self.max_job_segments} segments, "
+            f"upload {format_bytes(self.max_upload_bytes)}, download {format_bytes(self.max_download_bytes)}, "
+            f"data: URL {format_bytes(self.max_data_url_bytes)}; {self.decode_workers} decode workers, "
+            f"{self.decode_timeout:g} s per file; request timeout {self.request_timeout:g} s; shutdown grace "
+            f"{self.shutdown_grace_seconds:g} s; jobs: {self.max_running_jobs} at once + {self.max_pending_jobs} "
+            f"waiting, videos up to {self.max_job_video_seconds:g} s and {format_bytes(self.max_job_bytes)} in "
+            f"{self.max_job_segments} segments, "
             f"results kept {self.job_result_seconds:g} s in {self.job_dir}"
         )
 
@@ -227,8 +248,18 @@ def explain(error: ValidationError) -> str:
     return "invalid setting: " + "; ".join(problems)
 
 
-def _size(count: int) -> str:
-    return f"{count / MiB:g} MiB" if count >= MiB else f"{count} bytes"
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``LLAVA_*`` variable that is no setting (a misspelt one is otherwise
+    ignored without a word), naming the closest setting when one is close enough."""
+    known = {"LLAVA_" + name.upper() for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(environ if environ is not None else os.environ):
+        if not name.startswith("LLAVA_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "see README, Configuration"
+        warnings.append(f"{name} is not a setting of this service and is ignored; {hint}")
+    return warnings
 
 
 @functools.cache

@@ -70,6 +70,8 @@ def check_before_serving() -> settings.Settings:
         current = settings.current()
     except ValidationError as error:
         exit_with(settings.explain(error), EXIT_INVALID_CONFIG)
+    for warning in settings.unknown_variables():
+        logger.warning(warning)
     try:
         # The hub client logs each retry while the network is down; the one line below says it all.
         with _quiet("huggingface_hub", "transformers"):

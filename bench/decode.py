@@ -311,7 +311,7 @@ def main() -> None:
         method, path, frames = args.one
         print(json.dumps(measure_one(method, Path(path).resolve(), int(frames))))
         return
-    from bench.load import machine
+    from bench.machine import machine
 
     results = {"machine": machine()} | bench(
         args.workdir.resolve(), args.quick, args.repeats, args.baseline_rev, args.long

@@ -22,7 +22,7 @@ import torch
 from bench.machine import machine
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Engine, EngineLimits, GenerationSettings, PreparedRequest
-from llava_custom.tiny import write_tiny_checkpoint
+from testing.tiny import write_tiny_checkpoint
 
 REQUESTS = 8
 

@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -30,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import REPO, served
 from bench.machine import machine
+from testing.served import served
 
 QUESTIONS = ("What happens in this video?", "What colour is the biggest object?")
 
@@ -49,10 +48,8 @@ def file_server(folder: Path) -> tuple[ThreadingHTTPServer, str]:
 
 def write_inputs(folder: Path, videos: int) -> tuple[Path, list[Path]]:
     """A tiny checkpoint and ``videos`` different 1280x720 videos, 4 s at 25 fps each."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from mediafiles import write_video
-
-    from llava_custom.tiny import write_tiny_checkpoint
+    from testing.mediafiles import write_video
+    from testing.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
     paths = [write_video(folder / f"video{i}.mp4", frames=100 + i, fps=25, size=(1280, 720)) for i in range(videos)]

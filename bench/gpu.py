@@ -7,7 +7,7 @@
 Writes a checkpoint of the published model's architecture and file layout (the lmms-lab original:
 Qwen2-7B, SigLIP so400m, mlp2x_gelu projector, ``mm_*`` config, about 16 GB of bfloat16 in 5 GB
 safetensors shards with ``model.safetensors.index.json``) with random weights drawn on the GPU
-(llava_custom.tiny.write_random_checkpoint), loads it through our loader as the service does (nf4,
+(testing.tiny.write_random_checkpoint), loads it through our loader as the service does (nf4,
 Flash Attention 2 when installed, else SDPA) and drives the engine directly:
 
 - workloads: one 1280x720 image; videos of each ``--frames`` count (random uint8 frames already at
@@ -66,7 +66,7 @@ from llava_custom.engine import (  # noqa: E402
 )
 from llava_custom.prompting import Conversation, Turn  # noqa: E402
 from llava_custom.reuse import image_key, video_key  # noqa: E402
-from llava_custom.tiny import LLAVA_VIDEO_7B, TinySpec, write_random_checkpoint  # noqa: E402
+from testing.tiny import LLAVA_VIDEO_7B, TinySpec, write_random_checkpoint  # noqa: E402
 
 REQUESTS = 8  # the concurrent rows
 IMAGE_SIZE = (1280, 720)  # (width, height)
@@ -541,7 +541,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": describe_machine(device),
         "device": device.type,
         "versions": versions(),
-        "model": "tiny (llava_custom.tiny.TinySpec)" if args.tiny else "LLaVA-Video-7B-Qwen2 architecture",
+        "model": "tiny (testing.tiny.TinySpec)" if args.tiny else "LLaVA-Video-7B-Qwen2 architecture",
         "config": {
             "text_hidden": text.hidden_size,
             "text_layers": text.num_hidden_layers,

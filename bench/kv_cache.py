@@ -66,6 +66,13 @@ def kv_bytes(engine) -> tuple[int, int]:
     return held, tokens * per_token
 
 
+def next_step(stats, after: int) -> tuple[int, float]:
+    """Wait until the decode step counter passes ``after``; the count and when it moved."""
+    while stats.decode_steps == after:
+        time.sleep(0.0005)
+    return stats.decode_steps, time.perf_counter()
+
+
 def measure(engine, prepared: list, seconds: float) -> dict:
     """Submit every request, wait until all decode, then count decode steps for ``seconds``."""
     streams = [engine.submit(request) for request in prepared]
@@ -74,9 +81,12 @@ def measure(engine, prepared: list, seconds: float) -> dict:
     time.sleep(0.2)  # the last to join has taken its first decode step
     stats = engine.scheduler.stats
     assert len(engine.scheduler._batch.requests) == len(prepared), "not every row is decoding"
-    steps, started = stats.decode_steps, time.perf_counter()
-    time.sleep(seconds)
-    count, elapsed = stats.decode_steps - steps, time.perf_counter() - started
+    steps, started = next_step(stats, stats.decode_steps)
+    # At least ``seconds`` and three steps (real width on CPU steps slowly), from one step's end to another's.
+    last = steps
+    while time.perf_counter() - started < seconds or last - steps < 3:
+        last, ended = next_step(stats, last)
+    count, elapsed = last - steps, ended - started
     held, needed = kv_bytes(engine)
     for stream in streams:
         stream.cancel()
@@ -153,10 +163,10 @@ def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float, compi
 
 def write_checkpoint(folder: Path, width: str) -> Path:
     if width == "tiny":
-        from llava_custom.tiny import write_tiny_checkpoint
+        from testing.tiny import write_tiny_checkpoint
 
         return write_tiny_checkpoint(folder / "tiny")
-    from llava_custom.tiny import LLAVA_VIDEO_7B, write_random_checkpoint
+    from testing.tiny import LLAVA_VIDEO_7B, write_random_checkpoint
 
     spec = dataclasses.replace(LLAVA_VIDEO_7B, text_layers=2, vision_layers=1)
     return write_random_checkpoint(folder / "real-width", spec)

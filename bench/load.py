@@ -21,68 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from bench.machine import machine
+from testing.served import served
 
-REPO = Path(__file__).resolve().parents[1]
 VIDEOS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def served(checkpoint: Path, log: Path, **settings: str) -> Iterator[str]:
-    """`bentoml serve` on ``checkpoint`` with LLAVA_<NAME> ``settings`` until the block ends; yields its base URL."""
-    port = free_port()
-    env = os.environ | {
-        "LLAVA_MODEL": str(checkpoint),
-        "LLAVA_LOAD_4BIT": "false",
-        "LLAVA_DEVICE": "cpu",
-        "LLAVA_DTYPE": "float32",
-        "LLAVA_MAX_PENDING_REQUESTS": "32",
-        "LLAVA_LOG_LEVEL": "WARNING",
-    }
-    env |= {f"LLAVA_{name.upper()}": value for name, value in settings.items()}
-    command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 class Client:
@@ -172,10 +123,8 @@ def bench_service(base: str, videos: list[Path], frames: int, tokens: int, repea
 
 def write_inputs(folder: Path) -> tuple[Path, list[Path]]:
     """A tiny checkpoint and 8 different short videos (320x240, 3 s and a bit more each)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from mediafiles import write_video
-
-    from llava_custom.tiny import write_tiny_checkpoint
+    from testing.mediafiles import write_video
+    from testing.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
     videos = [write_video(folder / f"video{i}.mp4", frames=30 + i, fps=10, size=(320, 240)) for i in range(VIDEOS)]

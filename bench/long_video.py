@@ -6,7 +6,7 @@ Serves the demo (tiny checkpoint on CPU, `bentoml serve`, loopback) twice in one
 caption of a job in the engine at a time (LLAVA_JOB_CAPTIONS_IN_FLIGHT=1, the default: a segment
 is decoded after the previous caption is done) and with two (the next segment decodes while a
 caption generates, and the two batch). Each service runs one job per
-length on generated videos whose content changes every minute (tests/mediafiles), uploaded, and
+length on generated videos whose content changes every minute (testing/mediafiles), uploaded, and
 reports the job's total time, segments per second and the peak resident memory of the whole
 server (main process, worker, decode children) while it ran. Each service also answers
 interactive questions about a short clip, idle and while a job runs (median latency).
@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.load import REPO, served
 from bench.machine import machine
+from testing.served import served
 
 MiB = 1024 * 1024
 
@@ -193,10 +192,8 @@ def main() -> None:
     parser.add_argument("--decode-minutes", type=int, nargs="+", default=[5, 20, 60])
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
-    from mediafiles import write_minutes_video, write_video
-
-    from llava_custom.tiny import write_tiny_checkpoint
+    from testing.mediafiles import write_minutes_video, write_video
+    from testing.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
         folder = Path(tmp)

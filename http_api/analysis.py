@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from anyio import to_thread
 
@@ -29,7 +29,9 @@ from http_api.schemas import Frame, VideoSampling
 from llava_custom import reuse
 from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
 from media import VideoInfo
-from settings import Settings
+
+if TYPE_CHECKING:  # settings.py imports the packages' limits: a runtime import would be a circle
+    from settings import Settings
 
 logger = logging.getLogger("llava_video_service")
 Kind = Literal["video", "image"]
@@ -77,7 +79,8 @@ class Analyzer:
                 raise media.InvalidSource(f"the uploaded {kind} file is empty")
             if size > self.settings.max_upload_bytes:
                 raise media.MediaTooLarge(
-                    f"the uploaded {kind} is {size} bytes, over the {self.settings.max_upload_bytes}-byte limit"
+                    f"the uploaded {kind} is {media.format_bytes(size)}, over the "
+                    f"{media.format_bytes(self.settings.max_upload_bytes)} limit"
                 )
             return source
         if url:

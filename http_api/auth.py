@@ -12,6 +12,7 @@ body is read. Keys are compared in constant time, so response timing tells nothi
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from http_api.errors import Receive, Scope, Send, reply_for
@@ -19,14 +20,13 @@ from http_api.routes import route_for
 
 
 class ApiKeyAuth:
-    """ASGI middleware; the key is LLAVA_API_KEY unless given; without one, everything passes."""
+    """ASGI middleware; without a key, everything passes. ``key`` may be a function that returns it:
+    called when BentoML builds the app, like the request guard's limits (service.py passes
+    LLAVA_API_KEY)."""
 
-    def __init__(self, app: Any, key: str | None = None) -> None:
-        if key is None:
-            import settings  # read when BentoML builds the app, like the request guard's limits
-
-            secret = settings.current().api_key
-            key = secret.get_secret_value() if secret is not None else None
+    def __init__(self, app: Any, key: str | Callable[[], str | None] | None) -> None:
+        if callable(key):
+            key = key()
         self.app = app
         self.expected = f"Bearer {key}".encode() if key else None
 

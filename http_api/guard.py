@@ -34,7 +34,6 @@ import codecs
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import FormParserError
@@ -42,7 +41,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from http_api.admission import Admission, ServiceBusy
 from http_api.errors import Message, Receive, Scope, Send, reply_for
-from http_api.routes import UPLOAD_FIELDS, Route, route_for
+from http_api.limits import GuardLimits
+from http_api.routes import Route, route_for
+from media.sizes import format_bytes
 
 MiB = 1024 * 1024
 # Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
@@ -53,17 +54,6 @@ MULTIPART_OVERHEAD = 2 * MiB
 JSON_WHITESPACE = b" \t\r\n"
 # Body bytes inspected before the app starts (see _GuardedRequest._read_ahead).
 READ_AHEAD_BYTES = 1 * MiB
-
-
-@dataclass(frozen=True)
-class GuardLimits:
-    """The caps the guard enforces; ``file_fields`` are the form fields that must be files."""
-
-    max_upload_bytes: int
-    max_json_bytes: int
-    max_in_flight: int
-    file_fields: frozenset[str] = UPLOAD_FIELDS
-    max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
 
 
 class Refusal(Exception):
@@ -77,17 +67,17 @@ class Refusal(Exception):
 
 class RequestGuard:
     """ASGI middleware on the POST requests of the routes http_api.routes marks ``guarded``; the
-    route's ``upload`` is the one multipart part BentoML treats as the upload (None: JSON only)."""
+    route's ``upload`` is the one multipart part BentoML treats as the upload (None: JSON only).
+    ``limits`` may be a function that returns them: called when BentoML builds the app in a
+    worker, after the settings were checked (service.py passes the settings' guard limits)."""
 
     def __init__(
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
-        limits: GuardLimits | None = None,
+        limits: GuardLimits | Callable[[], GuardLimits],
     ) -> None:
-        if limits is None:
-            import settings  # settings imports this module for GuardLimits
-
-            limits = settings.current().guard_limits()
+        if callable(limits):
+            limits = limits()
         self.app = app
         self.limits = limits
         self.admission = Admission(limits.max_in_flight)
@@ -236,7 +226,7 @@ class _JsonInspector:
     def feed(self, chunk: bytes, more: bool) -> None:
         self.received += len(chunk)
         if self.received > self.max_bytes:
-            raise Refusal(413, f"the JSON body is larger than {_format_mib(self.max_bytes)}")
+            raise Refusal(413, f"the JSON body is larger than {format_bytes(self.max_bytes)}")
         if not self.checked_start:
             start = chunk.lstrip(JSON_WHITESPACE)[:1]
             if start and start != b"{":
@@ -348,7 +338,7 @@ class _MultipartInspector:
         if self.part_data is not None:
             self.part_data += data[start:end]
             if len(self.part_data) > MAX_FIELD_BYTES:
-                raise Refusal(413, f"the '{self.part_name}' part is larger than {_format_mib(MAX_FIELD_BYTES)}")
+                raise Refusal(413, f"the '{self.part_name}' part is larger than {format_bytes(MAX_FIELD_BYTES)}")
 
     def _on_part_end(self) -> None:
         if self.part_data is None:
@@ -375,7 +365,7 @@ class _FormInspector:
     def feed(self, chunk: bytes, more: bool) -> None:
         self.body += chunk
         if len(self.body) > self.limits.max_json_bytes:
-            raise Refusal(413, f"the form is larger than {_format_mib(self.limits.max_json_bytes)}")
+            raise Refusal(413, f"the form is larger than {format_bytes(self.limits.max_json_bytes)}")
         if more:
             return
         try:
@@ -399,12 +389,8 @@ class _FormInspector:
 
 def _too_large_message(media_type: str, limits: GuardLimits) -> str:
     if media_type == "multipart/form-data":
-        return f"the upload is larger than the {_format_mib(limits.max_upload_bytes)} limit; send a smaller file"
-    return f"the JSON body is larger than {_format_mib(limits.max_json_bytes)}"
-
-
-def _format_mib(count: int) -> str:
-    return f"{count / MiB:g} MiB" if count >= MiB else f"{count} bytes"
+        return f"the upload is larger than the {format_bytes(limits.max_upload_bytes)} limit; send a smaller file"
+    return f"the JSON body is larger than {format_bytes(limits.max_json_bytes)}"
 
 
 def _first_header(scope: Scope, name: bytes) -> str | None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs.limits import DEFAULT_FRAMES_PER_SEGMENT, DEFAULT_SEGMENT_SECONDS
 from media import VideoInfo
 
 M = TypeVar("M", bound=BaseModel)
@@ -91,7 +92,7 @@ class JobMetadata(BaseModel):
         None, description="what each segment's caption describes; default: a dense, factual description"
     )
     segment_seconds: float = Field(
-        30.0, strict=True, gt=0, allow_inf_nan=False, description="length of each captioned segment"
+        DEFAULT_SEGMENT_SECONDS, strict=True, gt=0, allow_inf_nan=False, description="length of each captioned segment"
     )
     overlap_seconds: float = Field(
         0.0,
@@ -101,7 +102,7 @@ class JobMetadata(BaseModel):
         description="each segment starts this long before the previous one ends",
     )
     frames_per_segment: int = Field(
-        16, strict=True, ge=1, description="frames each caption sees (server limit applies)"
+        DEFAULT_FRAMES_PER_SEGMENT, strict=True, ge=1, description="frames each caption sees (server limit applies)"
     )
     start_time: float | None = Field(
         None, strict=True, ge=0, allow_inf_nan=False, description="analyse from this second on"

@@ -14,11 +14,12 @@ byte of a server-sent stream as it goes out).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from http_api.auth import ApiKeyAuth
 from http_api.errors import FailureBodyMiddleware
-from http_api.guard import RequestGuard
+from http_api.guard import GuardLimits, RequestGuard
 from http_api.lifecycle import Lifecycle, LifecycleGate
 from http_api.metrics import RequestMetrics
 from http_api.openapi import OpenAPIDocs
@@ -26,15 +27,18 @@ from http_api.request_log import RequestLog
 from http_api.web_ui import PageRoutes
 
 
-def middlewares(lifecycle: Lifecycle) -> list[tuple[type, dict[str, Any]]]:
-    """(middleware class, its options), outermost first."""
+def middlewares(
+    lifecycle: Lifecycle, api_key: Callable[[], str | None], guard_limits: Callable[[], GuardLimits]
+) -> list[tuple[type, dict[str, Any]]]:
+    """(middleware class, its options), outermost first; ``api_key`` and ``guard_limits`` are
+    called when the middleware is built."""
     return [
         # Outermost of ours: it sees every answer, refusals included, and gives each its request id.
         (RequestLog, {}),
         # Then count every request, refusals included, by its route.
         (RequestMetrics, {}),
         # Refuse a missing API key before anything else looks at the request (its body unread).
-        (ApiKeyAuth, {}),
+        (ApiKeyAuth, {"key": api_key}),
         # Inside the key check: / (open) redirects to the page, /docs shows BentoML's page (its /).
         (PageRoutes, {}),
         (OpenAPIDocs, {}),
@@ -43,5 +47,5 @@ def middlewares(lifecycle: Lifecycle) -> list[tuple[type, dict[str, Any]]]:
         (FailureBodyMiddleware, {}),
         # The gate before the guard: a loading or draining worker refuses before the body is read.
         (LifecycleGate, {"lifecycle": lifecycle}),
-        (RequestGuard, {}),
+        (RequestGuard, {"limits": guard_limits}),
     ]

@@ -37,6 +37,7 @@ from jobs.errors import (
     TooManyJobs,
     UnknownJob,
 )
+from jobs.limits import DEFAULT_FRAMES_PER_SEGMENT, DEFAULT_SEGMENT_SECONDS, JobLimits
 from jobs.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_QUESTION, CaptionAnswerer, LongVideoJob, SegmentCaption
 from jobs.records import CaptionRecord, JobProgress, JobRecord, JobResult, JobStatus, TokenUsage, VideoInfo
 from jobs.segments import Segment, plan_segments
@@ -54,23 +55,13 @@ UNFINISHED = (JobStatus.PENDING, JobStatus.IN_PROGRESS)
 
 
 @dataclass(frozen=True)
-class JobLimits:
-    max_video_seconds: float
-    max_segments: int
-    max_frames: int
-    max_running: int = 1
-    max_pending: int = 16
-    captions_in_flight: int = 1
-
-
-@dataclass(frozen=True)
 class JobParameters:
     """A job's validated parameters (the HTTP layer checks types and ranges)."""
 
     generation: GenerationSettings
-    segment_seconds: float = 30.0
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS
     overlap_seconds: float = 0.0
-    frames_per_segment: int = 16
+    frames_per_segment: int = DEFAULT_FRAMES_PER_SEGMENT
     start_time: float | None = None
     end_time: float | None = None
     caption_prompt: str | None = None

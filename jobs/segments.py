@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from jobs.errors import SegmentPlanError
+from jobs.limits import DEFAULT_SEGMENT_SECONDS
 
 # A last piece shorter than this merges into the segment before (a caption of a blink helps nobody).
 MIN_LAST_SEGMENT_SECONDS = 1.0
@@ -31,7 +32,7 @@ class Segment:
 def plan_segments(
     duration: float,
     *,
-    segment_seconds: float = 30.0,
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
     overlap_seconds: float = 0.0,
     start_time: float | None = None,
     end_time: float | None = None,

@@ -20,11 +20,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from llava_custom import prompting
 from llava_custom.builder import LoadedModel
 from llava_custom.errors import InvalidPrompt
+from llava_custom.limits import EngineLimits
 from llava_custom.modeling import VideoLayout
 from llava_custom.prompting import Conversation, Turn
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
-from llava_custom.scheduler import EngineLimits, PreparedRequest, Scheduler
+from llava_custom.scheduler import PreparedRequest, Scheduler
 from llava_custom.streaming import Answer, Delta, TokenLogprob, TokenStream
 
 __all__ = [

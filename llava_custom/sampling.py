@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS
 from llava_custom.streaming import TokenLogprob
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
@@ -28,7 +29,7 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 class GenerationSettings:
     """How to decode one request: ``temperature`` 0 means greedy, as in the original example."""
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # keep only the k most likely ids when sampling; 0: all

@@ -20,6 +20,7 @@ from media.errors import (
 )
 from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
+from media.sizes import format_bytes
 from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices, segment_frame_indices, video_duration
 from media.worker import DecodePool, DecodeWorker
 
@@ -43,6 +44,7 @@ __all__ = [
     "address_refusal",
     "download_to_file",
     "file_digest",
+    "format_bytes",
     "read_image",
     "read_video",
     "sample_frame_indices",

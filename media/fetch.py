@@ -31,6 +31,7 @@ from urllib.parse import unquote_to_bytes
 import httpx
 
 from media.errors import InvalidSource, MediaTooLarge, RefusedAddress, UpstreamError, UpstreamTimeout
+from media.sizes import format_bytes
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -231,7 +232,7 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
 
 
 def _data_too_large(max_bytes: int) -> MediaTooLarge:
-    return MediaTooLarge(f"the data: URL holds more than the {_format_bytes(max_bytes)} limit; upload the file instead")
+    return MediaTooLarge(f"the data: URL holds more than the {format_bytes(max_bytes)} limit; upload the file instead")
 
 
 def _parse_url(url: str) -> httpx.URL:
@@ -376,12 +377,5 @@ class _Connector:
 
     def _too_large(self) -> MediaTooLarge:
         return MediaTooLarge(
-            f"the download exceeds the {_format_bytes(self._limits.max_bytes)} limit; send a smaller file"
+            f"the download exceeds the {format_bytes(self._limits.max_bytes)} limit; send a smaller file"
         )
-
-
-def _format_bytes(count: int) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:g} {unit}"
-    return f"{count} bytes"

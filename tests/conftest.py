@@ -1,6 +1,6 @@
 """Session fixtures: a tiny checkpoint, real media files, the app in-process and a file server.
 
-Everything here is built for real once per session (checkpoint written by llava_custom.tiny,
+Everything here is built for real once per session (checkpoint written by testing.tiny,
 videos encoded with PyAV, images with Pillow) so tests exercise the production code paths.
 """
 
@@ -11,9 +11,6 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +21,7 @@ from pathlib import Path
 
 # Offline, with a Hugging Face cache of the tests' own, set before huggingface_hub is imported
 # (it reads these once): the original-layout checkpoint names its vision tower by hub id, as the
-# published one does, and llava_custom.tiny puts that tower into this cache.
+# published one does, and testing.tiny puts that tower into this cache.
 HUB_CACHE = tempfile.mkdtemp(prefix="llava-tests-hub-")
 atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
 os.environ["HF_HUB_CACHE"] = HUB_CACHE
@@ -34,11 +31,12 @@ JOB_DIR = tempfile.mkdtemp(prefix="llava-tests-jobs-")
 atexit.register(shutil.rmtree, JOB_DIR, ignore_errors=True)
 os.environ["LLAVA_JOB_DIR"] = JOB_DIR
 
-import httpx  # noqa: E402
 import pytest  # noqa: E402
-from mediafiles import write_image, write_video  # noqa: E402
 
-from llava_custom.tiny import write_tiny_checkpoint  # noqa: E402
+from testing import served as served_instance  # noqa: E402
+from testing.mediafiles import write_image, write_video  # noqa: E402
+from testing.served import cpu_env, free_port  # noqa: E402
+from testing.tiny import write_tiny_checkpoint  # noqa: E402
 
 # Short answers keep the suite fast; a test that needs the default asks explicitly.
 TEST_MAX_NEW_TOKENS = 6
@@ -98,11 +96,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def service_env(checkpoint: Path) -> dict[str, str]:
     """Environment that serves the tiny checkpoint on CPU through the production code."""
-    return {
-        "LLAVA_MODEL": str(checkpoint),
-        "LLAVA_LOAD_4BIT": "false",
-        "LLAVA_DEVICE": "cpu",
-        "LLAVA_DTYPE": "float32",
+    return cpu_env(checkpoint) | {
         "LLAVA_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
         "LLAVA_CONNECT_TIMEOUT": "2",
         "LLAVA_READ_TIMEOUT": "2",
@@ -199,39 +193,11 @@ def request_temp_dirs() -> set[str]:
     return {p.name for p in tmp.glob("llava-request-*")}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_service(command: list[str], env: dict[str, str], port: int, log_path: Path) -> Iterator[str]:
-    """Run ``command`` (a `bentoml serve` or `make demo`) in its own process group until /readyz
-    answers; yield its base URL; stop the whole group afterwards."""
-    repo = Path(__file__).resolve().parents[1]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 240
-            while not _ready(base):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{' '.join(command)} did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield base
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def _ready(base: str) -> bool:
+    """testing.served.running_service, where a service that does not start fails the test."""
     try:
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+        with served_instance.running_service(command, env, port, log_path) as base:
+            yield base
+    except served_instance.ServiceDidNotStart as error:
+        pytest.fail(str(error))

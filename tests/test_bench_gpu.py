@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from bench.gpu import REQUESTS, StreamTiming, decode_alone, decode_together
-from llava_custom import tiny
 from llava_custom.checkpoint import ORIGINAL_KEY_MAPPING, SO400M_ID, read_checkpoint
 from llava_custom.modeling import LlavaVideoForConditionalGeneration
+from testing import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("batch 1", "follow-up (same input)", f"batch {REQUESTS}")

@@ -22,7 +22,7 @@ from llava_custom.builder import load_pretrained_model
 from llava_custom.checkpoint import SO400M_ID, _vision_config, locate_checkpoint
 from llava_custom.engine import Engine, GenerationSettings
 from llava_custom.errors import ModelLoadError
-from llava_custom.tiny import TINY_TOWER_ID, TinySpec
+from testing.tiny import TINY_TOWER_ID, TinySpec
 
 # Token counts of anyres_max_9 images as the original code computes them (LLaVA-NeXT df17966,
 # prepare_inputs_labels_for_multimodal run on these sizes). 369x820 and 1375x750 are sizes where

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import free_port, running_service, service_env
+from conftest import running_service, service_env
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
@@ -34,6 +34,7 @@ from llava_custom.modeling import ImageLayout
 from llava_custom.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
 from llava_custom.reuse import image_key, video_key
 from media import read_image, read_video
+from testing.served import free_port
 from tools.golden_cases import CASES, GOLDEN_DIR, GOLDEN_FILE, REGENERATE, VARIANTS, checkpoint_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Long videos as jobs over HTTP, on a served demo (`bentoml serve`, tiny model, real videos).
 
-The videos change content every minute (tests/mediafiles.write_minutes_video: the top of each
+The videos change content every minute (testing/mediafiles.write_minutes_video: the top of each
 frame has its minute's colour, the rest is noise, so files grow with their length like real
 recordings). Captions are gibberish (random weights): the tests check what the service controls,
 the segments, the frames each caption saw, progress, cancel, failures, limits and memory.
@@ -24,8 +24,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import QuietFileHandler, free_port, running_service, service_env
-from mediafiles import write_minutes_video
+from conftest import QuietFileHandler, running_service, service_env
+
+from testing.mediafiles import write_minutes_video
+from testing.served import free_port
 
 pytestmark = pytest.mark.served
 

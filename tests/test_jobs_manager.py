@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from conftest import engine_with
-from mediafiles import write_minutes_video
 from starlette.testclient import TestClient
 
 import media
@@ -25,6 +24,7 @@ from jobs.records import JobRecord, JobStatus, VideoInfo
 from jobs.store import JobStore
 from llava_custom.engine import GenerationSettings
 from llava_custom.errors import PromptTooLong, RequestCancelled
+from testing.mediafiles import write_minutes_video
 
 LIMITS = JobLimits(max_video_seconds=3600, max_segments=100, max_frames=64)
 

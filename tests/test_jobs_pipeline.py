@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import engine_with
-from mediafiles import frame_index_from_pixels, write_video
 
 import media
 from jobs.pipeline import LongVideoJob
 from jobs.segments import Segment, plan_segments
 from llava_custom.engine import Engine, EngineLimits, GenerationSettings
 from llava_custom.errors import RequestCancelled
+from testing.mediafiles import frame_index_from_pixels, write_video
 
 FPS = 2
 TOKENS = 12

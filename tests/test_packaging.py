@@ -166,7 +166,7 @@ def test_image_environment(bento_yaml: dict, dockerfile: str):
         assert f"ARG {name}={value}\nENV {name}=${name}\n" in dockerfile
 
 
-def test_image_sources_are_the_service_packages_and_page_without_tests_or_tiny_checkpoints(bento: Path):
+def test_image_sources_are_the_service_packages_and_page_without_test_scaffolding(bento: Path):
     src = bento / "src"
     shipped = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     expected = {"service.py", "settings.py", "startup.py", "bentofile.yaml"} | {
@@ -175,7 +175,8 @@ def test_image_sources_are_the_service_packages_and_page_without_tests_or_tiny_c
         for p in REPO.glob(f"{package}/*.py")
     }
     expected |= {p.relative_to(REPO).as_posix() for p in REPO.glob("ui/*")}  # the web page's files
-    assert shipped == expected - {"llava_custom/tiny.py"}
+    assert shipped == expected
+    assert not any(path.split("/")[0] in ("testing", "tests", "bench", "tools") for path in shipped)
     # Nothing the service imports is missing: it imports from the shipped sources alone.
     probe = "import sys; sys.path.remove(''); sys.path.insert(0, '.'); import service; print(service.__file__)"
     imported = subprocess.run(
@@ -184,8 +185,8 @@ def test_image_sources_are_the_service_packages_and_page_without_tests_or_tiny_c
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert Path(imported.stdout.strip()).resolve() == (src / "service.py").resolve()
     for path in shipped - {"bentofile.yaml"}:
-        imports_tiny = re.search(r"^\s*(?:from|import)\b.*\btiny\b", (src / path).read_text(), re.M)
-        assert not imports_tiny, f"{path} imports llava_custom.tiny, which the image does not ship"
+        scaffolding = re.search(r"^\s*(?:from|import)\s+(?:testing|tests|conftest)\b", (src / path).read_text(), re.M)
+        assert not scaffolding, f"{path} imports test scaffolding, which the image does not ship"
 
 
 def test_image_setup_script_makes_hf_home_the_service_users(bento_yaml: dict, bento: Path, tmp_path: Path):

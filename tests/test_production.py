@@ -24,28 +24,17 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+from testing.served import REPO, cpu_env, free_port, serve_command
+
 pytestmark = pytest.mark.served
 
 HUB_ID = "llava-tiny/tiny-llava-video"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def serve_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
-
-
 def tiny_env(model: Path | str, **extra: str) -> dict[str, str]:
-    return os.environ | {
-        "LLAVA_MODEL": str(model),
-        "LLAVA_LOAD_4BIT": "false",
-        "LLAVA_DEVICE": "cpu",
-        "LLAVA_DTYPE": "float32",
-        "LLAVA_MAX_NEW_TOKENS": "6",
-        **extra,
-    }
+    return os.environ | cpu_env(model) | {"LLAVA_MAX_NEW_TOKENS": "6", **extra}
 
 
 def run_to_exit(command: list[str], env: dict[str, str], limit: float = 120) -> tuple[int, str, float]:
@@ -110,6 +99,15 @@ def test_a_missing_model_ends_the_server_before_any_worker_starts(where, tmp_pat
     assert len(failures) == 1 and expected in failures[0], output
     assert "huggingface-cli" not in output
     assert "Traceback" not in output and "listening" not in output
+
+
+def test_a_misspelt_setting_is_named_in_the_start_up_log_with_the_closest_one(tmp_path):
+    """LLAVA_MAX_FRAMS would otherwise be ignored without a word (here the missing model then ends
+    the server at once, after the settings were read)."""
+    status, output, _ = run_to_exit(serve_command(free_port()), tiny_env(tmp_path / "nowhere", LLAVA_MAX_FRAMS="8"))
+    assert status == 2, output
+    warnings = [line for line in output.splitlines() if "LLAVA_MAX_FRAMS " in line]
+    assert len(warnings) == 1 and "did you mean LLAVA_MAX_FRAMES?" in warnings[0], output
 
 
 def test_a_model_that_fails_to_load_in_the_worker_stops_the_server(tiny_checkpoint, tmp_path):

@@ -16,9 +16,10 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, reject, settings
-from mediafiles import write_video
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+
+from testing.mediafiles import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.served

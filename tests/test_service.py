@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import TEST_MAX_NEW_TOKENS, request_temp_dirs
-from mediafiles import write_image, write_video
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.engine import Engine, GenerationSettings
 from media import read_image, read_video
+from testing.mediafiles import write_image, write_video
 
 VIDEO_KEYS = {"response", "video_info", "status", "error", "usage"}
 IMAGE_KEYS = {"response", "status", "error", "usage"}
@@ -261,7 +261,7 @@ def test_engine_errors_have_their_documented_status():
 
 
 def test_rotated_video_upload(client, tmp_path):
-    from mediafiles import write_video
+    from testing.mediafiles import write_video
 
     clip = write_video(tmp_path / "phone.mp4", frames=12, fps=6, size=(48, 64), rotation=(90, False, False))
     response = upload(client, "/analyze_video", "video", clip, {"num_frames": 4})

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from llava_custom.scheduler import EngineLimits
+import settings
+from llava_custom.limits import EngineLimits
 from media.fetch import FetchLimits
 from settings import Settings, explain
 
@@ -79,3 +80,13 @@ def test_an_invalid_setting_is_explained_in_one_line_naming_the_variable(
         Settings()
     text = explain(error.value)
     assert expected in text and "\n" not in text
+
+
+def test_each_unknown_llava_variable_is_warned_about_naming_the_closest_setting() -> None:
+    environ = {"LLAVA_MAX_FRAMS": "8", "LLAVA_MODEL": "x", "LLAVA_SHOE_SIZE": "9", "OTHER_MAX_FRAMS": "8"}
+    warnings = settings.unknown_variables(environ)
+    assert warnings == [
+        "LLAVA_MAX_FRAMS is not a setting of this service and is ignored; did you mean LLAVA_MAX_FRAMES?",
+        "LLAVA_SHOE_SIZE is not a setting of this service and is ignored; see README, Configuration",
+    ]
+    assert settings.unknown_variables({f"LLAVA_{name.upper()}": "1" for name in Settings.model_fields}) == []

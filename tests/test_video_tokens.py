@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava_custom.tiny import build_config, build_model, build_tokenizer
+from testing.tiny import build_config, build_model, build_tokenizer
 
 FRAMES = 3
 # (pool mode, newline position) -> tokens for a 3-frame video

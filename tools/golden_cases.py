@@ -10,7 +10,7 @@ compares. Regenerating it takes two steps, in two environments:
     python tools/golden_reference.py --llava-next PATH/TO/LLaVA-NeXT --work WORK_DIR
 
 Checkpoints are not committed: they are rewritten deterministically by
-:func:`llava_custom.tiny.write_tiny_checkpoint`; the golden file records a fingerprint of each so
+:func:`testing.tiny.write_tiny_checkpoint`; the golden file records a fingerprint of each so
 a test fails clearly if that writer ever changes. The media under ``tests/data/golden`` are
 committed bytes, so both sides decode exactly the same file (:func:`write_media` made them once).
 """
@@ -119,7 +119,7 @@ def checkpoint_fingerprint(path: Path) -> str:
 def write_checkpoint(path: Path, variant: str) -> Path:
     """One case checkpoint, in the original layout; its vision tower goes into ``HF_HUB_CACHE``."""
     # Imported here: huggingface_hub reads HF_HUB_CACHE when first imported, after main() sets it.
-    from llava_custom.tiny import write_tiny_checkpoint
+    from testing.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(path, layout="original", seed=SEED, **VARIANTS[variant])
 

@@ -11,15 +11,14 @@ desktop and a phone width, runs a job on a 3-minute video on the desktop, and sa
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import av
 import numpy as np
 
-from bench.load import REPO, served
-from llava_custom.tiny import write_tiny_checkpoint
+from testing.served import served
+from testing.tiny import write_tiny_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -84,8 +83,7 @@ def shoot(base: str, video: Path, job_video: Path, out: Path) -> list[Path]:
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    from mediafiles import write_minutes_video
+    from testing.mediafiles import write_minutes_video
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs"))

@@ -6,6 +6,12 @@ import { startJob } from "./jobs.js";
 
 const $ = (id) => document.getElementById(id);
 const IMAGE_SUFFIX = /\.(jpe?g|png|webp|gif|bmp|tiff?)(\?|#|$)/i;
+// A rate needs this many tokens after the first (which comes with the prompt's prefill) and this
+// long: a few tokens arriving together would read as thousands per second.
+const RATE_MIN_TOKENS = 8;
+const RATE_MIN_SECONDS = 0.2;
+// The statuses that refuse the uploaded file itself (not a video or image, damaged).
+const FILE_REFUSALS = new Set([415, 422]);
 
 const form = $("ask");
 const ui = {
@@ -87,10 +93,22 @@ function showError(error) {
   ui.error.textContent = error.message;
   setStatus("Failed.");
   if (error instanceof ServiceError && error.status === 401) {
+    // The page's own words: the API's message tells a program which header to send.
     ui.keyBox.open = true;
-    ui.error.textContent += " Enter the API key below and ask again.";
+    ui.error.textContent = apiKey()
+      ? "The service did not accept this API key: correct it below and ask again."
+      : "This service needs an API key: enter it below and ask again.";
     ui.key.focus();
   }
+}
+
+/** A refusal of the uploaded file names it: the service never saw the file's name. */
+function aboutTheFile(error) {
+  const file = ui.file.files[0];
+  if (file && error instanceof ServiceError && FILE_REFUSALS.has(error.status)) {
+    return new ServiceError(error.status, `${file.name}: ${error.message}`);
+  }
+  return error;
 }
 
 function clearResult() {
@@ -137,8 +155,9 @@ function showFacts(body, times) {
   if (times.firstToken !== undefined) facts.push(["First token after", `${times.firstToken.toFixed(2)} s`]);
   facts.push(["Answered in", `${times.total.toFixed(2)} s`]);
   const generating = times.total - (times.firstToken ?? times.total);
-  if (body.usage && generating > 0) {
-    facts.push(["Speed", `${(body.usage.completion_tokens / generating).toFixed(1)} tokens/s`]);
+  const after = body.usage ? body.usage.completion_tokens - 1 : 0;
+  if (after >= RATE_MIN_TOKENS && generating >= RATE_MIN_SECONDS) {
+    facts.push(["Speed", `${(after / generating).toFixed(1)} tokens/s`]);
   }
   ui.facts.replaceChildren(
     ...facts.flatMap(([name, value]) => {
@@ -204,7 +223,7 @@ form.addEventListener("submit", async (event) => {
       await ask(running.signal);
     }
   } catch (error) {
-    showError(error);
+    showError(aboutTheFile(error));
   } finally {
     running = null;
     ui.submit.disabled = false;

@@ -17,6 +17,7 @@ const JobStatus = Object.freeze({
 const FINISHED = new Set([JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED]);
 const $ = (id) => document.getElementById(id);
 let taskId = null; // the job that follow-up questions go to
+let captioned = { done: 0, total: 0 }; // the last progress shown, for the line after Stop
 
 function numberOf(id) {
   const value = $(id).value.trim();
@@ -52,10 +53,28 @@ function showProgress(job) {
   const bar = $("job-progress");
   bar.max = Math.max(total, 1);
   bar.value = done;
+  captioned = { done, total };
   const remaining = progress.remaining_seconds;
   const known = remaining !== null && remaining !== undefined && !FINISHED.has(job.status);
   const left = known ? `, about ${Math.ceil(remaining)} s left` : "";
-  $("job-progress-text").textContent = `${job.status.replace("_", " ")}: ${done} of ${total || "?"} segments${left}`;
+  // The label says "Progress"; the job's state is in the status line.
+  $("job-progress-text").textContent = `${done} of ${total || "?"} segments captioned${left}`;
+}
+
+/** After Stop: what was captioned, and no time left to wait. */
+function showStopped() {
+  const { done, total } = captioned;
+  $("job-progress-text").textContent = `${done} of ${total || "?"} segments captioned, then stopped`;
+}
+
+/** A new job starts from an empty bar, not from the previous job's. */
+function resetJobView() {
+  const bar = $("job-progress");
+  bar.max = 1;
+  bar.value = 0;
+  captioned = { done: 0, total: 0 };
+  $("job-progress-text").textContent = "";
+  $("segments").replaceChildren();
 }
 
 function showSegments(segments) {
@@ -73,6 +92,7 @@ function showSegments(segments) {
 
 /** Run one job to its end; ``page`` gives app.js's mediaBody, setStatus and showError. */
 export async function startJob(signal, page) {
+  resetJobView();
   $("job").hidden = false;
   $("followup").hidden = true;
   $("followup-answers").replaceChildren();
@@ -80,10 +100,14 @@ export async function startJob(signal, page) {
   const submitted = await call("/jobs/submit", { method: "POST", signal, ...page.mediaBody("video", jobMetadata()) });
   taskId = (await submitted.json()).task_id;
   const query = `task_id=${encodeURIComponent(taskId)}`;
-  signal.addEventListener("abort", () => call(`/jobs/cancel?${query}`, { method: "POST" }).catch(() => {}));
+  signal.addEventListener("abort", () => {
+    showStopped();
+    call(`/jobs/cancel?${query}`, { method: "POST" }).catch(() => {});
+  });
   let job;
   do {
     job = await (await call(`/jobs/status?${query}`, { signal })).json();
+    if (signal.aborted) throw signal.reason; // stopped while this status was on its way
     showProgress(job);
     showSegments(job.segments);
     page.setStatus(`Job ${job.status.replace("_", " ")}…`);

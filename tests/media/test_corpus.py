@@ -15,11 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from decord import VideoReader, cpu
-from mediafiles import corrupt_file, frame_index_from_pixels, has_encoder, truncate_file, write_image, write_video
 from PIL import Image
 
 from media import DecodeWorker, MediaError, UndecodableMedia, UnsupportedMedia, read_video
 from media.container import probe_video
+from testing.mediafiles import (
+    corrupt_file,
+    frame_index_from_pixels,
+    has_encoder,
+    truncate_file,
+    write_image,
+    write_video,
+)
 
 FRAMES, FPS, SAMPLED = 24, 12, 6
 ENCODERS = {

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mediafiles import frame_color, truncate_file, write_exif_rotated_jpeg, write_image
 from PIL import Image
 
 from media import MediaTooLarge, UndecodableMedia, UnsupportedMedia, read_image
+from testing.mediafiles import frame_color, truncate_file, write_exif_rotated_jpeg, write_image
 
 BIG = 10_000_000  # max_pixels for tests that are not about the limit
 WHITE = (255, 255, 255)

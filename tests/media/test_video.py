@@ -17,17 +17,6 @@ import av
 import numpy as np
 import pytest
 from decord import VideoReader, cpu
-from mediafiles import (
-    OPEN_GOP_OPTIONS,
-    coded_frame,
-    frame_index_from_pixels,
-    has_encoder,
-    truncate_file,
-    upright,
-    write_audio_only,
-    write_image,
-    write_video,
-)
 from PIL import Image
 
 import media.video
@@ -43,6 +32,17 @@ from media import (
 )
 from media.container import decode_frames, probe_video
 from media.video import _average_fps
+from testing.mediafiles import (
+    OPEN_GOP_OPTIONS,
+    coded_frame,
+    frame_index_from_pixels,
+    has_encoder,
+    truncate_file,
+    upright,
+    write_audio_only,
+    write_image,
+    write_video,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FRAME_BYTES = 64 * 48 * 3  # one decoded frame of write_video's default size

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mediafiles import frame_index_from_pixels, write_image, write_video
 
 from media import (
     DecodePool,
@@ -26,6 +25,7 @@ from media import (
     read_video,
 )
 from media.worker import WorkerFailure
+from testing.mediafiles import frame_index_from_pixels, write_image, write_video
 
 
 @pytest.fixture

@@ -9,7 +9,12 @@ Every quantised width is a multiple of 64 so bitsandbytes 4-bit also runs on CPU
 is the published model's) without building the model: each tensor is drawn on the given device
 and written shard by shard, so 7B parameters take seconds on a GPU and one shard of host memory.
 
-    python -m llava_custom.tiny DIR [--layout transformers|original] [--seed N]
+    python -m testing.tiny DIR [--layout transformers|original] [--seed N] [--readable]
+
+``--readable`` (``make demo``) gives the tokens that decode to no printable text a logit of 0 (see
+:func:`make_answers_readable`), so that the demo's random answers are readable random text instead
+of control characters; the tests' checkpoints (and the golden data's fingerprints) are written
+without it.
 """
 
 from __future__ import annotations
@@ -208,6 +213,32 @@ def build_model(config: LlavaOnevisionConfig, spec: TinySpec = TinySpec(), seed:
     return model
 
 
+def unreadable_token_ids(tokenizer: Qwen2Tokenizer, rows: int) -> list[int]:
+    """Ids of the ``rows`` output rows that decode to no printable text on their own: control
+    bytes (all but the newline), lone bytes of multi-byte characters (which decode to U+FFFD),
+    and the rows past the tokenizer. Special tokens (the end of the turn) are kept."""
+    special = set(tokenizer.all_special_ids)
+    unreadable = []
+    for token_id in range(rows):
+        if token_id in special:
+            continue
+        text = tokenizer.decode([token_id]) if token_id < len(tokenizer) else ""
+        if not text or "\ufffd" in text or any(not ch.isprintable() and ch != "\n" for ch in text):
+            unreadable.append(token_id)
+    return unreadable
+
+
+def make_answers_readable(model: LlavaVideoForConditionalGeneration, tokenizer: Qwen2Tokenizer) -> None:
+    """Zero the lm_head rows of :func:`unreadable_token_ids` and widen the others 4 times (exact in
+    bfloat16): the unreadable tokens' logit is 0 whatever the input, far below the largest of the
+    others, so neither greedy decoding nor sampling at temperature 1 picks them (greedy decoding
+    ranks the others as before). Weights only: the code paths are those of every checkpoint."""
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        weight.mul_(4)
+        weight[unreadable_token_ids(tokenizer, weight.shape[0])] = 0
+
+
 def build_processor(tokenizer: Qwen2Tokenizer, config: LlavaOnevisionConfig) -> LlavaOnevisionProcessor:
     """Processor with the SigLIP 384 px settings and the config's anyres grid."""
     size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
@@ -239,9 +270,13 @@ def write_tiny_checkpoint(
     layout: Literal["transformers", "original"] = "transformers",
     seed: int = 0,
     spec: TinySpec = TinySpec(),
+    readable: bool = False,
     **video_keys: object,
 ) -> Path:
     """Write a tiny checkpoint to ``path`` and return it.
+
+    ``readable``: zero the output rows of tokens that decode to no printable text (see
+    :func:`make_answers_readable`); the weights then differ from those of the same seed without it.
 
     ``layout="transformers"`` writes the llava-hf layout; ``"original"`` the LLaVA-NeXT layout of
     lmms-lab/LLaVA-Video-7B-Qwen2, whose vision tower is named by hub id: it is written into the
@@ -252,6 +287,8 @@ def write_tiny_checkpoint(
     tokenizer = build_tokenizer(spec)
     config = build_config(tokenizer, spec, **video_keys)
     model = build_model(config, spec, seed)
+    if readable:
+        make_answers_readable(model, tokenizer)
     model.generation_config = build_generation_config(tokenizer)
     if layout == "transformers":
         model.save_pretrained(path)
@@ -562,8 +599,11 @@ def main() -> None:
     parser.add_argument("path", type=Path)
     parser.add_argument("--layout", choices=("transformers", "original"), default="transformers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--readable", action="store_true", help="no control characters in answers (make demo; not for golden data)"
+    )
     args = parser.parse_args()
-    print(write_tiny_checkpoint(args.path, layout=args.layout, seed=args.seed))
+    print(write_tiny_checkpoint(args.path, layout=args.layout, seed=args.seed, readable=args.readable))
 
 
 if __name__ == "__main__":

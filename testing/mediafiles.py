@@ -1,4 +1,4 @@
-"""Write real media files (PyAV, Pillow) for tests.
+"""Write real media files (PyAV, Pillow) for tests, benchmarks and tools.
 
 Video frames carry their own index: frame ``i`` is a 4x3 grid of black/white blocks spelling ``i``
 in binary (12 bits, so indices up to 4095). Large binary blocks survive lossy codecs, chroma

@@ -1,0 +1,22 @@
+"""The request guard's limits (http_api.guard enforces them; settings.py builds them).
+
+Imports nothing from the rest of the HTTP side but the route table (plain data), so that reading
+the settings does not import the jobs or the engine; http_api.guard re-exports :class:`GuardLimits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from http_api.routes import UPLOAD_FIELDS
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """The caps the guard enforces; ``file_fields`` are the form fields that must be files."""
+
+    max_upload_bytes: int
+    max_json_bytes: int
+    max_in_flight: int
+    file_fields: frozenset[str] = UPLOAD_FIELDS
+    max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
