@@ -37,6 +37,14 @@ def serve_command(port: int) -> list[str]:
     return [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
 
 
+def own_home(folder: Path) -> dict[str, str]:
+    """A BENTOML_HOME of the instance's own under ``folder``: every `bentoml serve` empties its
+    home's Prometheus folder at start, so instances sharing one would wipe each other's /metrics."""
+    home = folder / "bentoml-home"
+    home.mkdir(parents=True, exist_ok=True)
+    return {"BENTOML_HOME": str(home)}
+
+
 def cpu_env(checkpoint: Path | str) -> dict[str, str]:
     """The settings that serve ``checkpoint`` on the CPU in float32, as ``make demo`` does."""
     return {
@@ -53,7 +61,10 @@ def running_service(
 ) -> Iterator[str]:
     """Run ``command`` (a `bentoml serve` or `make demo`) in its own process group, its output in
     ``log_path``, until /readyz answers; yield its base URL; stop the whole group afterwards.
-    Raises :class:`ServiceDidNotStart` when it ends or is not ready within ``start_seconds``."""
+    Raises :class:`ServiceDidNotStart` when it ends or is not ready within ``start_seconds``.
+    Unless ``env`` names another BENTOML_HOME than this process's, the instance gets its own."""
+    if env.get("BENTOML_HOME") == os.environ.get("BENTOML_HOME"):
+        env = env | own_home(log_path.parent / f"serve-{port}")
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

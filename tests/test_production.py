@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import httpx
 import psutil
 import pytest
 
-from testing.served import REPO, cpu_env, free_port, serve_command
+from testing.served import REPO, cpu_env, free_port, own_home, serve_command
 
 pytestmark = pytest.mark.served
 
@@ -34,7 +35,10 @@ GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def tiny_env(model: Path | str, **extra: str) -> dict[str, str]:
-    return os.environ | cpu_env(model) | {"LLAVA_MAX_NEW_TOKENS": "6", **extra}
+    # A BENTOML_HOME of its own: a `bentoml serve` start empties its home's metrics folder, which
+    # the session's served instances use.
+    home = own_home(Path(tempfile.mkdtemp(prefix="llava-test-serve-")))
+    return os.environ | cpu_env(model) | home | {"LLAVA_MAX_NEW_TOKENS": "6", **extra}
 
 
 def run_to_exit(command: list[str], env: dict[str, str], limit: float = 120) -> tuple[int, str, float]:
