@@ -78,9 +78,11 @@ def measure(engine, prepared: list, seconds: float) -> dict:
     streams = [engine.submit(request) for request in prepared]
     for stream in streams:
         next(iter(stream))
-    time.sleep(0.2)  # the last to join has taken its first decode step
     stats = engine.scheduler.stats
-    assert len(engine.scheduler._batch.requests) == len(prepared), "not every row is decoding"
+    deadline = time.monotonic() + 600
+    while len(engine.scheduler._batch.requests) < len(prepared):  # the last to join is in the batch
+        assert time.monotonic() < deadline, "not every row is decoding"
+        time.sleep(0.01)
     steps, started = next_step(stats, stats.decode_steps)
     # At least ``seconds`` and three steps (real width on CPU steps slowly), from one step's end to another's.
     last = steps
@@ -99,22 +101,36 @@ def measure(engine, prepared: list, seconds: float) -> dict:
 
 
 def profile_step(engine, prepared: list) -> dict:
-    """Share of a mixed decode step outside matrix products and attention (torch.profiler, CPU)."""
+    """Share of a mixed decode step outside matrix products and attention (torch.profiler, CPU).
+
+    The scheduler's thread is idle by now, so the rows are prefilled and stepped by the engine's
+    runner on this thread, where the profiler sees them."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    streams = [engine.submit(request) for request in prepared]
-    for stream in streams:
-        next(iter(stream))
-    time.sleep(0.2)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time.sleep(3)
-    for stream in streams:
-        stream.cancel()
-    arithmetic = ("addmm", "mm", "matmul", "bmm", "linear", "scaled_dot_product", "gemv", "gemm", "dequantize")
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
+    runner = engine.scheduler.runner
+    rows = []
+    with torch.inference_mode():
+        for request in prepared:
+            row = runner.new_row()
+            runner.prefill(row, runner.embed_tokens(request.input_ids), logits=True)
+            rows.append(row)
+        tokens = torch.full((len(rows),), 5)
+        runner.decode(rows, tokens)  # once before, as the profiled steps are not the first
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                runner.decode(rows, tokens)
+    for row in rows:
+        row.release()
+    arithmetic = ("addmm", "aten::mm", "matmul", "bmm", "linear", "scaled_dot_product", "gemv", "gemm", "dequant")
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or "bitsandbytes" in e.key]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
     inside = sum(e.self_cpu_time_total for e in events if any(word in e.key.lower() for word in arithmetic))
-    return {"outside_share": 1 - inside / total if total else None}
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    return {
+        "outside_share": 1 - inside / total,
+        "top_ops": [(e.key, round(e.self_cpu_time_total / 3000, 2)) for e in top],  # ms per step
+    }
 
 
 def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float, compile_step: str | None) -> dict:
@@ -152,7 +168,7 @@ def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float, compi
         "mixed": measure(engine, [long, *short[:SHORT_ROWS]], seconds),
         "long_prompt_tokens": long.prompt_tokens,
     }
-    if width == "real":
+    if width == "real" and hasattr(engine.scheduler, "runner"):
         results["profile"] = profile_step(engine, [long, *short[:SHORT_ROWS]])
     engine.close()
     return results
@@ -213,6 +229,7 @@ def report(results: dict) -> str:
         if "profile" in run:
             share = run["profile"]["outside_share"]
             lines.append(f"{label}: share of a mixed step outside the layers' arithmetic {share:.0%}")
+            lines.append(f"{label}: its largest ops, ms per step: {run['profile']['top_ops']}")
     return "\n".join(lines)
 
 
