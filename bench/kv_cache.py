@@ -168,6 +168,8 @@ def run_one(checkpoint: str, width: str, long_tokens: int, seconds: float, compi
         "mixed": measure(engine, [long, *short[:SHORT_ROWS]], seconds),
         "long_prompt_tokens": long.prompt_tokens,
     }
+    if hasattr(engine.scheduler, "runner"):  # False when a compiled step failed and fell back to eager
+        results["step_compiled"] = engine.scheduler.runner.compiled
     if width == "real" and hasattr(engine.scheduler, "runner"):
         results["profile"] = profile_step(engine, [long, *short[:SHORT_ROWS]])
     engine.close()
@@ -221,6 +223,8 @@ def report(results: dict) -> str:
     lines.append("| load + warm-up to ready, s | " + " | ".join(f"{run['ready_s']:.1f}" for _, run in runs) + " |")
     for label, run in runs:
         mixed = run["mixed"]
+        if label == "compiled" and not run.get("step_compiled", True):
+            lines.append("\ncompiled: the compiled step failed and the engine fell back to eager (see its log)")
         lines.append(
             f"\n{label}: mixed step / 8 short = x{mixed['ms_per_step'] / run['batch 8']['ms_per_step']:.2f}; "
             f"KV held for the mix {mixed['kv_held'] / 2**20:.1f} MiB for {mixed['kv_needed'] / 2**20:.1f} MiB of "

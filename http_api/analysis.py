@@ -144,7 +144,9 @@ class Analyzer:
         video_sampling returns it. With ``return_frames`` the frames are decoded even when the
         video's features are recalled (the cache keeps features, not pixels): decoding is
         deterministic, so they are the frames the features were made from."""
-        num_frames = sampling.num_frames or self.settings.num_frames
+        num_frames = sampling.num_frames
+        if not num_frames:
+            raise ValueError("start_video takes the sampling video_sampling returns (with its frame count)")
         span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
         key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames, **span)
         recalled = self.engine.recall(key)
