@@ -65,12 +65,15 @@ def test_conversations_and_text_requests_batched_equal_their_answers_alone(loade
     greedy = GenerationSettings(max_new_tokens=16)
 
     def submit_all(engine: Engine) -> list[TokenStream]:
-        return [
-            engine.submit_text(chat("Hello, who are you?"), greedy),
-            ask_video(engine, 2, greedy, chat("Hi.", "Hello!", "What is in this clip?", media_turn=2)),
-            engine.submit_text(chat("Hi.", "Hello!", "Tell me a story.", system="Be brief."), LONG),
-            ask_video(engine, 2, greedy),
+        prepared = [  # all prepared before the first is queued, so that all four share the batch
+            engine.prepare_text(chat("Hello, who are you?"), greedy),
+            engine.prepare_video(
+                frames(2), 1.0, TIMES, chat("Hi.", "Hello!", "What is in this clip?", media_turn=2), greedy
+            ),
+            engine.prepare_text(chat("Hi.", "Hello!", "Tell me a story.", system="Be brief."), LONG),
+            engine.prepare_video(frames(2), 1.0, TIMES, "What happens?", greedy),
         ]
+        return [engine.submit(request) for request in prepared]
 
     with engine_with(loaded, max_batch_size=1) as engine:
         alone = [stream.result() for stream in submit_all(engine)]
@@ -197,7 +200,9 @@ def test_top_k_of_one_samples_the_greedy_answer(loaded):
     greedy = LONG
     sampled = dataclasses.replace(LONG, temperature=1.5, seed=7)
     with engine_with(loaded) as engine:
-        streams = [ask_video(engine, 6, s) for s in (greedy, dataclasses.replace(sampled, top_k=1), sampled)]
+        choices = (greedy, dataclasses.replace(sampled, top_k=1), sampled)
+        prepared = [engine.prepare_video(frames(6), 1.0, TIMES, "What happens?", s) for s in choices]
+        streams = [engine.submit(request) for request in prepared]
         reference, top_one, free = (stream.result() for stream in streams)
         assert engine.scheduler.stats.largest_batch == 3
     assert top_one.token_ids == reference.token_ids
@@ -271,7 +276,8 @@ def test_logprobs_change_no_token_and_come_per_delta(loaded):
     plain = [LONG, dataclasses.replace(LONG, temperature=1.0, top_k=30, top_p=0.95, seed=11)]
     with_logprobs = [dataclasses.replace(plain[0], logprobs=3), dataclasses.replace(plain[1], logprobs=0)]
     with engine_with(loaded) as engine:
-        streams = [ask_video(engine, 8, s) for s in plain + with_logprobs]
+        prepared = [engine.prepare_video(frames(8), 1.0, TIMES, "What happens?", s) for s in plain + with_logprobs]
+        streams = [engine.submit(request) for request in prepared]
         deltas = [list(stream) for stream in streams]
         assert engine.scheduler.stats.largest_batch == 4
     answers = [stream_deltas[-1].answer for stream_deltas in deltas]

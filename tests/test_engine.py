@@ -28,9 +28,19 @@ def frames(seed: int, count: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, 384, 384, 3), dtype=np.uint8)
 
 
-def submit_video(engine: Engine, seed: int, settings: GenerationSettings, count: int = 2) -> TokenStream:
+def prepare_video(engine: Engine, seed: int, settings: GenerationSettings, count: int = 2) -> PreparedRequest:
     times = [i * 0.5 for i in range(count)]
-    return engine.submit_video(frames(seed, count), count * 0.5, times, f"What happens in clip {seed}?", settings)
+    return engine.prepare_video(frames(seed, count), count * 0.5, times, f"What happens in clip {seed}?", settings)
+
+
+def submit_video(engine: Engine, seed: int, settings: GenerationSettings, count: int = 2) -> TokenStream:
+    return engine.submit(prepare_video(engine, seed, settings, count))
+
+
+def submit_together(engine: Engine, prepared: list[PreparedRequest]) -> list[TokenStream]:
+    """Queue requests prepared beforehand: preprocessing on the caller's thread between two
+    submissions would let the scheduler finish the first before the last arrives on a slow machine."""
+    return [engine.submit(request) for request in prepared]
 
 
 def image(seed: int, size: tuple[int, int] = (500, 300)) -> Image.Image:
@@ -61,14 +71,17 @@ def test_batched_greedy_answers_equal_the_answers_alone(loaded):
     greedy = GenerationSettings(max_new_tokens=24)
 
     def submit_all(engine: Engine) -> list[TokenStream]:
-        return [
-            submit_video(engine, 1, greedy, count=2),
-            submit_video(engine, 2, greedy, count=4),
-            submit_video(engine, 3, greedy, count=8),
-            engine.submit_image(image(4), "What is this?", greedy),
-            engine.submit_image(image(5, (300, 900)), "And this?", greedy),
-            submit_video(engine, 6, GenerationSettings(max_new_tokens=7), count=2),
-        ]
+        return submit_together(
+            engine,
+            [
+                prepare_video(engine, 1, greedy, count=2),
+                prepare_video(engine, 2, greedy, count=4),
+                prepare_video(engine, 3, greedy, count=8),
+                engine.prepare_image(image(4), "What is this?", greedy),
+                engine.prepare_image(image(5, (300, 900)), "And this?", greedy),
+                prepare_video(engine, 6, GenerationSettings(max_new_tokens=7), count=2),
+            ],
+        )
 
     with engine_with(loaded, max_batch_size=1) as engine:
         alone = [stream.result() for stream in submit_all(engine)]
@@ -400,7 +413,7 @@ def test_compiled_and_eager_decode_steps_give_the_same_answers(loaded):
     def answers(engine: Engine) -> list[tuple[int, ...]]:
         engine.warm_up()
         alone = submit_video(engine, 131, greedy).result()
-        streams = [submit_video(engine, 131 + i, greedy, count=1 + i) for i in range(4)]
+        streams = submit_together(engine, [prepare_video(engine, 131 + i, greedy, count=1 + i) for i in range(4)])
         return [alone.token_ids] + [stream.result().token_ids for stream in streams]
 
     with engine_with(loaded, compile="off") as engine:
