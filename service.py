@@ -11,7 +11,7 @@ checks and shutdown (startup.py, http_api.lifecycle: SIGTERM lets requests in fl
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +20,33 @@ import bentoml
 import media
 import settings
 import startup
-from http_api import native, request_log
-from http_api.analysis import Analyzer
+from http_api import native
 from http_api.jobs_api import create_app as create_jobs_app
 from http_api.lifecycle import Lifecycle, drain_on_sigterm
 from http_api.metrics import engine_state
 from http_api.openai_api import create_app as create_openai_app
 from http_api.stack import middlewares
 from http_api.web_ui import create_app as create_page_app
-from jobs.manager import JobManager
-
-logger = logging.getLogger("llava_video_service")
 
 # This process's phase (loading, ready, failed, draining), shared by the service and the gate in
 # front of its routes; a worker process holds one service.
 lifecycle = Lifecycle()
 
 
-def current_analyzer() -> Analyzer:
-    """This worker's Analyzer; the lifecycle gate lets requests through only once it exists."""
-    return _loaded(bentoml.get_current_service().startup.analyzer)
+def _loaded(part: str) -> Callable[[], Any]:
+    """This worker's ``part`` of the loaded model (its Analyzer or its jobs); the lifecycle gate
+    lets requests through only once it exists."""
+
+    def current() -> Any:
+        value = getattr(bentoml.get_current_service().startup, part)
+        if value is None:
+            raise RuntimeError("the model is not loaded")
+        return value
+
+    return current
 
 
-def current_jobs() -> JobManager:
-    """This worker's long-video jobs; they exist once the model is loaded."""
-    return _loaded(bentoml.get_current_service().startup.jobs)
-
-
-def _loaded(part: Any) -> Any:
-    if part is None:
-        raise RuntimeError("the model is not loaded")
-    return part
+current_analyzer, current_jobs = _loaded("analyzer"), _loaded("jobs")
 
 
 @bentoml.service(
@@ -78,10 +74,7 @@ class LLaVAVideoService:
 
     def __init__(self) -> None:
         s = settings.current()
-        # BentoML's server logging shows WARNING and up from other loggers; ours say more.
-        for name in (logger.name, "llava_custom", "media"):
-            logging.getLogger(name).setLevel(s.log_level)
-        request_log.install_framework_filter()
+        startup.configure_logging(s.log_level)
         self.decoder = media.DecodePool(s.decode_workers, time_limit=s.decode_timeout)
         self.decoder.start()  # their imports overlap the model's loading
         # The model loads in the background: uvicorn accepts connections only once this returns.

@@ -19,12 +19,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The limit objects live with the behaviour they limit, in modules that import nothing heavy
 # (tests/test_imports.py checks that reading the settings imports no torch, and no circle).
-from http_api.limits import GuardLimits
+from http_api.limits import GuardLimits, RequestDefaults
 from jobs.limits import JobLimits
 from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
 from media.sizes import format_bytes
-from media.video import DEFAULT_CHUNK_BYTES
+from media.video import DEFAULT_CHUNK_BYTES, VideoReading
 
 MiB = 1024 * 1024
 _ENGINE = EngineLimits()
@@ -180,6 +180,20 @@ class Settings(BaseSettings):
             max_redirects=self.max_redirects,
             max_data_url_bytes=self.max_data_url_bytes,
             policy=AddressPolicy.from_allowlist(self.url_allowlist),
+        )
+
+    def request_defaults(self) -> RequestDefaults:
+        return RequestDefaults(
+            max_new_tokens=self.max_new_tokens,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            num_frames=self.num_frames,
+            max_frames=self.max_frames,
+        )
+
+    def video_reading(self, frame_size: tuple[int, int] | None) -> VideoReading:
+        """How videos are decoded for a model whose vision tower takes ``frame_size`` pictures."""
+        return VideoReading(
+            frame_size=frame_size, max_pixels=self.max_video_pixels, chunk_bytes=self.decode_chunk_bytes
         )
 
     def guard_limits(self) -> GuardLimits:

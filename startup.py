@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 import media
 import settings
+from http_api import request_log
 from http_api.analysis import Analyzer
 from http_api.lifecycle import Lifecycle
 from http_api.metrics import process_metrics
@@ -62,6 +63,14 @@ EXIT_MODEL_LOAD_FAILED = 3
 _SERVER_PID_VARIABLE = "_LLAVA_SERVER_PID"
 # The errors whose message already says what is wrong and what to do: no traceback needed.
 _EXPLAINED = (ModelLoadError, ValueError)
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers at ``level`` (BentoML's server logging shows WARNING and up from other
+    loggers; ours say more), and http_api.request_log's filter on BentoML's endpoint logger."""
+    for name in (logger.name, "llava_custom", "media"):
+        logging.getLogger(name).setLevel(level)
+    request_log.install_framework_filter()
 
 
 def check_before_serving() -> settings.Settings:
@@ -210,13 +219,9 @@ class ModelStartup:
         except Exception as error:
             self._fail(error)
             return
-        self.analyzer = Analyzer(s, engine, self.decoder, process_metrics())
-        decode_options = {
-            "frame_size": engine.frame_size,
-            "max_pixels": s.max_video_pixels,
-            "chunk_bytes": s.decode_chunk_bytes,
-        }
-        self.jobs = JobManager(engine, self.decoder, job_store(s), s.job_limits(), decode_options)
+        reading = s.video_reading(engine.frame_size)  # requests and job segments decode alike
+        self.analyzer = Analyzer(s, engine, self.decoder, reading, process_metrics())
+        self.jobs = JobManager(engine, self.decoder, job_store(s), s.job_limits(), reading)
         self.lifecycle.set_ready()
         logger.info("ready after %.1f s", time.monotonic() - started)
 

@@ -23,9 +23,10 @@ from anyio import to_thread
 import media
 from http_api import frames as previews
 from http_api import request_log
+from http_api.answers import Frame
 from http_api.errors import RequestError
 from http_api.metrics import Metrics
-from http_api.schemas import Frame, VideoSampling
+from http_api.schemas import VideoSampling
 from llava_custom import reuse
 from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
 from media import VideoInfo
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # settings.py imports the packages' limits: a runtime import 
 
 logger = logging.getLogger("llava_video_service")
 Kind = Literal["video", "image"]
-# The decoding fields the native metadata and the job routes share, as generation() names them.
-GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 # A single question (None: the default one) or a whole conversation about the media.
 Question = str | Conversation | None
 
@@ -55,17 +54,28 @@ class Analyzer:
     """Turns validated requests into engine streams; shared by all routes of one worker."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, decoder: media.DecodePool, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        decoder: media.DecodePool,
+        reading: media.VideoReading,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.decoder = decoder
+        self.reading = reading  # how videos are decoded, for requests and jobs alike
+        self.defaults = settings.request_defaults()  # what requests get for the fields they leave out
         self.metrics = metrics
         self.fetch_limits = settings.fetch_limits()
+        self.job_fetch_limits = settings.fetch_limits(max_bytes=settings.max_job_bytes)
         self.model_id = settings.model_id
 
-    def source_file(self, kind: Kind, upload: Path | None, url: str | None, workdir: Path) -> Path:
-        """The local file to read: the upload, or the URL downloaded into ``workdir`` (blocking)."""
+    def source_file(
+        self, kind: Kind, upload: Path | None, url: str | None, workdir: Path, *, job: bool = False
+    ) -> Path:
+        """The local file to read: the upload, or the URL downloaded into ``workdir`` (blocking);
+        a ``job``'s video may be as large as LLAVA_MAX_JOB_BYTES."""
         if upload is not None and url:
             raise RequestError(f"send either a '{kind}' file or a '{kind}_url', not both")
         if upload is not None:
@@ -73,64 +83,22 @@ class Analyzer:
             # decoders must judge the bytes, not an extension. The caller removes ``workdir``
             # after the request, whatever happens.
             source = workdir / "upload"
-            shutil.move(upload, source)
-            size = source.stat().st_size
+            if upload != source:
+                shutil.move(upload, source)
+            size, limit = source.stat().st_size, self.settings.max_job_bytes if job else self.settings.max_upload_bytes
             if size == 0:
                 raise media.InvalidSource(f"the uploaded {kind} file is empty")
-            if size > self.settings.max_upload_bytes:
+            if size > limit:
                 raise media.MediaTooLarge(
-                    f"the uploaded {kind} is {media.format_bytes(size)}, over the "
-                    f"{media.format_bytes(self.settings.max_upload_bytes)} limit"
+                    f"the uploaded {kind} is {media.format_bytes(size)}, over the {media.format_bytes(limit)} limit"
                 )
             return source
         if url:
-            return media.download_to_file(url, workdir, self.fetch_limits)
+            return media.download_to_file(url, workdir, self.job_fetch_limits if job else self.fetch_limits)
         raise RequestError(
             f"no {kind} given: upload it as the multipart field '{kind}' "
             f'or send {{"{kind}_url": "https://..."}} as JSON'
         )
-
-    def generation(
-        self,
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        top_k: int | None = None,
-        stop: str | list[str] | None = None,
-        logprobs: int | None = None,
-        ignore_eos: bool = False,
-        param: str = "max_new_tokens",
-    ) -> GenerationSettings:
-        """Decoding settings with the server's defaults and limits (``param`` names the length field)."""
-        s = self.settings
-        max_new_tokens = max_new_tokens or s.max_new_tokens
-        if max_new_tokens > s.max_new_tokens_limit:
-            raise RequestError(f"{param} may be at most {s.max_new_tokens_limit}", param)
-        return GenerationSettings(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature or 0.0,
-            top_p=top_p if top_p is not None else 1.0,
-            seed=seed,
-            top_k=top_k or 0,
-            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-            logprobs=logprobs,
-            ignore_eos=ignore_eos,
-        )
-
-    def generation_of(self, request: object, **overrides: object) -> GenerationSettings:
-        """:meth:`generation` with the decoding fields ``request`` has (native metadata, a job's
-        metadata, a job question: the same names)."""
-        fields = {name: getattr(request, name) for name in GENERATION_FIELDS if hasattr(request, name)}
-        return self.generation(**fields, **overrides)  # type: ignore[arg-type]
-
-    def video_sampling(self, sampling: VideoSampling) -> VideoSampling:
-        """``sampling`` with the server's default frame count, checked against its limit."""
-        count = sampling.num_frames or self.settings.num_frames
-        if count > self.settings.max_frames:
-            raise RequestError(f"num_frames may be at most {self.settings.max_frames}", "num_frames")
-        return sampling.model_copy(update={"num_frames": count})
 
     async def start_video(
         self,
@@ -141,12 +109,13 @@ class Analyzer:
         return_frames: bool = False,
     ) -> Started:
         """Decode the video's frames (unless seen before) and queue the question; ``sampling`` as
-        video_sampling returns it. With ``return_frames`` the frames are decoded even when the
-        video's features are recalled (the cache keeps features, not pixels): decoding is
-        deterministic, so they are the frames the features were made from."""
+        a request's ``sampling(defaults)`` returns it (with its frame count). With
+        ``return_frames`` the frames are decoded even when the video's features are recalled (the
+        cache keeps features, not pixels): decoding is deterministic, so they are the frames the
+        features were made from."""
         num_frames = sampling.num_frames
         if not num_frames:
-            raise ValueError("start_video takes the sampling video_sampling returns (with its frame count)")
+            raise ValueError("start_video takes a request's sampling(defaults), with its frame count")
         span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
         key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames, **span)
         recalled = self.engine.recall(key)
@@ -169,14 +138,7 @@ class Analyzer:
     async def _read_video(self, source: Path, num_frames: int, span: dict[str, float | None]) -> media.SampledVideo:
         began = time.monotonic()
         sampled = await to_thread.run_sync(
-            lambda: self.decoder.read_video(
-                source,
-                num_frames,
-                chunk_bytes=self.settings.decode_chunk_bytes,
-                frame_size=self.engine.frame_size,
-                max_pixels=self.settings.max_video_pixels,
-                **span,
-            )
+            lambda: self.decoder.read_video(source, num_frames, **self.reading.options(), **span)
         )
         self._decoded("video", began, sampled.info.frame_count)
         return sampled

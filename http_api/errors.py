@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse
 
 import media
 from http_api import record
+from http_api.answers import Failure
 from http_api.routes import Route, Shape, route_for
-from http_api.schemas import Failure
 from jobs.errors import JobNotFinished, TooManyJobs, UnknownJob
 from jobs.segments import SegmentPlanError
 from llava_custom.errors import (

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from http_api.schemas import Frame
+from http_api.answers import Frame
 
 JPEG_QUALITY = 85
 # The vision tower's input side: an image preview larger than this shows nothing more.

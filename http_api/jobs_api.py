@@ -31,12 +31,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import media
 from http_api.analysis import Analyzer
 from http_api.errors import ErrorReply, RequestError, status_for_kind, translate
 from http_api.routes import Shape
 from http_api.schemas import JobMetadata, JobQuestion
-from jobs.manager import JobFailed, JobManager, JobParameters, UnknownJob
+from jobs.manager import JobFailed, JobManager, UnknownJob
 from jobs.store import valid_task_id
 
 # Form fields of a submission; anything else is a mistake worth a 400.
@@ -60,7 +59,7 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
             return _failure(error)
         try:
             source = await to_thread.run_sync(_source, analyzer(), fields, folder)
-            parameters = _parameters(analyzer(), meta)
+            parameters = meta.parameters(analyzer().defaults)
             # The job owns the folder from here on and deletes it when it ends.
             status = await to_thread.run_sync(jobs().submit, source, folder, parameters)
         except Exception as error:
@@ -86,7 +85,7 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
             question = JobQuestion.parse(body)
         except ValueError as error:
             return _failure(RequestError(str(error)))
-        generation = analyzer().generation_of(question)
+        generation = question.generation(analyzer().defaults)
 
         def answer(task_id: str) -> dict[str, Any]:
             text, (prompt_tokens, completion_tokens) = jobs().ask(task_id, question.question, generation)
@@ -157,33 +156,10 @@ def _save_upload(upload: UploadFile, target: Path) -> Path:
 
 def _source(analyzer: Analyzer, fields: dict[str, Any], folder: Path) -> Path:
     """The video file of a submission: the upload, or ``video_url`` downloaded (blocking)."""
-    upload, url = fields.get("video"), fields.get("video_url")
-    if upload is not None and url:
-        raise RequestError("send either a 'video' file or a 'video_url', not both")
-    if upload is not None:
-        if upload.stat().st_size == 0:
-            raise media.InvalidSource("the uploaded video file is empty")
-        return upload
-    if isinstance(url, str) and url:
-        limits = analyzer.settings.fetch_limits(max_bytes=analyzer.settings.max_job_bytes)
-        return media.download_to_file(url, folder, limits)
-    raise RequestError(
-        'no video given: upload it as the multipart field \'video\' or send {"video_url": "https://..."} as JSON'
-    )
-
-
-def _parameters(analyzer: Analyzer, meta: JobMetadata) -> JobParameters:
-    generation = analyzer.generation_of(meta)
-    return JobParameters(
-        generation=generation,
-        segment_seconds=meta.segment_seconds,
-        overlap_seconds=meta.overlap_seconds,
-        frames_per_segment=meta.frames_per_segment,
-        start_time=meta.start_time,
-        end_time=meta.end_time,
-        caption_prompt=meta.caption_prompt,
-        question=meta.question,
-    )
+    url = fields.get("video_url")
+    if url is not None and not isinstance(url, str):
+        raise RequestError("video_url must be a string: the video's http(s) URL", "video_url")
+    return analyzer.source_file("video", fields.get("video"), url, folder, job=True)
 
 
 def _failure(error: Exception) -> JSONResponse:

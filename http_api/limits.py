@@ -20,3 +20,14 @@ class GuardLimits:
     max_in_flight: int
     file_fields: frozenset[str] = UPLOAD_FIELDS
     max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """What a request gets for the decoding fields it leaves out, and the most it may ask for:
+    built once from the settings and handed to every route (http_api.schemas applies them)."""
+
+    max_new_tokens: int  # LLAVA_MAX_NEW_TOKENS
+    max_new_tokens_limit: int  # LLAVA_MAX_NEW_TOKENS_LIMIT
+    num_frames: int  # LLAVA_NUM_FRAMES
+    max_frames: int  # LLAVA_MAX_FRAMES

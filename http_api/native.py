@@ -33,9 +33,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from http_api.analysis import Analyzer, Kind, Started, until_answered
+from http_api.answers import ImageAnswer, Usage, VideoAnswer
 from http_api.errors import RequestError, translate
 from http_api.routes import Shape
-from http_api.schemas import ImageAnswer, Metadata, Usage, VideoAnswer
+from http_api.schemas import Metadata
 from llava_custom.engine import Answer
 
 
@@ -81,10 +82,10 @@ async def analyze(
 
 
 async def _start(analyzer: Analyzer, kind: Kind, source: Path, meta: Metadata) -> Started:
-    generation = analyzer.generation_of(meta)
+    generation = meta.generation(analyzer.defaults)
     if kind == "image":
         return await analyzer.start_image(source, meta.prompt, generation, meta.return_frames)
-    sampling = analyzer.video_sampling(meta)
+    sampling = meta.sampling(analyzer.defaults)
     return await analyzer.start_video(source, sampling, meta.prompt, generation, meta.return_frames)
 
 

@@ -23,92 +23,33 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from anyio import to_thread
 from openai.types import CompletionUsage, Model
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionContentPartImageParam,
-    ChatCompletionContentPartTextParam,
     ChatCompletionMessage,
-    ChatCompletionStreamOptionsParam,
     ChatCompletionTokenLogprob,
 )
 from openai.types.chat import chat_completion as completion
 from openai.types.chat import chat_completion_chunk as chunk
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from typing_extensions import Required, TypedDict
 
 from http_api.analysis import Analyzer, Started, until_answered
 from http_api.errors import ErrorReply, RequestError, translate
 from http_api.routes import Shape
-from http_api.schemas import VideoSampling
+from http_api.schemas import ChatMessage, ChatRequest, VideoSampling
 from llava_custom.engine import Answer, Conversation, GenerationSettings, TokenLogprob, Turn
 
 logger = logging.getLogger("llava_video_service")
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
-
-
-class VideoURL(TypedDict, total=False):
-    url: Required[str]
-
-
-class ChatCompletionContentPartVideoParam(TypedDict, total=False):
-    """vLLM's content part for a video; the openai package has none."""
-
-    video_url: Required[VideoURL]
-    type: Required[Literal["video_url"]]
-
-
-ContentPart = Annotated[
-    ChatCompletionContentPartTextParam | ChatCompletionContentPartImageParam | ChatCompletionContentPartVideoParam,
-    Field(discriminator="type"),
-]
-
-
-class ChatMessage(BaseModel):
-    """One message; ``content`` is a string or a list of content parts."""
-
-    model_config = ConfigDict(extra="ignore")  # name, refusal, ... carry nothing for this model
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    tool_calls: list[Any] | None = None
-
-
-class ChatRequest(VideoSampling):
-    """``POST /v1/chat/completions``: OpenAI's parameters and LLaVA's extensions."""
-
-    # Fields OpenAI clients send that change nothing here (user, store, metadata, ...) are ignored;
-    # those that would change the answer and are not supported are refused below.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    stream: bool | None = None
-    stream_options: ChatCompletionStreamOptionsParam | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    # LLaVA's controls, as vLLM takes extra sampling and media parameters in the body (the video
-    # sampling fields come from VideoSampling).
-    top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens (0: all)")
-    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,8 +96,8 @@ async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
             404, f"the model {chat.model!r} does not exist; this service serves {analyzer.model_id!r}", "model"
         )
     conversation, picture = conversation_from(chat.messages)
-    generation = _generation(analyzer, chat)
-    sampling = analyzer.video_sampling(chat)
+    generation = chat.generation(analyzer.defaults)
+    sampling = chat.sampling(analyzer.defaults)
     with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
         started = await _start(analyzer, conversation, picture, sampling, generation, Path(workdir))
     logprobs = _LogprobsWriter(analyzer) if chat.logprobs else None
@@ -269,21 +210,6 @@ def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, Pictur
     if not turns or turns[-1].role != "user":
         raise RequestError("the last message must be the user's", "messages")
     return Conversation(tuple(turns), "\n".join(system) if system else None, media_turn), picture
-
-
-def _generation(analyzer: Analyzer, chat: ChatRequest) -> GenerationSettings:
-    length_param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
-    return analyzer.generation(
-        max_new_tokens=chat.max_completion_tokens or chat.max_tokens,
-        temperature=chat.temperature,
-        top_p=chat.top_p,
-        seed=chat.seed,
-        top_k=chat.top_k,
-        stop=chat.stop,
-        logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
-        ignore_eos=chat.ignore_eos,
-        param=length_param,
-    )
 
 
 async def _start(

@@ -14,9 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from http_api.answers import Failure, ImageAnswer, VideoAnswer
 from http_api.errors import Message, Receive, Scope, Send
 from http_api.routes import Kind, routes_of
-from http_api.schemas import Failure, ImageAnswer, JobMetadata, JobQuestion, Metadata, VideoAnswer
+from http_api.schemas import JobMetadata, JobQuestion, Metadata
 
 DOCS_PATH = "/docs.json"
 REF = "#/components/schemas/{model}"

@@ -1,16 +1,62 @@
-"""The JSON shapes of the HTTP API: request metadata and the answers."""
+"""The JSON shapes of the HTTP API, and what a request's fields become in the engine.
+
+Each request schema converts itself: ``generation(defaults)`` gives its engine decoding settings
+(:class:`~llava_custom.engine.GenerationSettings`), with the server's defaults and limits
+(:class:`~http_api.limits.RequestDefaults`, built once from the settings) for what it leaves out;
+``sampling(defaults)`` the frames a video request sees; a job's ``parameters(defaults)`` its
+whole plan. Answers are the models below and, on /v1, the ``openai`` package's own types.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+from openai.types.chat import (
+    ChatCompletionContentPartImageParam,
+    ChatCompletionContentPartTextParam,
+    ChatCompletionStreamOptionsParam,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import Required, TypedDict
 
+from http_api.errors import RequestError
+from http_api.limits import RequestDefaults
 from jobs.limits import DEFAULT_FRAMES_PER_SEGMENT, DEFAULT_SEGMENT_SECONDS
-from media import VideoInfo
+from jobs.manager import JobParameters
+from llava_custom.sampling import GenerationSettings
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def generation(
+    defaults: RequestDefaults,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    logprobs: int | None = None,
+    ignore_eos: bool = False,
+    param: str = "max_new_tokens",
+) -> GenerationSettings:
+    """The engine's decoding settings of a request's fields: absent ones take the server's
+    defaults (greedy, LLAVA_MAX_NEW_TOKENS); ``param`` names the length field in the error."""
+    max_new_tokens = max_new_tokens or defaults.max_new_tokens
+    if max_new_tokens > defaults.max_new_tokens_limit:
+        raise RequestError(f"{param} may be at most {defaults.max_new_tokens_limit}", param)
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature or 0.0,
+        top_p=top_p if top_p is not None else 1.0,
+        seed=seed,
+        top_k=top_k or 0,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        logprobs=logprobs,
+        ignore_eos=ignore_eos,
+    )
 
 
 class VideoSampling(BaseModel):
@@ -43,6 +89,13 @@ class VideoSampling(BaseModel):
         if self.start_time is not None and self.end_time is not None and self.end_time <= self.start_time:
             raise ValueError("end_time must be after start_time")
         return self
+
+    def sampling(self, defaults: RequestDefaults) -> VideoSampling:
+        """These fields with the server's frame count when absent, checked against its limit."""
+        count = self.num_frames or defaults.num_frames
+        if count > defaults.max_frames:
+            raise RequestError(f"num_frames may be at most {defaults.max_frames}", "num_frames")
+        return VideoSampling(num_frames=count, fps=self.fps, start_time=self.start_time, end_time=self.end_time)
 
 
 class Metadata(VideoSampling):
@@ -78,6 +131,18 @@ class Metadata(VideoSampling):
     @classmethod
     def parse(cls, raw: Any) -> Metadata:
         return parse_object(cls, raw, example='{"prompt": "..."}')
+
+    def generation(self, defaults: RequestDefaults) -> GenerationSettings:
+        return generation(
+            defaults,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class JobMetadata(BaseModel):
@@ -129,6 +194,28 @@ class JobMetadata(BaseModel):
     def parse(cls, raw: Any) -> JobMetadata:
         return parse_object(cls, raw, example='{"question": "..."}')
 
+    def parameters(self, defaults: RequestDefaults) -> JobParameters:
+        """The job's plan: its segments, prompts and the decoding of every caption and answer."""
+        decoding = generation(
+            defaults,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+        return JobParameters(
+            generation=decoding,
+            segment_seconds=self.segment_seconds,
+            overlap_seconds=self.overlap_seconds,
+            frames_per_segment=self.frames_per_segment,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            caption_prompt=self.caption_prompt,
+            question=self.question,
+        )
+
 
 class JobQuestion(BaseModel):
     """The body of ``POST /jobs/ask``: a new question about a finished job's video."""
@@ -146,6 +233,87 @@ class JobQuestion(BaseModel):
     @classmethod
     def parse(cls, raw: Any) -> JobQuestion:
         return parse_object(cls, raw, name="body", example='{"task_id": "...", "question": "..."}')
+
+    def generation(self, defaults: RequestDefaults) -> GenerationSettings:
+        return generation(
+            defaults,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
+
+
+class VideoURL(TypedDict, total=False):
+    url: Required[str]
+
+
+class ChatCompletionContentPartVideoParam(TypedDict, total=False):
+    """vLLM's content part for a video; the openai package has none."""
+
+    video_url: Required[VideoURL]
+    type: Required[Literal["video_url"]]
+
+
+ContentPart = Annotated[
+    ChatCompletionContentPartTextParam | ChatCompletionContentPartImageParam | ChatCompletionContentPartVideoParam,
+    Field(discriminator="type"),
+]
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of content parts."""
+
+    model_config = ConfigDict(extra="ignore")  # name, refusal, ... carry nothing for this model
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatRequest(VideoSampling):
+    """``POST /v1/chat/completions``: OpenAI's parameters and LLaVA's extensions."""
+
+    # Fields OpenAI clients send that change nothing here (user, store, metadata, ...) are ignored;
+    # those that would change the answer and are not supported are refused by openai_api.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool | None = None
+    stream_options: ChatCompletionStreamOptionsParam | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    # LLaVA's controls, as vLLM takes extra sampling and media parameters in the body (the video
+    # sampling fields come from VideoSampling).
+    top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens (0: all)")
+    ignore_eos: bool = False
+
+    def generation(self, defaults: RequestDefaults) -> GenerationSettings:
+        """OpenAI's names: ``max_completion_tokens`` (or the older ``max_tokens``) is the length,
+        ``top_logprobs`` the alternatives per token when ``logprobs`` is true."""
+        return generation(
+            defaults,
+            max_new_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            ignore_eos=self.ignore_eos,
+            param="max_completion_tokens" if self.max_completion_tokens else "max_tokens",
+        )
 
 
 def parse_object(model: type[M], raw: Any, *, name: str = "metadata", example: str = "{}") -> M:
@@ -165,46 +333,3 @@ def parse_object(model: type[M], raw: Any, *, name: str = "metadata", example: s
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"invalid {name}: {problems}") from exc
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    visual_tokens: int
-    completion_tokens: int
-
-
-class Frame(BaseModel):
-    """One picture the model was given (``metadata.return_frames``)."""
-
-    time: float | None = Field(description="seconds into the video; null for an image")
-    image: str = Field(description="data:image/jpeg;base64,... of the frame as the model received it")
-
-
-# Present only when metadata.return_frames asked for it, so other answers keep their shape.
-Frames = Annotated[
-    list[Frame] | None,
-    Field(None, exclude_if=lambda frames: frames is None, description="with metadata.return_frames only"),
-]
-
-
-class ImageAnswer(BaseModel):
-    response: str
-    status: str = "success"
-    error: str | None = None
-    usage: Usage | None = None
-    frames: Frames = None
-
-
-class VideoAnswer(BaseModel):
-    response: str
-    video_info: VideoInfo
-    status: str = "success"
-    error: str | None = None
-    usage: Usage | None = None
-    frames: Frames = None
-
-
-class Failure(BaseModel):
-    response: str = ""
-    status: str = "failed"
-    error: str

@@ -86,14 +86,13 @@ class JobManager:
         decoder: media.DecodePool,
         store: JobStore,
         limits: JobLimits,
-        decode_options: dict[str, Any] | None = None,
+        reading: media.VideoReading | None = None,
     ) -> None:
         self.engine = engine
         self.decoder = decoder
         self.store = store
         self.limits = limits
-        # read_video's options for every segment (frame size, pixel limit, memory budget).
-        self.decode_options = decode_options or {}
+        self.reading = reading or media.VideoReading()  # the server's, as for a request's frames
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(limits.max_running, thread_name_prefix="llava-job")
@@ -111,7 +110,7 @@ class JobManager:
         full."""
         if parameters.frames_per_segment > self.limits.max_frames:
             raise SegmentPlanError(f"frames_per_segment may be at most {self.limits.max_frames}")
-        duration = self.decoder.run(media.video_duration, source, max_pixels=self.decode_options.get("max_pixels"))
+        duration = self.decoder.run(media.video_duration, source, max_pixels=self.reading.max_pixels)
         if duration > self.limits.max_video_seconds:
             raise media.MediaTooLarge(
                 f"the video is {duration:.0f} s long, over the {self.limits.max_video_seconds:g}-second limit for jobs"
@@ -266,7 +265,7 @@ class JobManager:
         # A segment is [start, end): a frame right at its end opens the next segment (with no
         # overlap, it would otherwise be seen twice), except at the end of the analysed span.
         end = segment.end if segment.end >= last_end else math.nextafter(segment.end, 0.0)
-        return self.decoder.read_video(source, frames, start_time=segment.start, end_time=end, **self.decode_options)
+        return self.decoder.read_video(source, frames, start_time=segment.start, end_time=end, **self.reading.options())
 
     def _record(self, task_id: str) -> JobRecord:
         record = self.store.load(task_id)

@@ -21,7 +21,15 @@ from media.errors import (
 from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
 from media.sizes import format_bytes
-from media.video import SampledVideo, VideoInfo, read_video, sample_frame_indices, segment_frame_indices, video_duration
+from media.video import (
+    SampledVideo,
+    VideoInfo,
+    VideoReading,
+    read_video,
+    sample_frame_indices,
+    segment_frame_indices,
+    video_duration,
+)
 from media.worker import DecodePool, DecodeWorker
 
 __all__ = [
@@ -41,6 +49,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "VideoInfo",
+    "VideoReading",
     "address_refusal",
     "download_to_file",
     "file_digest",

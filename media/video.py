@@ -60,6 +60,20 @@ class VideoInfo:
 
 
 @dataclass(frozen=True)
+class VideoReading:
+    """How this server decodes a video, for a request's frames and a job's segments alike: the
+    size frames are resized to (the vision tower's), the pixel limit and the memory budget."""
+
+    frame_size: tuple[int, int] | None = None
+    max_pixels: int | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def options(self) -> dict[str, object]:
+        """:func:`read_video`'s keyword arguments."""
+        return {"frame_size": self.frame_size, "max_pixels": self.max_pixels, "chunk_bytes": self.chunk_bytes}
+
+
+@dataclass(frozen=True)
 class SampledVideo:
     """Frames sampled from one video plus what is needed to describe them."""
 
