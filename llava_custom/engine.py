@@ -10,6 +10,7 @@ caller's thread, so only model work happens on the scheduler's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,10 @@ from llava_custom.builder import LoadedModel
 from llava_custom.errors import InvalidPrompt
 from llava_custom.limits import EngineLimits
 from llava_custom.modeling import VideoLayout
-from llava_custom.prompting import Conversation, Turn
+from llava_custom.prompting import Conversation, Turn, as_conversation
 from llava_custom.reuse import MediaRef, ReuseCache
 from llava_custom.sampling import GenerationSettings, TokenChooser
-from llava_custom.scheduler import PreparedRequest, Scheduler
+from llava_custom.scheduler import PreparedRequest, Scheduler, VisualItem
 from llava_custom.streaming import Answer, Delta, TokenLogprob, TokenStream
 
 __all__ = [
@@ -35,14 +36,38 @@ __all__ = [
     "Engine",
     "EngineLimits",
     "GenerationSettings",
+    "ImageInput",
     "MediaRef",
+    "Picture",
     "PreparedRequest",
     "ReuseCache",
     "TokenLogprob",
     "TokenStream",
     "Turn",
+    "VideoInput",
 ]
 
+
+@dataclass(frozen=True)
+class VideoInput:
+    """A video among a request's pictures: (N, H, W, 3) uint8 RGB frames sampled at
+    ``frame_times`` seconds, or None with ``media`` carrying recalled features."""
+
+    frames: np.ndarray | None
+    duration: float
+    frame_times: Sequence[float]
+    media: MediaRef | None = None
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image among a request's pictures (RGB), or None with ``media`` carrying recalled features."""
+
+    image: Image.Image | None
+    media: MediaRef | None = None
+
+
+Picture = VideoInput | ImageInput
 
 # Byte-level BPE spells each byte as one printable character; this maps them back.
 _BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
@@ -148,6 +173,77 @@ class Engine:
         """Queue prepared inputs; raises PromptTooLong or EngineBusy at once instead of queueing."""
         return self.scheduler.submit(prepared)
 
+    def prepare(
+        self, question: str | Conversation | None, pictures: Sequence[Picture], settings: GenerationSettings
+    ) -> PreparedRequest:
+        """The model's inputs for a question or conversation about ``pictures``, in the order
+        their placeholders take them (the k-th of the conversation, the k-th picture).
+
+        One image alone is tiled (anyres); among several pictures each image is one padded tile,
+        as the original's multi-image recipe does (docs/ENGINE.md). A picture whose ``media``
+        carries recalled features needs no frames or image."""
+        padded = len(pictures) > 1
+        parts = [self._visual_part(picture, padded) for picture in pictures]
+        if not pictures:
+            prompt = _render(prompting.text_prompt, as_conversation(question))
+        elif padded:
+            prompt = _render(prompting.pictures_prompt, question, [opening for _, opening in parts])
+        elif isinstance(pictures[0], VideoInput):
+            prompt = _render(prompting.video_prompt, question, pictures[0].duration, pictures[0].frame_times)
+        else:
+            prompt = _render(prompting.image_prompt, question)
+        input_ids, starts = self._expand_placeholders(prompt, [part for part, _ in parts])
+        items = tuple(
+            VisualItem(part.modality, start, part.tokens, part.pixel_inputs, part.media)
+            for (part, _), start in zip(parts, starts, strict=True)
+        )
+        return PreparedRequest(input_ids, items, settings)
+
+    def _visual_part(self, picture: Picture, padded: bool) -> tuple[VisualItem, str]:
+        """A picture's item (its start not known yet) and the opening it writes into its turn."""
+        media = picture.media
+        if isinstance(picture, VideoInput):
+            opening = prompting.video_opening(picture.duration, picture.frame_times)
+            if picture.frames is None:
+                return VisualItem("video", 0, self._recalled_tokens(media), {}, media), opening
+            height, width = picture.frames.shape[1:3]
+            pixels = self.processor.video_processor(
+                videos=[picture.frames],
+                return_tensors="pt",
+                # Frames already resized with the same bicubic filter while decoding need no second pass.
+                do_resize=(width, height) != self.frame_size,
+            )["pixel_values_videos"]
+            tokens = self.model.video_layout.num_video_tokens(len(picture.frames))
+            return VisualItem("video", 0, tokens, {"pixel_values_videos": pixels}, media), opening
+        modality = "padded_image" if padded else "image"
+        if picture.image is None:
+            return VisualItem(modality, 0, self._recalled_tokens(media), {}, media), prompting.IMAGE_OPENING
+        if padded:
+            pixels = {"pixel_values": self._padded_tile(picture.image)}
+            tokens = self.model.image_layout.padded_tokens
+        else:
+            processed = self.processor.image_processor(images=picture.image, return_tensors="pt")
+            pixels = {
+                "pixel_values": processed["pixel_values"],
+                "image_sizes": processed["image_sizes"],
+                "batch_num_images": processed.get("batch_num_images"),
+            }
+            tokens = self.model.image_layout.num_image_tokens(picture.image.height, picture.image.width)
+        return VisualItem(modality, 0, tokens, pixels, media), prompting.IMAGE_OPENING
+
+    def _padded_tile(self, image: Image.Image) -> torch.Tensor:
+        """(1, 3, H, W) pixels of ``image`` as the original's "pad" recipe makes them: centred on a
+        square of the processor's mean colour (expand2square), resized to one tile with Pillow's
+        bicubic filter, then rescaled and normalised as video frames are (the same SigLIP steps)."""
+        background = tuple(int(mean * 255) for mean in self.processor.image_processor.image_mean)
+        width, height = image.size
+        side = max(width, height)
+        square = Image.new(image.mode, (side, side), background)
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        tile = np.array(square.convert("RGB").resize(self.frame_size, Image.Resampling.BICUBIC))
+        pixels = self.processor.video_processor(videos=[tile[None]], return_tensors="pt", do_resize=False)
+        return pixels["pixel_values_videos"][0]
+
     def prepare_video(
         self,
         frames: np.ndarray | None,
@@ -160,21 +256,7 @@ class Engine:
         """The model's inputs for a question about a video: prompt ids and normalised pixels.
 
         ``media`` names the video for reuse; with recalled features, ``frames`` is None."""
-        prompt = _render(prompting.video_prompt, question, duration, frame_times)
-        if frames is None:
-            visual_tokens, pixel_inputs = self._recalled_tokens(media), {}
-        else:
-            height, width = frames.shape[1:3]
-            pixels = self.processor.video_processor(
-                videos=[frames],
-                return_tensors="pt",
-                # Frames already resized with the same bicubic filter while decoding need no second pass.
-                do_resize=(width, height) != self.frame_size,
-            )["pixel_values_videos"]
-            visual_tokens = self.model.video_layout.num_video_tokens(len(frames))
-            pixel_inputs = {"pixel_values_videos": pixels}
-        input_ids = self._expand_placeholder(prompt, self.model.config.video_token_index, visual_tokens)
-        return PreparedRequest("video", input_ids, visual_tokens, pixel_inputs, settings, media)
+        return self.prepare(question, [VideoInput(frames, duration, frame_times, media)], settings)
 
     def prepare_image(
         self,
@@ -186,26 +268,12 @@ class Engine:
         """The model's inputs for a question about an image: prompt ids and its tiles' pixels.
 
         ``media`` names the image for reuse; with recalled features, ``image`` is None."""
-        if image is None:
-            visual_tokens, pixel_inputs = self._recalled_tokens(media), {}
-        else:
-            pixels = self.processor.image_processor(images=image, return_tensors="pt")
-            visual_tokens = self.model.image_layout.num_image_tokens(image.height, image.width)
-            pixel_inputs = {
-                "pixel_values": pixels["pixel_values"],
-                "image_sizes": pixels["image_sizes"],
-                "batch_num_images": pixels.get("batch_num_images"),
-            }
-        prompt = _render(prompting.image_prompt, question)
-        input_ids = self._expand_placeholder(prompt, self.model.config.image_token_index, visual_tokens)
-        return PreparedRequest("image", input_ids, visual_tokens, pixel_inputs, settings, media)
+        return self.prepare(question, [ImageInput(image, media)], settings)
 
     def prepare_text(self, conversation: Conversation, settings: GenerationSettings) -> PreparedRequest:
         """The model's inputs for a conversation without a picture: prompt ids only, never reused
         (prefixes are kept per medium, and this request has none)."""
-        prompt = _render(prompting.text_prompt, conversation)
-        input_ids = self._expand_placeholder(prompt, None, 0)
-        return PreparedRequest("text", input_ids, 0, {}, settings)
+        return self.prepare(conversation, [], settings)
 
     def token_text(self, token_id: int) -> tuple[str, bytes]:
         """A token's text and its exact UTF-8 bytes (OpenAI's logprob ``token`` and ``bytes``).
@@ -228,21 +296,29 @@ class Engine:
             raise ValueError("without frames or an image, media must carry recalled features (Engine.recall)")
         return int(media.features.shape[0])
 
-    def _expand_placeholder(self, prompt: str, token_id: int | None, count: int) -> torch.Tensor:
-        """Tokenise ``prompt`` and repeat its single visual placeholder ``count`` times
-        (``token_id`` None: a prompt without a picture, which must have no placeholder)."""
+    def _expand_placeholders(self, prompt: str, items: Sequence[VisualItem]) -> tuple[torch.Tensor, list[int]]:
+        """Tokenise ``prompt`` and repeat the k-th visual placeholder as many times as the k-th
+        item has tokens; the ids and where each item's tokens start."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        visual = {self.model.config.image_token_index, self.model.config.video_token_index}
-        if sum(token in visual for token in ids) != (token_id is not None):
+        config = self.model.config
+        wanted = [config.video_token_index if item.modality == "video" else config.image_token_index for item in items]
+        found = [token for token in ids if token in (config.image_token_index, config.video_token_index)]
+        if found != wanted:
             # A placeholder typed into the question would ask for features nobody provides.
             raise InvalidPrompt(
                 f"the prompt may not contain {prompting.IMAGE_PLACEHOLDER} or {prompting.VIDEO_PLACEHOLDER}: "
                 "the service puts the picture into the prompt itself"
             )
-        if token_id is None:
-            return torch.tensor([ids])
-        at = ids.index(token_id)
-        return torch.tensor([ids[:at] + [token_id] * count + ids[at + 1 :]])
+        expanded: list[int] = []
+        starts = []
+        remaining = iter(items)
+        for token in ids:
+            if token in (config.image_token_index, config.video_token_index):
+                starts.append(len(expanded))
+                expanded.extend([token] * next(remaining).tokens)
+            else:
+                expanded.append(token)
+        return torch.tensor([expanded]), starts
 
     def _unused_token_ids(self) -> list[int]:
         """Ids the original can never produce: the visual placeholders we add to the tokenizer and the

@@ -95,12 +95,14 @@ class VideoLayout:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """The anyres tiling of one image (``image_aspect_ratio`` anyres / anyres_max_N, spatial_unpad)."""
+    """The anyres tiling of a lone image (``image_aspect_ratio`` anyres / anyres_max_N,
+    spatial_unpad), and the one padded tile of an image among several pictures."""
 
     patches_per_side: int
     tile_size: int
     grid_pinpoints: tuple[tuple[int, int], ...]
     max_tiles: int | None  # anyres_max_9 -> 9: larger unpadded grids are scaled down to ~9 tiles
+    patch_merge_type: str = "spatial_unpad"
 
     @classmethod
     def from_config(cls, config: LlavaOnevisionConfig) -> ImageLayout:
@@ -113,6 +115,7 @@ class ImageLayout:
             tile_size=vision.image_size,
             grid_pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
             max_tiles=int(match.group(1)) if match.group(1) else None,
+            patch_merge_type=getattr(config, "mm_patch_merge_type", None) or cls.patch_merge_type,
         )
 
     def tile_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -141,6 +144,12 @@ class ImageLayout:
             if times > 1.1:
                 final = (int(kept_height // times), int(kept_width // times))
         return (row_slice, col_slice), final
+
+    @property
+    def padded_tokens(self) -> int:
+        """Visual tokens of an image among several pictures: one padded tile, and a newline when
+        the merge type unpads (729 + 1 at 384 px)."""
+        return self.patches_per_side**2 + ("unpad" in self.patch_merge_type)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Base tile (no newline) plus the unpadded grid with one newline per row."""
@@ -199,6 +208,15 @@ def pack_image(
     return torch.cat((base, torch.cat((grid, row_end), dim=-1).flatten(1, 2).transpose(0, 1)), dim=0)
 
 
+def _selected(vision_outputs, layer: int | list[int], strategy: str | None) -> torch.Tensor:
+    """The vision tower's hidden states the projector takes, as transformers selects them."""
+    if isinstance(layer, int):
+        selected = vision_outputs.hidden_states[layer]
+    else:
+        selected = torch.cat([vision_outputs.hidden_states[i] for i in layer], dim=-1)
+    return selected[:, 1:] if strategy == "default" else selected
+
+
 class LlavaVideoModel(LlavaOnevisionModel):
     """LlavaOnevisionModel whose visual tokens follow the original code (see the module docstring)."""
 
@@ -215,6 +233,31 @@ class LlavaVideoModel(LlavaOnevisionModel):
         ]
         lengths = torch.tensor([len(p) for p in packed], dtype=torch.long, device=packed[0].device)
         return packed, lengths
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_padded_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Encode (images, 3, H, W) single tiles, each an image padded to a square (the original's
+        "pad" recipe for several pictures); ``pooler_output`` is (images, tokens, dim).
+
+        The single-image branch of ``prepare_inputs_labels_for_multimodal``: the tile's projected
+        features, then one ``image_newline`` when the merge type unpads (729 + 1 rows at 384 px).
+        """
+        vision_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        projected = self.multi_modal_projector(
+            _selected(vision_outputs, vision_feature_layer, vision_feature_select_strategy)
+        )
+        if "unpad" in self.image_layout.patch_merge_type:
+            newline = self.image_newline.to(projected.device, projected.dtype)
+            projected = torch.cat((projected, newline.expand(len(projected), 1, -1)), dim=1)
+        return BaseModelOutputWithPooling(pooler_output=projected)
 
     @merge_with_config_defaults
     @can_return_tuple
@@ -239,12 +282,7 @@ class LlavaVideoModel(LlavaOnevisionModel):
         pooled_chunks = []
         for start in range(0, len(flat), step):
             vision_outputs = self.vision_tower(flat[start : start + step], return_dict=True, **kwargs)
-            if isinstance(vision_feature_layer, int):
-                selected = vision_outputs.hidden_states[vision_feature_layer]
-            else:
-                selected = torch.cat([vision_outputs.hidden_states[i] for i in vision_feature_layer], dim=-1)
-            if vision_feature_select_strategy == "default":
-                selected = selected[:, 1:]
+            selected = _selected(vision_outputs, vision_feature_layer, vision_feature_select_strategy)
             # The original projects first and pools the projected features (encode_images, then get_2dPool).
             pooled_chunks.append(pool_frames(self.multi_modal_projector(selected), self.video_layout))
             del vision_outputs, selected  # free this chunk's activations before the next

@@ -5,15 +5,17 @@ Two caches, each bounded in bytes with least-recently-used eviction:
 - features (host memory): the visual tokens of a video or image, as the vision tower and projector
   made them, with the caller's description of the media (for a video: its duration and frame
   times). A hit skips decoding and vision encoding.
-- prefixes (device memory): the KV cache of the last prompt prefilled about that media. A new
-  prompt reuses it up to the longest common prefix of the two prompts' token ids (system prompt,
-  visual tokens, time instruction, and any shared words), so a follow-up question prefills only
-  what differs. Causal attention makes a position's keys and values depend on earlier tokens only,
-  which is why a cut prefix is exactly the prefix the new prompt would compute.
+- prefixes (device memory): the KV cache of the last prompt prefilled that began with that
+  media. A new prompt reuses it up to the longest common prefix of the two prompts' token ids
+  (system prompt, visual tokens, time instruction, and any shared words) and pictures (the same
+  picture at the same place), so a follow-up question prefills only what differs. Causal
+  attention makes a position's keys and values depend on earlier tokens only, which is why a cut
+  prefix is exactly the prefix the new prompt would compute.
 
 Keys are content hashes of the media's bytes plus what decides its visual tokens (modality, frame
-count); the placeholder tokens are the same for every video of a length, so a key built from
-tokens alone would hand one video's features to another (LMDeploy PR #4618 is that bug).
+count, an image's recipe: tiled alone, one padded tile among several); the placeholder tokens
+are the same for every video of a length, so a key built from tokens alone would hand one
+video's features to another (LMDeploy PR #4618 is that bug).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def video_key(
     return f"video/{num_frames}{span}/{digest}"
 
 
-def image_key(digest: str) -> str:
-    """Cache key of the image whose bytes hash to ``digest``."""
-    return f"image/{digest}"
+def image_key(digest: str, padded: bool = False) -> str:
+    """Cache key of the image whose bytes hash to ``digest``; ``padded``: as one of several
+    pictures (one padded tile instead of anyres tiles: other visual tokens, another key)."""
+    return f"image/pad/{digest}" if padded else f"image/{digest}"
 
 
 @dataclass(frozen=True)
@@ -59,27 +62,39 @@ class MediaRef:
     features: torch.Tensor | None = None  # (visual tokens, hidden), host memory
 
 
+# A prompt's pictures as a kept prefix must match them: (media key or None, first token, end).
+Pictures = tuple[tuple[str | None, int, int], ...]
+
+
 @dataclass(frozen=True)
 class CachedPrefix:
-    """The KV cache of one prompt, per layer (1, kv heads, tokens, head dim), and its token ids."""
+    """The KV cache of one prompt, per layer (1, kv heads, tokens, head dim), its token ids and
+    which picture's visual tokens sit where."""
 
     token_ids: torch.Tensor  # (tokens,) on the host
     # Copies of the prompt's keys and values (the engine's KV pool gives its blocks to other requests).
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    pictures: Pictures = ()
 
     @property
     def nbytes(self) -> int:
         return sum(keys.nbytes + values.nbytes for keys, values in self.layers)
 
-    def usable_length(self, input_ids: torch.Tensor, visual_end: int) -> int:
-        """Tokens of ``input_ids`` (1, n) whose KV this prefix holds; 0 unless it covers the visual
-        tokens (the first ``visual_end``). One token is always left, as its logits give the first answer token."""
+    def usable_length(self, input_ids: torch.Tensor, pictures: Pictures) -> int:
+        """Tokens of ``input_ids`` (1, n), whose pictures are ``pictures``, this prefix holds the KV
+        of: the common token prefix, cut before the first picture that is not the same one at the
+        same place (placeholder ids are alike for every picture of a size); 0 unless it covers the
+        first picture. One token is always left, as its logits give the first answer token."""
         ids = input_ids[0].cpu()
         n = min(len(ids), len(self.token_ids))
         differ = (ids[:n] != self.token_ids[:n]).nonzero()
-        common = int(differ[0]) if len(differ) else n
-        usable = min(common, len(ids) - 1)
-        return usable if usable >= visual_end else 0
+        usable = min(int(differ[0]) if len(differ) else n, len(ids) - 1)
+        for picture in pictures:
+            key, start, end = picture
+            if start < usable and (key is None or picture not in self.pictures or usable < end):
+                usable = start  # a different picture here, or a cut inside this one
+                break
+        return usable if pictures and usable >= pictures[0][2] else 0
 
 
 @dataclass
@@ -163,11 +178,16 @@ class ReuseCache:
         return self.prefixes.get(key)
 
     def store_prefix(
-        self, key: str, input_ids: torch.Tensor, layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+        self,
+        key: str,
+        input_ids: torch.Tensor,
+        layers: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+        pictures: Pictures,
     ) -> None:
-        """Keep the prompt's KV (copies, per layer (1, kv heads, tokens, head dim)) for the next prompt."""
+        """Keep the prompt's KV (copies, per layer (1, kv heads, tokens, head dim)) for the next
+        prompt that starts with the picture under ``key``."""
         if self.prefixes.enabled:
-            prefix = CachedPrefix(input_ids[0].cpu(), layers)
+            prefix = CachedPrefix(input_ids[0].cpu(), layers, pictures)
             self.prefixes.put(key, prefix, prefix.nbytes)
 
     def summary(self) -> str:

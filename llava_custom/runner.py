@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from llava_custom.kv_cache import BlockPool, PagedPass, RowKV, install_paged_attention
+
+if TYPE_CHECKING:  # the scheduler imports the runner
+    from llava_custom.scheduler import VisualItem
 
 logger = logging.getLogger(__name__)
 
@@ -71,24 +76,25 @@ class ModelRunner:
         if modality == "video":
             output = inner.get_video_features(**pixels, frames_per_chunk=self.vision_chunk_frames, return_dict=True)
             features = output.pooler_output.flatten(0, 1)
+        elif modality == "padded_image":
+            features = inner.get_padded_image_features(**pixels, return_dict=True).pooler_output.flatten(0, 1)
         else:
             features = torch.cat(inner.get_image_features(**pixels, return_dict=True).pooler_output, dim=0)
         if features.is_cuda:  # kernels run asynchronously: wait for them to time the tower
             torch.cuda.synchronize(features.device)
         return features, time.monotonic() - began
 
-    def embed(self, input_ids: torch.Tensor, modality: str, features: torch.Tensor | None) -> torch.Tensor:
-        """The prompt's embeddings with the visual features in the placeholders' places, as
-        LlavaOnevisionModel.forward builds them (same calls, so the same numbers)."""
-        inner = self.model.model
-        embeds = inner.get_input_embeddings()(input_ids.to(self.device))
-        if features is None:
-            return embeds
-        if modality == "video":
-            _, mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=features)
-        else:
-            mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+    def embed(
+        self, input_ids: torch.Tensor, offset: int, items: Sequence[VisualItem], features: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """The embeddings of the prompt's tokens from ``offset`` on (``input_ids`` holds those), each
+        of ``items``' visual features in its placeholders' places, as LlavaOnevisionModel.forward
+        puts them there (a copy of the same values)."""
+        embeds = self.embed_tokens(input_ids)
+        for item, item_features in zip(items, features, strict=True):
+            start = item.start - offset
+            embeds[0, start : start + item.tokens] = item_features.to(embeds.device, embeds.dtype)
+        return embeds
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.get_input_embeddings()(input_ids.to(self.device))

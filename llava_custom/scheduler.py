@@ -13,9 +13,10 @@ the model calls themselves in runner.py:
   ``prefill_chunk_tokens``, writing its keys and values into blocks of the pool. One unit of
   prefill work (the vision encoding, or one chunk) runs between two decode steps, so a long video
   delays the running batch by one chunk at a time, not by its whole prefill.
-- A request about media seen before (``PreparedRequest.media``, llava_custom/reuse.py) takes its
-  visual features from the cache instead of the vision tower, and starts its prefill from the
-  kept KV of the longest prompt prefix it shares with the last prompt about that media.
+- A request about media seen before (each picture's ``VisualItem.media``, llava_custom/reuse.py)
+  takes their visual features from the cache instead of the vision tower, and starts its prefill
+  from the kept KV of the longest prompt prefix it shares with the last prompt that began with the
+  same picture, up to the first picture that differs.
 - Its first token comes from the prefill's logits; then it joins the batch. Nothing is copied when
   a row joins or leaves: each row's keys stay in its own blocks, a decode step writes one token per
   row in place and attention reads each row up to its own length, so a row's answer is what it
@@ -58,16 +59,56 @@ from llava_custom.streaming import (
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class VisualItem:
+    """One picture of a prompt: where its visual tokens are and what makes them.
+
+    ``padded_image`` is an image among several pictures: padded to a square, one tile (the
+    original's "pad" recipe); ``image`` is a lone image, tiled (anyres)."""
+
+    modality: Literal["video", "image", "padded_image"]
+    start: int  # position of its first visual token in the prompt
+    tokens: int
+    pixel_inputs: dict[str, torch.Tensor]  # empty when media.features holds the visual tokens
+    media: MediaRef | None = None  # set: its features are reused and stored for reuse
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens
+
+
 @dataclass
 class PreparedRequest:
-    """A prompt ready for the model: ids with the visual placeholder expanded, and its pixels."""
+    """A prompt ready for the model: ids with each picture's placeholder expanded, and its pictures."""
 
-    modality: Literal["video", "image", "text"]
     input_ids: torch.Tensor  # (1, prompt_tokens)
-    visual_tokens: int  # 0 for text
-    pixel_inputs: dict[str, torch.Tensor]  # empty for text or when media.features holds the visual tokens
+    items: tuple[VisualItem, ...]  # in prompt order; none for text
     settings: GenerationSettings
-    media: MediaRef | None = None  # set: its features and prompt KV are reused and stored for reuse
+
+    @property
+    def modality(self) -> Literal["video", "image", "text", "pictures"]:
+        """What the prompt is about: one video, one image, no picture, or several pictures."""
+        if len(self.items) > 1:
+            return "pictures"
+        return self.items[0].modality if self.items else "text"  # type: ignore[return-value]
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(item.tokens for item in self.items)
+
+    @property
+    def media(self) -> MediaRef | None:
+        """The first picture's: the prompt KV is kept under its key (a conversation starts with it)."""
+        return self.items[0].media if self.items else None
+
+    @property
+    def pixel_inputs(self) -> dict[str, torch.Tensor]:
+        """The lone picture's pixels (benchmarks); empty for text."""
+        return self.items[0].pixel_inputs if len(self.items) == 1 else {}
+
+    def pictures(self) -> tuple[tuple[str | None, int, int], ...]:
+        """(media key, start, end) of every picture: what a kept prompt prefix must match."""
+        return tuple((item.media.key if item.media else None, item.start, item.end) for item in self.items)
 
     @property
     def prompt_tokens(self) -> int:
@@ -152,6 +193,12 @@ class _Request:
         started = self.started if self.started is not None else now
         first = self.first_token if self.first_token is not None else now
         return Timings(started - self.submitted, self.vision_seconds, first - started, now - first)
+
+
+def _feature_source(item: VisualItem, needed: bool) -> str:
+    if item.media is not None and item.media.features is not None:
+        return "recalled"
+    return "computed" if needed else "not needed"
 
 
 @dataclass(eq=False)
@@ -413,24 +460,27 @@ class Scheduler:
         """Prefill one request into its blocks, yielding between units of work; returns its last logits.
 
         With a kept prefix of the same media, only the tokens after the common prefix are
-        prefilled (text only: the visual tokens are inside the prefix)."""
+        prefilled, with the features of the pictures after it (a follow-up that adds a picture)."""
         prepared = request.prepared
         row = request.kv
         reused = self._reuse_prefix(prepared, row)
+        pending = [item for item in prepared.items if item.start >= reused]
         if prepared.media is not None:
-            recalled = prepared.media.features is not None
             logger.info(
                 "reuse %s: features %s, KV of %d of %d prompt tokens reused (%s)",
-                prepared.media.key,
-                "recalled" if recalled else "not needed" if reused else "computed",
+                " + ".join(item.media.key if item.media else "?" for item in prepared.items),
+                ", ".join(_feature_source(item, item in pending) for item in prepared.items),
                 reused,
                 prepared.prompt_tokens,
                 self.reuse.summary(),
             )
-        if reused:
-            embeds = self.runner.embed_tokens(prepared.input_ids[:, reused:])
-        else:
-            embeds = self.runner.embed(prepared.input_ids, prepared.modality, self._features(request))
+        features = []
+        for item in pending:
+            if features:
+                yield  # one vision encoding per unit of work
+            features.append(self._features(request, item))
+        embeds = self.runner.embed(prepared.input_ids[:, reused:], reused, pending, features)
+        if pending or not reused:
             yield
         total, chunk = embeds.shape[1], self.limits.prefill_chunk_tokens
         self.stats.prefill_tokens += total
@@ -443,35 +493,30 @@ class Scheduler:
         logits = self.runner.prefill(row, embeds[:, start:], logits=True)
         if prepared.media is not None and self.reuse.prefixes.enabled:
             layers = self.runner.read_prefix(row, prepared.prompt_tokens)
-            self.reuse.store_prefix(prepared.media.key, prepared.input_ids, layers)
+            self.reuse.store_prefix(prepared.media.key, prepared.input_ids, layers, prepared.pictures())
         return logits
 
     def _reuse_prefix(self, prepared: PreparedRequest, row: RowKV) -> int:
-        """Write the KV of the longest prompt prefix a kept prefix of the same media holds into the
-        (empty) row; the number of tokens written."""
+        """Write the KV of the longest prompt prefix a kept prefix of the same first picture holds
+        into the (empty) row; the number of tokens written."""
         if prepared.media is None or not self.reuse.prefixes.enabled:
             return 0
         prefix = self.reuse.prefix(prepared.media.key)
         if prefix is None:
             return 0
-        config = self.model.config
-        placeholder = config.video_token_index if prepared.modality == "video" else config.image_token_index
-        visual_end = int((prepared.input_ids[0] == placeholder).nonzero()[-1]) + 1
-        reused = prefix.usable_length(prepared.input_ids, visual_end)
+        reused = prefix.usable_length(prepared.input_ids, prepared.pictures())
         if reused:
             self.runner.write_prefix(row, prefix.layers, reused)
         return reused
 
-    def _features(self, request: _Request) -> torch.Tensor | None:
-        """The request's visual features: recalled, or from the vision tower (then kept for reuse)."""
-        prepared = request.prepared
-        if prepared.modality == "text":
-            return None
-        media = prepared.media
+    def _features(self, request: _Request, item: VisualItem) -> torch.Tensor:
+        """A picture's visual features: recalled, or from the vision tower (then kept for reuse)."""
+        media = item.media
         if media is not None and media.features is not None:
             return media.features.to(self.device)
         self.stats.vision_encodings += 1
-        features, request.vision_seconds = self.runner.visual_features(prepared.modality, prepared.pixel_inputs)
+        features, seconds = self.runner.visual_features(item.modality, item.pixel_inputs)
+        request.vision_seconds += seconds
         if media is not None:
             self.reuse.store_features(media, features)
         return features

@@ -29,9 +29,29 @@ from conftest import running_service, service_env
 
 from llava_custom.builder import load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
-from llava_custom.engine import Answer, Engine, EngineLimits, GenerationSettings, MediaRef, PreparedRequest, ReuseCache
+from llava_custom.engine import (
+    Answer,
+    Conversation,
+    Engine,
+    EngineLimits,
+    GenerationSettings,
+    ImageInput,
+    MediaRef,
+    PreparedRequest,
+    ReuseCache,
+    Turn,
+    VideoInput,
+)
 from llava_custom.modeling import ImageLayout
-from llava_custom.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_prompt, video_prompt
+from llava_custom.prompting import (
+    IMAGE_OPENING,
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    image_prompt,
+    pictures_prompt,
+    video_opening,
+    video_prompt,
+)
 from llava_custom.reuse import image_key, video_key
 from media import read_image, read_video
 from testing.served import free_port
@@ -46,6 +66,7 @@ DECISIVE_GAP = 1e-3
 SERVED_CASE = "video-16"
 # Asked first about a case's media, so that the case itself is a follow-up.
 WARM_UP_QUESTION = "Is anything moving?"
+COMPARE_TWO = "What is different between these two images?"
 
 
 @dataclass
@@ -127,12 +148,18 @@ def prefill_logits(engine: Engine) -> Iterator[list[torch.Tensor]]:
 
 
 def prepare_case(
-    engine: Engine, case: dict, question: str | None = None, reuse: bool = False
+    engine: Engine,
+    case: dict,
+    question: str | None = None,
+    reuse: bool = False,
+    settings: GenerationSettings | None = None,
 ) -> tuple[str, PreparedRequest]:
     """The prompt our pipeline builds for ``case`` and the model inputs ready to submit.
 
     With ``reuse``, as the service does: media already seen is recalled instead of read again."""
-    settings = GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"])
+    settings = settings or GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"])
+    if case["modality"] == "multi":
+        return prepare_pictures(engine, case, settings, question, reuse)
     question = question or case["question"]
     path = GOLDEN_DIR / case["media"]
     if case["modality"] == "video":
@@ -152,6 +179,35 @@ def prepare_case(
     if reuse and media is None:
         media = MediaRef(key)
     return image_prompt(question), engine.prepare_image(image, question, settings, media)
+
+
+def prepare_pictures(
+    engine: Engine, case: dict, settings: GenerationSettings, question: str | None, reuse: bool
+) -> tuple[str, PreparedRequest]:
+    """A case of several pictures: each read (or recalled) on its own, images as padded tiles;
+    ``question`` replaces the last turn's text."""
+    pictures, openings = [], []
+    for modality, name, num_frames in case["pictures"]:
+        key = video_key(name, num_frames) if modality == "video" else image_key(name, padded=True)
+        media = engine.recall(key) if reuse else None
+        if modality == "video":
+            if media is None:
+                video = read_video(GOLDEN_DIR / name, num_frames, frame_size=engine.frame_size)
+                timing = (video.info.video_duration, video.info.frame_times)
+                frames, media = video.frames, MediaRef(key, timing) if reuse else None
+            else:
+                frames, timing = None, media.info
+            pictures.append(VideoInput(frames, *timing, media))
+            openings.append(video_opening(*timing))
+        else:
+            image = None if media is not None else read_image(GOLDEN_DIR / name, max_pixels=10**8)
+            pictures.append(ImageInput(image, media if media is not None else MediaRef(key) if reuse else None))
+            openings.append(IMAGE_OPENING)
+    turns = [Turn(role, text, count) for role, text, count in case["turns"]]
+    if question is not None:
+        turns[-1] = Turn(turns[-1].role, question, turns[-1].pictures)
+    conversation = Conversation(tuple(turns))
+    return pictures_prompt(conversation, openings), engine.prepare(conversation, pictures, settings)
 
 
 def run_case(engine: Engine, case: dict) -> OurRun:
@@ -176,7 +232,7 @@ def reused_runs(golden_checkpoints: dict[str, Path]) -> dict[str, list[OurRun]]:
                         continue
                     engine.submit(prepare_case(engine, case, WARM_UP_QUESTION, reuse=True)[1]).result()
                     prompt, prepared = prepare_case(engine, case, reuse=True)
-                    assert prepared.media is not None and prepared.media.features is not None
+                    assert prepared.items and all(item.media.features is not None for item in prepared.items)
                     tokens = engine.scheduler.stats.prefill_tokens
                     with prefill_logits(engine) as logits:
                         answer = engine.submit(prepared).result()
@@ -193,17 +249,20 @@ def reused_runs(golden_checkpoints: dict[str, Path]) -> dict[str, list[OurRun]]:
 def batched_runs(golden_checkpoints: dict[str, Path]) -> dict[str, list[OurRun]]:
     """Every case of each checkpoint submitted twice at once, all sharing one engine's batch.
 
-    Prompts are prefilled whole here (the runs alone prefill in the default chunks), so that every
-    request has joined the batch before the first one finishes.
+    Prompts are prefilled whole here (the runs alone prefill in the default chunks), and every
+    request goes on past the golden length (its first tokens are compared), so that every request
+    has joined the batch before the first one finishes: a prefill takes one decode step per
+    picture and one for its prompt.
     """
     runs: dict[str, list[OurRun]] = {}
     for variant, checkpoint in golden_checkpoints.items():
         cases = [case for case in GOLDEN["cases"] if case["variant"] == variant] * 2
         loaded = load_pretrained_model(str(checkpoint), load_4bit=False, device="cpu")
-        limits = EngineLimits(max_batch_size=len(cases), kv_cache_tokens=65536, prefill_chunk_tokens=8192)
+        limits = EngineLimits(max_batch_size=len(cases), kv_cache_tokens=131072, prefill_chunk_tokens=8192)
         engine = Engine(loaded, limits)
+        longer = GenerationSettings(max_new_tokens=GOLDEN["max_new_tokens"] + 4 * len(cases), ignore_eos=True)
         try:
-            prepared = [prepare_case(engine, case) for case in cases]
+            prepared = [prepare_case(engine, case, settings=longer) for case in cases]
             with prefill_logits(engine) as logits:
                 streams = [engine.submit(inputs) for _, inputs in prepared]
                 answers = [stream.result() for stream in streams]
@@ -264,6 +323,8 @@ def check_prompt_and_counts(case: dict, ours: OurRun) -> None:
     expected_prompt = case["prompt"]
     if case["modality"] == "video":  # the original marks a video with <image> too
         expected_prompt = expected_prompt.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+    elif case["modality"] == "multi":  # a video's placeholder is the one its time instruction follows
+        expected_prompt = expected_prompt.replace(f"{IMAGE_PLACEHOLDER}The video", f"{VIDEO_PLACEHOLDER}The video")
     assert ours.prompt == expected_prompt
     assert ours.answer.visual_tokens == case["visual_tokens"]
     assert ours.answer.prompt_tokens == case["prompt_tokens"]
@@ -296,6 +357,76 @@ def test_greedy_ids(request, mode, name):
     assert len(runs) == (1 if mode == "alone" else 2)  # batched: twice at once; reused: two cache set-ups
     for run in runs:
         assert list(run.answer.token_ids[: len(expected)]) == expected
+
+
+# --- several pictures: what reuse may and may not carry over ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def grid_model(golden_checkpoints: dict[str, Path]):
+    return load_pretrained_model(str(golden_checkpoints["grid-bilinear"]), load_4bit=False, device="cpu")
+
+
+def test_a_follow_up_that_adds_a_second_picture_gives_the_originals_answer(grid_model):
+    """Asked about the wide image alone (tiled), then about it and a second picture: the image is
+    now one padded tile, so neither its features nor the first prompt's KV may be reused."""
+    engine = Engine(grid_model, reuse=ReuseCache(2**30, 2**30))
+    try:
+        engine.submit(prepare_case(engine, GOLDEN_CASES["image-wide"], reuse=True)[1]).result()
+        encoded, prefilled = engine.scheduler.stats.vision_encodings, engine.scheduler.stats.prefill_tokens
+        case = GOLDEN_CASES["two-turns"]
+        prompt, prepared = prepare_case(engine, case, reuse=True)
+        assert all(item.media.features is None for item in prepared.items)  # nothing recalled
+        with prefill_logits(engine) as logits:
+            answer = engine.submit(prepared).result()
+        assert engine.scheduler.stats.vision_encodings - encoded == 2
+        assert engine.scheduler.stats.prefill_tokens - prefilled == answer.prompt_tokens  # no KV reused
+    finally:
+        engine.close()
+    run = OurRun(prompt, answer, logits[0])
+    check_prompt_and_counts(case, run)
+    check_first_step_logits(case, run.first_logits)
+    assert list(answer.token_ids[: len(trusted_ids(case))]) == trusted_ids(case)
+
+
+def test_a_follow_up_that_adds_a_third_picture_encodes_only_that_one(grid_model):
+    """Two images, then a second turn adding a third: the first two are neither encoded nor
+    prefilled again, and the answer is the one a fresh engine gives."""
+    settings = GenerationSettings(max_new_tokens=12)
+    paths = {name: GOLDEN_DIR / name for name in ("wide.png", "tall.png", "small.png")}
+    images = {name: read_image(path, max_pixels=10**8) for name, path in paths.items()}
+
+    def pictures(engine: Engine, names: list[str], recall: bool) -> list[ImageInput]:
+        chosen = []
+        for name in names:
+            key = image_key(name, padded=True)
+            media = engine.recall(key) if recall else None
+            chosen.append(ImageInput(None, media) if media is not None else ImageInput(images[name], MediaRef(key)))
+        return chosen
+
+    first = Conversation((Turn("user", COMPARE_TWO, 2),))
+    follow_up = Conversation(first.turns + (Turn("assistant", "Their shapes."), Turn("user", "And this one?", 1)))
+    engine = Engine(grid_model, reuse=ReuseCache(2**30, 2**30))
+    try:
+        engine.submit(engine.prepare(first, pictures(engine, ["wide.png", "tall.png"], False), settings)).result()
+        stats = engine.scheduler.stats
+        encoded, prefilled = stats.vision_encodings, stats.prefill_tokens
+        names = ["wide.png", "tall.png", "small.png"]
+        reused = engine.submit(engine.prepare(follow_up, pictures(engine, names, True), settings)).result()
+        assert stats.vision_encodings - encoded == 1
+        # The common prefix (both images and the first turn) is not prefilled again.
+        two_images = 2 * engine.model.image_layout.padded_tokens
+        assert stats.prefill_tokens - prefilled < reused.prompt_tokens - two_images
+    finally:
+        engine.close()
+    fresh = Engine(grid_model)
+    try:
+        alone = fresh.submit(fresh.prepare(follow_up, pictures(fresh, names, False), settings)).result()
+    finally:
+        fresh.close()
+    assert reused.token_ids == alone.token_ids
+    assert (reused.prompt_tokens, reused.visual_tokens) == (alone.prompt_tokens, alone.visual_tokens)
+    assert reused.visual_tokens == 3 * engine.model.image_layout.padded_tokens
 
 
 # --- one case over HTTP -------------------------------------------------------------------------

@@ -114,12 +114,15 @@ def engine(tiny_checkpoint):
 
 def test_video_placeholder_expands_to_the_models_visual_tokens(engine):
     """The one <video> marker becomes exactly as many positions as the model fills with features."""
-    prompt = prompting.video_prompt("Q", 2.0, [0.0, 1.0])
-    ids = engine._expand_placeholder(prompt, engine.model.config.video_token_index, 420)[0]
+    frames = np.zeros((2, 384, 384, 3), dtype=np.uint8)
+    prepared = engine.prepare_video(frames, 2.0, [0.0, 1.0], "Q", GenerationSettings(max_new_tokens=2))
+    ids = prepared.input_ids[0]
     video = ids == engine.model.config.video_token_index
-    assert int(video.sum()) == 420
+    assert int(video.sum()) == prepared.visual_tokens == engine.model.video_layout.num_video_tokens(2) == 420
     run = torch.nonzero(video).flatten()
     assert int(run[-1] - run[0]) == 419  # one contiguous block where the marker was
+    (item,) = prepared.items
+    assert (item.start, item.end) == (int(run[0]), int(run[-1]) + 1)
     tokenizer = engine.tokenizer
     assert (
         tokenizer.decode(ids[: run[0]])

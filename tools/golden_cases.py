@@ -58,12 +58,24 @@ IMAGE_QUESTION = "Please describe what is in this image in detail."
 class Case:
     name: str
     variant: str
-    modality: str  # "video" or "image"
-    media: str  # file name under tests/data/golden
-    question: str
+    modality: str  # "video", "image", or "multi" (several pictures: ``pictures`` and ``turns``)
+    media: str | None  # file name under tests/data/golden (one picture)
+    question: str | None
     num_frames: int | None = None
     # what the case exercises, for people reading the golden file
     about: str = field(default="", compare=False)
+    # Several pictures, in the order the prompt's placeholders take them: (modality, file, frames).
+    pictures: tuple[tuple[str, str, int | None], ...] | None = None
+    # The conversation: (role, text, how many of the pictures open this turn), in order.
+    turns: tuple[tuple[str, str, int], ...] | None = None
+
+
+def multi(name: str, about: str, pictures: list[tuple[str, str, int | None]], *turns: tuple[str, str, int]) -> Case:
+    """A case with several pictures (the original's "pad" recipe for its images, see docs/ENGINE.md)."""
+    return Case(name, "grid-bilinear", "multi", None, None, about=about, pictures=tuple(pictures), turns=turns)
+
+
+COMPARE = "What is different between these pictures?"
 
 
 CASES = (
@@ -90,6 +102,44 @@ CASES = (
     Case("video-8-no_token", "no_token-bilinear", "video", "video.mp4", VIDEO_QUESTION, 8, "no newline"),
     Case("video-8-average", "grid-average", "video", "video.mp4", VIDEO_QUESTION, 8, "average pooling, 13x13"),
     Case("video-8-max", "grid-max", "video", "video.mp4", VIDEO_QUESTION, 8, "max pooling, 13x13"),
+    multi(
+        "images-2",
+        "two images, each padded to a square and one tile: 730 rows each",
+        [("image", "wide.png", None), ("image", "tall.png", None)],
+        ("user", COMPARE, 2),
+    ),
+    multi(
+        "images-2-swapped",
+        "the same two the other way round",
+        [("image", "tall.png", None), ("image", "wide.png", None)],
+        ("user", COMPARE, 2),
+    ),
+    multi(
+        "images-3",
+        "three images",
+        [("image", "wide.png", None), ("image", "small.png", None), ("image", "tall.png", None)],
+        ("user", "Which of these three images is the brightest?", 3),
+    ),
+    multi(
+        "image-video",
+        "an image, then a video of 8 frames (210 rows a frame)",
+        [("image", "small.png", None), ("video", "video.mp4", 8)],
+        ("user", "Does the video show the object of the image?", 2),
+    ),
+    multi(
+        "video-image",
+        "a video of 8 frames, then an image",
+        [("video", "video.mp4", 8), ("image", "small.png", None)],
+        ("user", "What do the video and the image share?", 2),
+    ),
+    multi(
+        "two-turns",
+        "a picture in each of two user turns, an answer between them",
+        [("image", "wide.png", None), ("image", "small.png", None)],
+        ("user", "What is in this image?", 1),
+        ("assistant", "Coloured shapes on a gradient.", 0),
+        ("user", "And how does this one differ from it?", 1),
+    ),
 )
 
 
@@ -140,7 +190,8 @@ def write_work_dir(work: Path) -> Path:
             "fingerprint": checkpoint_fingerprint(checkpoint),
         }
     for case in CASES:
-        cases.append(asdict(case) | {"media_path": str(GOLDEN_DIR / case.media)})
+        paths = {"media_path": str(GOLDEN_DIR / case.media)} if case.media else {"media_dir": str(GOLDEN_DIR)}
+        cases.append(asdict(case) | paths)
     manifest = {
         "hub_cache": os.environ["HF_HUB_CACHE"],
         "max_new_tokens": MAX_NEW_TOKENS,
@@ -155,7 +206,7 @@ def write_work_dir(work: Path) -> Path:
 
 
 def write_media(folder: Path) -> None:
-    """video.mp4 (64 frames, 24 fps, 160x120 H.264) and two anyres test images (PNG)."""
+    """video.mp4 (64 frames, 24 fps, 160x120 H.264), two anyres test images and a small one (PNG)."""
     folder.mkdir(parents=True, exist_ok=True)
     width, height, frames = 160, 120, 64
     with av.open(str(folder / "video.mp4"), "w") as container:
@@ -171,6 +222,12 @@ def write_media(folder: Path) -> None:
             container.mux(packet)
     Image.fromarray(_still(1280, 400, seed=0)).save(folder / "wide.png", optimize=True)
     Image.fromarray(_still(900, 2200, seed=1)).save(folder / "tall.png", optimize=True)
+    write_small_image(folder)
+
+
+def write_small_image(folder: Path) -> None:
+    """small.png, 333x250, the third picture of the several-picture cases (added after the rest)."""
+    Image.fromarray(_still(333, 250, seed=2)).save(folder / "small.png", optimize=True)
 
 
 def _video_frame(index: int, frames: int, width: int, height: int) -> np.ndarray:

@@ -100,7 +100,7 @@ def check_weights(model, checkpoint: Path) -> None:
 
 
 def case_record(case: dict) -> dict:
-    keys = ("name", "variant", "modality", "media", "question", "num_frames", "about")
+    keys = ("name", "variant", "modality", "media", "question", "num_frames", "about", "pictures", "turns")
     return {key: case[key] for key in keys if case.get(key) is not None}
 
 
@@ -112,7 +112,9 @@ def run_case(case: dict, tokenizer, model, image_processor, max_new_tokens: int)
     from llava.mm_utils import process_images, tokenizer_image_token
     from PIL import Image
 
-    if case["modality"] == "video":
+    if case["modality"] == "multi":
+        conv, generate_inputs, extra = multi_inputs(case, model, image_processor)
+    elif case["modality"] == "video":
         frames, frame_time, video_time, indices = load_video(case["media_path"], case["num_frames"])
         video = image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
         time_instruction = (
@@ -130,8 +132,9 @@ def run_case(case: dict, tokenizer, model, image_processor, max_new_tokens: int)
         question = DEFAULT_IMAGE_TOKEN + "\n" + case["question"]
         generate_inputs = {"images": image_tensor, "image_sizes": [image.size], "modalities": ["image"]}
         extra = {"image_size": list(image.size), "pixel_values_shape": list(image_tensor[0].shape)}
-    conv = copy.deepcopy(conv_templates["qwen_1_5"])
-    conv.append_message(conv.roles[0], question)
+    if case["modality"] != "multi":
+        conv = copy.deepcopy(conv_templates["qwen_1_5"])
+        conv.append_message(conv.roles[0], question)
     conv.append_message(conv.roles[1], None)
     prompt = conv.get_prompt()
     input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
@@ -184,6 +187,55 @@ def run_case(case: dict, tokenizer, model, image_processor, max_new_tokens: int)
         "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(),
         **extra,
     }
+
+
+def multi_inputs(case: dict, model, image_processor) -> tuple:
+    """Several pictures as the OneVision tutorial's multi-image example passes them: the model's
+    ``image_aspect_ratio`` overwritten to "pad" (each image centred on a square of the processor's
+    mean colour and resized to one tile), a list of one tensor per picture, ``modalities`` saying
+    which is a video (LLaVA-Video's recipe for its frames); each turn's pictures open its text,
+    an image as ``<image>\n``, a video as ``<image>`` + its time instruction + ``\n``."""
+
+    from llava.constants import DEFAULT_IMAGE_TOKEN
+    from llava.conversation import conv_templates
+    from llava.mm_utils import process_images
+    from PIL import Image
+
+    folder = Path(case["media_dir"])
+    tensors, modalities, sizes, openings, shapes = [], [], [], [], []
+    aspect = model.config.image_aspect_ratio
+    model.config.image_aspect_ratio = "pad"
+    try:
+        for modality, name, num_frames in case["pictures"]:
+            if modality == "video":
+                frames, frame_time, video_time, _ = load_video(str(folder / name), num_frames)
+                tensor = image_processor.preprocess(frames, return_tensors="pt")["pixel_values"]
+                instruction = (
+                    f"The video lasts for {video_time:.2f} seconds, and {len(tensor)} frames are uniformly sampled "
+                    f"from it. These frames are located at {frame_time}.Please answer the following questions "
+                    "related to this video."
+                )
+                openings.append(f"{DEFAULT_IMAGE_TOKEN}{instruction}\n")
+                sizes.append((frames.shape[2], frames.shape[1]))
+            else:
+                image = Image.open(folder / name).convert("RGB")
+                tensor = process_images([image], image_processor, model.config)[0]
+                openings.append(f"{DEFAULT_IMAGE_TOKEN}\n")
+                sizes.append(image.size)
+            tensors.append(tensor)
+            modalities.append(modality)
+            shapes.append(list(tensor.shape))
+    finally:
+        model.config.image_aspect_ratio = aspect
+    conv = copy.deepcopy(conv_templates["qwen_1_5"])
+    taken = 0
+    for role, text, count in case["turns"]:
+        opening = "".join(openings[taken : taken + count])
+        taken += count
+        conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], opening + text)
+    assert taken == len(tensors), "every picture opens a turn"
+    generate = {"images": tensors, "image_sizes": sizes, "modalities": modalities}
+    return conv, generate, {"pixel_values_shapes": shapes}
 
 
 def load_video(path: str, num_frames: int) -> tuple:
