@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     )
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, description="answer length when the request does not say")
     max_new_tokens_limit: int = Field(4096, ge=1, description="longest answer a request may ask for")
+    max_images_per_request: int = Field(8, ge=1, description="most images one request may hold")
+    max_videos_per_request: int = Field(2, ge=1, description="most videos one request may hold")
 
     max_upload_bytes: int = Field(1024 * MiB, ge=1)
     max_download_bytes: int = Field(_FETCH.max_bytes, ge=1)
@@ -188,6 +190,8 @@ class Settings(BaseSettings):
             max_new_tokens_limit=self.max_new_tokens_limit,
             num_frames=self.num_frames,
             max_frames=self.max_frames,
+            max_images=self.max_images_per_request,
+            max_videos=self.max_videos_per_request,
         )
 
     def video_reading(self, frame_size: tuple[int, int] | None) -> VideoReading:

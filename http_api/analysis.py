@@ -13,7 +13,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,7 +28,18 @@ from http_api.errors import RequestError
 from http_api.metrics import Metrics
 from http_api.schemas import VideoSampling
 from llava_custom import reuse
-from llava_custom.engine import Answer, Conversation, Engine, GenerationSettings, MediaRef, TokenStream
+from llava_custom.engine import (
+    Answer,
+    Conversation,
+    Engine,
+    GenerationSettings,
+    ImageInput,
+    MediaRef,
+    Picture,
+    TokenStream,
+    VideoInput,
+)
+from llava_custom.errors import PromptTooLong
 from media import VideoInfo
 
 if TYPE_CHECKING:  # settings.py imports the packages' limits: a runtime import would be a circle
@@ -142,6 +153,85 @@ class Analyzer:
         )
         self._decoded("video", began, sampled.info.frame_count)
         return sampled
+
+    def check_pictures(self, kinds: Sequence[Kind], sampling: VideoSampling, generation: GenerationSettings) -> None:
+        """Refuse, before anything is downloaded or decoded, more pictures than the limits allow,
+        or several whose visual tokens alone (images as padded tiles, videos at ``sampling``'s
+        frame count) and the answer could never fit the context or the KV budget."""
+        images, videos = kinds.count("image"), kinds.count("video")
+        if images > self.defaults.max_images:
+            raise RequestError(
+                f"{images} images in one request; at most {self.defaults.max_images} (LLAVA_MAX_IMAGES_PER_REQUEST)",
+                "messages",
+            )
+        if videos > self.defaults.max_videos:
+            raise RequestError(
+                f"{videos} videos in one request; at most {self.defaults.max_videos} (LLAVA_MAX_VIDEOS_PER_REQUEST)",
+                "messages",
+            )
+        if len(kinds) < 2:
+            return  # one picture: its tokens are known once it is read (the engine checks them)
+        model = self.engine.model
+        visual = images * model.image_layout.padded_tokens
+        visual += videos * model.video_layout.num_video_tokens(sampling.num_frames or self.defaults.num_frames)
+        room = min(self.engine.context_length, self.engine.scheduler.limits.kv_cache_tokens)
+        if visual + generation.max_new_tokens > room:
+            raise PromptTooLong(
+                f"the prompt is too long: {images} images and {videos} videos take {visual} visual tokens, "
+                f"which with max_new_tokens={generation.max_new_tokens} is more than the {room} tokens a request "
+                "may hold; send fewer pictures, fewer frames or ask for a shorter answer"
+            )
+
+    async def start_pictures(
+        self,
+        sources: Sequence[tuple[Kind, Path]],
+        sampling: VideoSampling,
+        question: Question,
+        generation: GenerationSettings,
+    ) -> Started:
+        """Read every picture (those seen before are recalled) and queue the question about all of
+        them, in order; one picture goes the way of start_video / start_image. ``video_info`` is
+        the first video's."""
+        if len(sources) == 1:
+            kind, source = sources[0]
+            if kind == "image":
+                return await self.start_image(source, question, generation)
+            return await self.start_video(source, sampling, question, generation)
+        pictures: list[Picture] = []
+        info = None
+        for kind, source in sources:
+            digest = await to_thread.run_sync(media.file_digest, source)
+            if kind == "video":
+                picture = await self._video_input(source, digest, sampling)
+                info = info or picture.media.info
+            else:
+                picture = await self._image_input(source, reuse.image_key(digest, padded=True))
+            pictures.append(picture)
+        engine = self.engine
+        stream = await to_thread.run_sync(lambda: engine.submit(engine.prepare(question, pictures, generation)))
+        return self._started(stream, info)
+
+    async def _video_input(self, source: Path, digest: str, sampling: VideoSampling) -> VideoInput:
+        num_frames = sampling.num_frames or self.defaults.num_frames
+        span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
+        key = reuse.video_key(digest, num_frames, **span)
+        recalled = self.engine.recall(key)
+        if recalled is not None:
+            return VideoInput(None, recalled.info.video_duration, recalled.info.frame_times, recalled)
+        sampled = await self._read_video(source, num_frames, span)
+        info = sampled.info
+        return VideoInput(sampled.frames, info.video_duration, info.frame_times, MediaRef(key, info))
+
+    async def _image_input(self, source: Path, key: str) -> ImageInput:
+        recalled = self.engine.recall(key)
+        if recalled is not None:
+            return ImageInput(None, recalled)
+        began = time.monotonic()
+        image = await to_thread.run_sync(
+            lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
+        )
+        self._decoded("image", began)
+        return ImageInput(image, MediaRef(key))
 
     async def start_image(
         self, source: Path, question: Question, generation: GenerationSettings, return_frames: bool = False

@@ -31,3 +31,5 @@ class RequestDefaults:
     max_new_tokens_limit: int  # LLAVA_MAX_NEW_TOKENS_LIMIT
     num_frames: int  # LLAVA_NUM_FRAMES
     max_frames: int  # LLAVA_MAX_FRAMES
+    max_images: int = 8  # LLAVA_MAX_IMAGES_PER_REQUEST
+    max_videos: int = 2  # LLAVA_MAX_VIDEOS_PER_REQUEST

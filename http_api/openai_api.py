@@ -8,10 +8,11 @@ LLaVA's own controls travel in the body beside OpenAI's parameters, as vLLM does
 (``num_frames``, ``fps``, ``start_time``, ``end_time``, ``top_k``, ``ignore_eos``); from the SDK, in
 ``extra_body``. Errors are OpenAI's error object with the status the native endpoints give.
 
-The model answers about one picture or video per conversation: it may sit in any user turn;
-earlier turns and answers are kept as the conversation's history (and a follow-up about the
-same media reuses the work done for the earlier turns: llava_custom/reuse.py). Conversations
-without a picture go to the language model alone.
+Any user turn may hold images and videos, in order, up to LLAVA_MAX_IMAGES_PER_REQUEST and
+LLAVA_MAX_VIDEOS_PER_REQUEST over the conversation; each turn's pictures open its text as the
+original code lays them out (docs/ENGINE.md). Earlier turns and answers are kept as the
+conversation's history (and a follow-up about the same media reuses the work done for the earlier
+turns: llava_custom/reuse.py). Conversations without a picture go to the language model alone.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 
 @dataclass(frozen=True)
 class Picture:
-    """The one image or video of a conversation (its place is the conversation's media_turn)."""
+    """An image or video part of the conversation, in order (its turn is the one it came in)."""
 
     kind: Literal["image", "video"]
     url: str
@@ -95,11 +96,11 @@ async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
         return _error(
             404, f"the model {chat.model!r} does not exist; this service serves {analyzer.model_id!r}", "model"
         )
-    conversation, picture = conversation_from(chat.messages)
+    conversation, pictures = conversation_from(chat.messages)
     generation = chat.generation(analyzer.defaults)
     sampling = chat.sampling(analyzer.defaults)
     with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
-        started = await _start(analyzer, conversation, picture, sampling, generation, Path(workdir))
+        started = await _start(analyzer, conversation, pictures, sampling, generation, Path(workdir))
     logprobs = _LogprobsWriter(analyzer) if chat.logprobs else None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -168,17 +169,17 @@ def _first_problem(exc: ValidationError) -> tuple[str, str]:
 _BRANCHES = {"str", "int", "float", "bool", "none", "list"}
 
 
-def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, Picture | None]:
-    """The conversation as the prompt takes it, and its picture if any; RequestError when the
-    model could not take the messages."""
+def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, list[Picture]]:
+    """The conversation as the prompt takes it (each user turn opened by its pictures) and its
+    pictures in order; RequestError when the model could not take the messages."""
     system: list[str] = []
     turns: list[Turn] = []
-    picture: Picture | None = None
-    media_turn = 0
+    pictures: list[Picture] = []
     for number, message in enumerate(messages):
         where = f"messages.{number}"
         if message.tool_calls:
             raise RequestError("tool calls are not supported by this model", f"{where}.tool_calls")
+        count = 0
         if isinstance(message.content, str) or message.content is None:
             text = message.content or ""
         else:
@@ -189,43 +190,39 @@ def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, Pictur
                     continue
                 if message.role != "user":
                     raise RequestError(f"only user messages may hold an image or a video ({where})", where)
-                if picture is not None:
-                    raise RequestError(
-                        "this model answers about one image or one video per conversation; "
-                        "start a new conversation for another",
-                        where,
-                    )
                 if part["type"] == "image_url":
-                    picture = Picture("image", part["image_url"]["url"])
+                    pictures.append(Picture("image", part["image_url"]["url"]))
                 else:
-                    picture = Picture("video", part["video_url"]["url"])
-                media_turn = len(turns)
+                    pictures.append(Picture("video", part["video_url"]["url"]))
+                count += 1
             text = "\n".join(texts)
         if message.role in ("system", "developer"):
             if turns:
                 raise RequestError("system messages must come before the conversation's turns", where)
             system.append(text)
         else:
-            turns.append(Turn(message.role, text))
+            turns.append(Turn(message.role, text, count))
     if not turns or turns[-1].role != "user":
         raise RequestError("the last message must be the user's", "messages")
-    return Conversation(tuple(turns), "\n".join(system) if system else None, media_turn), picture
+    return Conversation(tuple(turns), "\n".join(system) if system else None), pictures
 
 
 async def _start(
     analyzer: Analyzer,
     conversation: Conversation,
-    picture: Picture | None,
+    pictures: list[Picture],
     sampling: VideoSampling,
     generation: GenerationSettings,
     workdir: Path,
 ) -> Started:
-    if picture is None:
+    if not pictures:
         return await analyzer.start_text(conversation, generation)
-    source = await to_thread.run_sync(analyzer.source_file, picture.kind, None, picture.url, workdir)
-    if picture.kind == "image":
-        return await analyzer.start_image(source, conversation, generation)
-    return await analyzer.start_video(source, sampling, conversation, generation)
+    analyzer.check_pictures([picture.kind for picture in pictures], sampling, generation)
+    sources = []
+    for picture in pictures:  # each URL fetched into the request's folder, in order
+        path = await to_thread.run_sync(analyzer.source_file, picture.kind, None, picture.url, workdir)
+        sources.append((picture.kind, path))
+    return await analyzer.start_pictures(sources, sampling, conversation, generation)
 
 
 class _LogprobsWriter:

@@ -164,10 +164,67 @@ def test_bad_requests_raise_bad_request_error(sdk, model, messages, extra, param
     assert error["message"]
 
 
-def test_two_pictures_are_refused_with_a_reason(sdk, model, file_server) -> None:
-    messages = [user(image_part(f"{file_server}/photo.jpg"), video_part(f"{file_server}/clip.mp4"))]
-    with pytest.raises(openai.BadRequestError, match="one image or one video per conversation"):
-        sdk.chat.completions.create(model=model, messages=messages)
+def test_several_pictures_across_turns_are_answered_as_the_engine_lays_them_out(
+    sdk, model, served_folder, file_server, media_dir
+) -> None:
+    """Two images in the first turn, a video in the third: the served answer is the one the engine
+    gives for those pictures in that order (each image a padded tile), read from the same files."""
+    from llava_custom.builder import load_pretrained_model
+    from llava_custom.engine import Conversation, Engine, GenerationSettings, ImageInput, Turn, VideoInput
+    from media import read_image, read_video
+
+    messages = [
+        user(image_part(f"{file_server}/photo.jpg"), image_part(f"{file_server}/wide.png"), text="Compare them."),
+        {"role": "assistant", "content": "Two pictures."},
+        user(video_part(f"{file_server}/clip.mp4"), text="And this clip?"),
+    ]
+    chat = sdk.chat.completions.create(model=model, messages=messages, max_tokens=8, extra_body={"num_frames": 2})
+    swapped = [user(*reversed(messages[0]["content"][:2]), text="Compare them."), *messages[1:]]
+    other = sdk.chat.completions.create(model=model, messages=swapped, max_tokens=8, extra_body={"num_frames": 2})
+
+    engine = Engine(load_pretrained_model(str(served_folder / "tiny"), load_4bit=False, device="cpu"))
+    try:
+        video = read_video(media_dir / "clip.mp4", 2, frame_size=engine.frame_size)
+        photo, wide = (read_image(media_dir / name, max_pixels=10**8) for name in ("photo.jpg", "wide.png"))
+        clip = VideoInput(video.frames, video.info.video_duration, video.info.frame_times)
+        turns = (
+            Turn("user", "Compare them.", 2),
+            Turn("assistant", "Two pictures."),
+            Turn("user", "And this clip?", 1),
+        )
+        settings = GenerationSettings(max_new_tokens=8)
+        expected = [
+            engine.submit(engine.prepare(Conversation(turns), [ImageInput(a), ImageInput(b), clip], settings)).result()
+            for a, b in ((photo, wide), (wide, photo))
+        ]
+        padded = engine.model.image_layout.padded_tokens
+        frames = engine.model.video_layout.num_video_tokens(2)
+    finally:
+        engine.close()
+    for answer, reference in zip((chat, other), expected, strict=True):
+        assert answer.choices[0].message.content == reference.text
+        assert answer.usage.prompt_tokens == reference.prompt_tokens
+        assert answer.usage.model_extra["visual_tokens"] == reference.visual_tokens == 2 * padded + frames
+
+
+@pytest.mark.parametrize(
+    ("parts", "message", "status"),
+    [
+        (["video"] * 3, "3 videos in one request; at most 2 (LLAVA_MAX_VIDEOS_PER_REQUEST)", 400),
+        (["image"] * 9, "9 images in one request; at most 8 (LLAVA_MAX_IMAGES_PER_REQUEST)", 400),
+        (["image"] * 8 + ["video"] * 2, "the prompt is too long: 8 images and 2 videos take", 413),
+    ],
+)
+def test_too_many_pictures_are_refused_before_anything_is_fetched(sdk, model, file_server, parts, message, status):
+    """The URLs name no file (fetching one would be a 502): the limits are checked first."""
+    missing = f"{file_server}/missing"
+    content = [image_part(f"{missing}.jpg") if kind == "image" else video_part(f"{missing}.mp4") for kind in parts]
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk.chat.completions.create(
+            model=model, messages=[user(*content)], max_tokens=100, extra_body={"num_frames": 64}
+        )
+    assert raised.value.status_code == status
+    assert message in raised.value.body["message"]
 
 
 def test_unknown_model_is_not_found(sdk, file_server) -> None:
