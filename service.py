@@ -103,17 +103,25 @@ class LLaVAVideoService:
     # answer is a Starlette response, which BentoML sends as it is.
     @bentoml.api(route="/analyze_video")
     async def analyze_video(
-        self, ctx: bentoml.Context, video: Path = None, video_url: str = None, metadata: Any = None
+        self,
+        ctx: bentoml.Context,
+        video: Path = None,
+        video_url: str = None,
+        image: list[Path] = None,
+        image_url: str | list[str] = None,
+        metadata: Any = None,
     ) -> dict[str, Any]:
-        """Answer a question about a video: multipart ``video`` upload or JSON ``video_url``."""
-        return await native.analyze(current_analyzer, "video", video, video_url, metadata, ctx)
+        """Answer a question about a video (multipart ``video`` upload or JSON ``video_url``) and
+        any images beside it (``image`` parts or ``image_url``s, seen after the video)."""
+        return await native.analyze(current_analyzer, "video", video, video_url, metadata, ctx, image, image_url)
 
     @bentoml.api(route="/analyze_image")
     async def analyze_image(
-        self, ctx: bentoml.Context, image: Path = None, image_url: str = None, metadata: Any = None
+        self, ctx: bentoml.Context, image: list[Path] = None, image_url: str | list[str] = None, metadata: Any = None
     ) -> dict[str, Any]:
-        """Answer a question about an image: multipart ``image`` upload or JSON ``image_url``."""
-        return await native.analyze(current_analyzer, "image", image, image_url, metadata, ctx)
+        """Answer a question about one or several images, in order: multipart ``image`` uploads or
+        JSON ``image_url`` (one URL or a list)."""
+        return await native.analyze(current_analyzer, "image", None, None, metadata, ctx, image, image_url)
 
 
 for _api in LLaVAVideoService.apis.values():

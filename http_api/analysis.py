@@ -83,17 +83,24 @@ class Analyzer:
         self.model_id = settings.model_id
 
     def source_file(
-        self, kind: Kind, upload: Path | None, url: str | None, workdir: Path, *, job: bool = False
+        self,
+        kind: Kind,
+        upload: Path | None,
+        url: str | None,
+        workdir: Path,
+        *,
+        job: bool = False,
+        name: str = "upload",
     ) -> Path:
-        """The local file to read: the upload, or the URL downloaded into ``workdir`` (blocking);
-        a ``job``'s video may be as large as LLAVA_MAX_JOB_BYTES."""
+        """The local file to read: the upload (moved to ``workdir / name``), or the URL downloaded
+        into ``workdir`` (blocking); a ``job``'s video may be as large as LLAVA_MAX_JOB_BYTES."""
         if upload is not None and url:
             raise RequestError(f"send either a '{kind}' file or a '{kind}_url', not both")
         if upload is not None:
             # Under a name of our own: BentoML names the file after the client's file name, and
             # decoders must judge the bytes, not an extension. The caller removes ``workdir``
             # after the request, whatever happens.
-            source = workdir / "upload"
+            source = workdir / name
             if upload != source:
                 shutil.move(upload, source)
             size, limit = source.stat().st_size, self.settings.max_job_bytes if job else self.settings.max_upload_bytes
@@ -188,50 +195,66 @@ class Analyzer:
         sampling: VideoSampling,
         question: Question,
         generation: GenerationSettings,
+        return_frames: bool = False,
     ) -> Started:
         """Read every picture (those seen before are recalled) and queue the question about all of
         them, in order; one picture goes the way of start_video / start_image. ``video_info`` is
-        the first video's."""
+        the first video's; ``return_frames`` shows every picture's, in order."""
         if len(sources) == 1:
             kind, source = sources[0]
             if kind == "image":
-                return await self.start_image(source, question, generation)
-            return await self.start_video(source, sampling, question, generation)
+                return await self.start_image(source, question, generation, return_frames)
+            return await self.start_video(source, sampling, question, generation, return_frames)
         pictures: list[Picture] = []
+        shown: list[Frame] | None = [] if return_frames else None
         info = None
         for kind, source in sources:
             digest = await to_thread.run_sync(media.file_digest, source)
             if kind == "video":
-                picture = await self._video_input(source, digest, sampling)
-                info = info or picture.media.info
+                video, frames = await self._video_input(source, digest, sampling, return_frames)
+                info = info or video.media.info
+                pictures.append(video)
             else:
-                picture = await self._image_input(source, reuse.image_key(digest, padded=True))
-            pictures.append(picture)
+                image, frames = await self._image_input(source, reuse.image_key(digest, padded=True), return_frames)
+                pictures.append(image)
+            if shown is not None:
+                shown.extend(frames)
         engine = self.engine
         stream = await to_thread.run_sync(lambda: engine.submit(engine.prepare(question, pictures, generation)))
-        return self._started(stream, info)
+        return self._started(stream, info, shown)
 
-    async def _video_input(self, source: Path, digest: str, sampling: VideoSampling) -> VideoInput:
+    async def _video_input(
+        self, source: Path, digest: str, sampling: VideoSampling, return_frames: bool
+    ) -> tuple[VideoInput, list[Frame]]:
         num_frames = sampling.num_frames or self.defaults.num_frames
         span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
         key = reuse.video_key(digest, num_frames, **span)
         recalled = self.engine.recall(key)
+        sampled = None
+        if recalled is None or return_frames:
+            sampled = await self._read_video(source, num_frames, span)
+        shown: list[Frame] = []
+        if return_frames and sampled is not None:
+            shown = await to_thread.run_sync(previews.video_frames, sampled.frames, sampled.info.frame_times)
         if recalled is not None:
-            return VideoInput(None, recalled.info.video_duration, recalled.info.frame_times, recalled)
-        sampled = await self._read_video(source, num_frames, span)
+            return VideoInput(None, recalled.info.video_duration, recalled.info.frame_times, recalled), shown
+        assert sampled is not None  # nothing recalled: decoded above
         info = sampled.info
-        return VideoInput(sampled.frames, info.video_duration, info.frame_times, MediaRef(key, info))
+        return VideoInput(sampled.frames, info.video_duration, info.frame_times, MediaRef(key, info)), shown
 
-    async def _image_input(self, source: Path, key: str) -> ImageInput:
+    async def _image_input(self, source: Path, key: str, return_frames: bool) -> tuple[ImageInput, list[Frame]]:
         recalled = self.engine.recall(key)
+        image = None
+        if recalled is None or return_frames:
+            began = time.monotonic()
+            image = await to_thread.run_sync(
+                lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
+            )
+            self._decoded("image", began)
+        shown = await to_thread.run_sync(previews.image_frame, image) if return_frames else []
         if recalled is not None:
-            return ImageInput(None, recalled)
-        began = time.monotonic()
-        image = await to_thread.run_sync(
-            lambda: self.decoder.read_image(source, max_pixels=self.settings.max_image_pixels)
-        )
-        self._decoded("image", began)
-        return ImageInput(image, MediaRef(key))
+            return ImageInput(None, recalled), shown
+        return ImageInput(image, MediaRef(key)), shown
 
     async def start_image(
         self, source: Path, question: Question, generation: GenerationSettings, return_frames: bool = False

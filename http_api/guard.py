@@ -18,8 +18,9 @@ the route's failure body (http_api.errors) when something is wrong:
   (no boundary included: the one rule for them is here) and form values that BentoML's
   ``json.loads`` fails on with more than a JSONDecodeError (bytes in no Unicode encoding, nesting
   too deep), which would be 500s, are answered 400 here.
-- 400 for a multipart body with a part of the route (http_api.routes: ``fields``) given twice,
-  which BentoML would keep one of silently, and for a file part the route does not take
+- 400 for a multipart body with a part of the route (http_api.routes: ``fields``) given twice
+  (except ``repeatable`` ones: several ``image`` parts), which BentoML would keep one of
+  silently, and for a file part the route does not take
   (``-F file=@clip.mp4``), which BentoML would try to read as JSON; the message names the parts
   the route takes.
 - 503 with Retry-After when http_api.admission refuses a request whose body has fully arrived.
@@ -308,7 +309,8 @@ class _MultipartInspector:
         self.part_name = _user_safe_decode(options[b"name"], self.charset)
         self.part_is_file = b"filename" in options
         if self.part_name in self.route.fields:
-            if self.part_name in self.seen:  # BentoML would keep one and drop the other silently
+            # BentoML would keep one and drop the other silently
+            if self.part_name in self.seen and self.part_name not in self.route.repeatable:
                 raise Refusal(400, f"the '{self.part_name}' part is given twice; send one")
             self.seen.add(self.part_name)
         elif self.part_is_file:  # e.g. -F file=@clip.mp4: BentoML would JSON-decode the file
@@ -327,7 +329,7 @@ class _MultipartInspector:
                 f"the '{self.part_name}' part must be a file upload (curl -F '{self.part_name}=@file'); "
                 f'to send a URL, post JSON {{"{self.part_name}_url": "https://..."}}',
             )
-        if not (self.part_is_file and self.part_name == self.upload_field):
+        if not (self.part_is_file and self.part_name in self.route.uploads):
             self.part_data = bytearray()
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:

@@ -22,6 +22,7 @@ started (the status is already 200) ends it with ``event: error`` and the failur
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +37,7 @@ from http_api.analysis import Analyzer, Kind, Started, until_answered
 from http_api.answers import ImageAnswer, Usage, VideoAnswer
 from http_api.errors import RequestError, translate
 from http_api.routes import Shape
-from http_api.schemas import Metadata
+from http_api.schemas import Metadata, VideoSampling
 from llava_custom.engine import Answer
 
 
@@ -58,17 +59,33 @@ async def analyze(
     url: str | None,
     metadata: Any,
     ctx: Context,
+    images: list[Path] | None = None,
+    image_urls: str | list[str] | None = None,
 ) -> dict[str, Any] | Response:
-    """Run one native request; every failure becomes the documented failure body and status."""
+    """Run one native request; every failure becomes the documented failure body and status.
+
+    ``upload`` / ``url`` are the video's on /analyze_video; ``images`` / ``image_urls`` the
+    images in the order sent (on /analyze_video, after the video)."""
     try:
         try:
             meta = Metadata.parse(metadata)
         except ValueError as error:
             raise RequestError(str(error), "metadata") from error
-        # The input file is gone once decoded, before the answer is generated.
+        pictures = _pictures(kind, upload, url, images, image_urls)
+        current = analyzer()
+        generation = meta.generation(current.defaults)
+        kinds = [picture_kind for picture_kind, _, _ in pictures]
+        # Frame sampling applies (and is checked) only when a video is there.
+        sampling = meta.sampling(current.defaults) if "video" in kinds else VideoSampling()
+        current.check_pictures(kinds, sampling, generation)
+        # The input files are gone once decoded, before the answer is generated.
         with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
-            source = await to_thread.run_sync(analyzer().source_file, kind, upload, url, Path(workdir))
-            started = await _start(analyzer(), kind, source, meta)
+            sources = []
+            for number, (picture_kind, picture_upload, picture_url) in enumerate(pictures):
+                read = functools.partial(current.source_file, name=f"upload-{number}")
+                source = await to_thread.run_sync(read, picture_kind, picture_upload, picture_url, Path(workdir))
+                sources.append((picture_kind, source))
+            started = await current.start_pictures(sources, sampling, meta.prompt, generation, meta.return_frames)
         if meta.stream:
             return event_stream(started)
         answer = await until_answered(started.stream, ctx.request.is_disconnected)
@@ -81,12 +98,26 @@ async def analyze(
         return reply.body()
 
 
-async def _start(analyzer: Analyzer, kind: Kind, source: Path, meta: Metadata) -> Started:
-    generation = meta.generation(analyzer.defaults)
-    if kind == "image":
-        return await analyzer.start_image(source, meta.prompt, generation, meta.return_frames)
-    sampling = meta.sampling(analyzer.defaults)
-    return await analyzer.start_video(source, sampling, meta.prompt, generation, meta.return_frames)
+def _pictures(
+    kind: Kind,
+    upload: Path | None,
+    url: str | None,
+    images: list[Path] | None,
+    image_urls: str | list[str] | None,
+) -> list[tuple[Kind, Path | None, str | None]]:
+    """The request's pictures in order, each (kind, upload, URL) with one of the two; a missing
+    or doubled one is left to Analyzer.source_file, whose message names the fields."""
+    uploads = list(images or [])
+    urls = [image_urls] if isinstance(image_urls, str) else list(image_urls or [])
+    if kind == "image" and len(uploads) + len(urls) == 2 and len(uploads) == 1:
+        return [("image", uploads[0], urls[0])]  # one of each: source_file says which to send
+    if uploads and urls:
+        raise RequestError("send the images either as 'image' files or as 'image_url's, not both")
+    given: list[tuple[Kind, Path | None, str | None]] = [("image", path, None) for path in uploads]
+    given += [("image", None, link) for link in urls]
+    if kind == "video":
+        return [("video", upload, url), *given]
+    return given or [("image", None, None)]
 
 
 def refuse_unknown_fields(spec: type) -> type:

@@ -62,6 +62,8 @@ class Route:
     upload: str | None = None
     url_field: str | None = None
     fields: tuple[str, ...] = ()
+    more_uploads: tuple[str, ...] = ()  # other parts that are files (images beside the video)
+    repeatable: tuple[str, ...] = ()  # parts that may come more than once (several images)
     guarded: bool = False  # POST bodies checked by http_api.guard before BentoML parses them
     job_upload: bool = False  # its upload may reach max_job_upload_bytes instead of max_upload_bytes
     needs_model: bool = False  # 503 while the model loads, after it failed, while draining
@@ -78,19 +80,29 @@ class Route:
             return Shape.NATIVE
         return None
 
+    @property
+    def uploads(self) -> tuple[str, ...]:
+        """Every part of this route that is a file."""
+        return (self.upload, *self.more_uploads) if self.upload else ()
+
     def describe_fields(self) -> str:
         """The parts this route takes, as a message says them."""
-        names = [f"'{name}' (the file)" if name == self.upload else f"'{name}'" for name in self.fields]
+        names = [f"'{name}' (a file)" if name in self.uploads else f"'{name}'" for name in self.fields]
         return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _native(path: str, kind: str) -> Route:
+    # Several images may come (repeated 'image' parts, or a list of 'image_url's), beside the
+    # video on /analyze_video.
+    images = ("image", "image_url") if kind == "video" else ()
     return Route(
         path,
         Kind.NATIVE,
         upload=kind,
         url_field=f"{kind}_url",
-        fields=(kind, f"{kind}_url", "metadata"),
+        fields=(kind, f"{kind}_url", *images, "metadata"),
+        more_uploads=("image",) if kind == "video" else (),
+        repeatable=("image",),
         guarded=True,
         needs_model=True,
         metric=path,
@@ -141,7 +153,7 @@ ROUTES: tuple[Route, ...] = (
 )
 OTHER = Route("", Kind.OTHER)
 # The multipart parts of any route that must be files (a text part there is a URL BentoML would fetch).
-UPLOAD_FIELDS = frozenset(route.upload for route in ROUTES if route.upload is not None)
+UPLOAD_FIELDS = frozenset(name for route in ROUTES for name in route.uploads)
 
 _EXACT = {route.path: route for route in ROUTES if not route.prefix}
 _PREFIXES = sorted((route for route in ROUTES if route.prefix), key=lambda route: -len(route.path))

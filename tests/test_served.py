@@ -23,6 +23,7 @@ from testing.mediafiles import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.served
+PADDED_IMAGE_TOKENS = 27 * 27 + 1  # an image among several: one 384-pixel tile of 14-pixel patches, a newline
 
 
 def readme_curl_commands() -> list[str]:
@@ -45,25 +46,33 @@ def readme_request_commands() -> list[str]:
     return [command for command in readme_curl_commands() if "/jobs/" not in command]
 
 
-def test_readme_has_the_four_curl_forms_and_a_chat_completion():
+def test_readme_has_the_four_curl_forms_two_image_comparisons_and_chat_completions():
     commands = readme_request_commands()
-    assert len(commands) == 5
-    assert sum("/v1/chat/completions" in c for c in commands) == 1
-    assert sum("-F" in c and "/analyze_video" in c for c in commands) == 1
-    assert sum("video_url" in c and "/analyze_video" in c for c in commands) == 1
-    assert sum("-F" in c and "/analyze_image" in c for c in commands) == 1
-    assert sum("image_url" in c for c in commands) == 1
+    assert len(commands) == 8
+    chats = [c for c in commands if "/v1/chat/completions" in c]
+    assert len(chats) == 2 and sum("after.jpg" in c for c in chats) == 1
+    native = [c for c in commands if c not in chats]
+    assert sum("-F" in c and "/analyze_video" in c for c in native) == 1
+    assert sum("video_url" in c and "/analyze_video" in c for c in native) == 1
+    assert sum("-F" in c and "/analyze_image" in c for c in native) == 2
+    assert sum("image_url" in c for c in native) == 2
+    assert sum("after.jpg" in c for c in native) == 2  # the two-image comparison, both forms
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(8))
 def test_readme_curl_command(served, media_dir, file_server, index):
     command = readme_request_commands()[index]
+    two_images = "after.jpg" in command  # the two-image comparisons
     for placeholder, real in {
         "http://localhost:3000": served,
         "./path/to/your/video.mp4": str(media_dir / "clip.mp4"),
         "./path/to/your/image.jpg": str(media_dir / "photo.jpg"),
         "https://example.com/video.mp4": f"{file_server}/clip.mp4",
         "https://example.com/image.jpg": f"{file_server}/photo.jpg",
+        "https://example.com/before.jpg": f"{file_server}/photo.jpg",
+        "https://example.com/after.jpg": f"{file_server}/wide.png",
+        "@before.jpg": f"@{media_dir / 'photo.jpg'}",
+        "@after.jpg": f"@{media_dir / 'wide.png'}",
     }.items():
         command = command.replace(placeholder, real)
     result = subprocess.run(
@@ -77,10 +86,12 @@ def test_readme_curl_command(served, media_dir, file_server, index):
         result = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True, text=True)
         chat = json.loads(result.stdout)
         assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"], chat
-        assert chat["usage"]["visual_tokens"] == 16 * 210
+        assert chat["usage"]["visual_tokens"] == (2 * PADDED_IMAGE_TOKENS if two_images else 16 * 210)
         return
     assert body["status"] == "success", body
     assert body["error"] is None
+    if two_images:  # each image one padded tile
+        assert body["usage"]["visual_tokens"] == 2 * PADDED_IMAGE_TOKENS
     if "analyze_video" in command:
         assert body["video_info"]["frame_count"] == 16
         assert body["video_info"]["video_duration"] == pytest.approx(3.0)

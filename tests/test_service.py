@@ -19,7 +19,7 @@ import pytest
 from conftest import TEST_MAX_NEW_TOKENS, request_temp_dirs
 
 from llava_custom.builder import load_pretrained_model
-from llava_custom.engine import Engine, GenerationSettings
+from llava_custom.engine import Engine, GenerationSettings, ImageInput, VideoInput
 from media import read_image, read_video
 from testing.mediafiles import write_image, write_video
 
@@ -533,19 +533,73 @@ def test_whole_numbers_are_still_numbers_for_float_fields(client, media_dir):
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize(
-    ("endpoint", "field", "name"), [("/analyze_video", "video", "clip.mp4"), ("/analyze_image", "image", "photo.jpg")]
-)
-def test_two_uploads_are_refused_naming_the_part(client, media_dir, endpoint, field, name):
-    data = (media_dir / name).read_bytes()
-    files = [(field, (name, data)), (field, (name, data))]
-    assert_failed(client.post(endpoint, files=files), 400, f"'{field}' part is given twice")
+def test_two_videos_are_refused_naming_the_part(client, media_dir):
+    data = (media_dir / "clip.mp4").read_bytes()
+    files = [("video", ("clip.mp4", data)), ("video", ("clip.mp4", data))]
+    assert_failed(client.post("/analyze_video", files=files), 400, "'video' part is given twice")
 
 
-@pytest.mark.parametrize("part", ["file", "video_file", "image"])
+def padded_answer(engine, question: str, pictures: list, tokens: int = 6):
+    return engine.submit(engine.prepare(question, pictures, GenerationSettings(max_new_tokens=tokens))).result()
+
+
+def test_several_images_are_answered_in_the_order_sent_by_upload_and_by_url(client, engine, media_dir, file_server):
+    """Repeated 'image' parts, or a list of image_urls: the model's answer about those images in that
+    order (each one padded tile), as the engine gives it for the same files."""
+    names = ["photo.jpg", "wide.png"]
+    metadata = {"prompt": "Compare them.", "max_new_tokens": 6}
+    files = [("image", (name, (media_dir / name).read_bytes())) for name in names]
+    files.append(("metadata", (None, json.dumps(metadata), "application/json")))
+    uploaded = client.post("/analyze_image", files=files)
+    assert uploaded.status_code == 200, uploaded.text
+    urls = [f"{file_server}/{name}" for name in reversed(names)]
+    by_url = client.post("/analyze_image", json={"image_url": urls, "metadata": metadata})
+    assert by_url.status_code == 200, by_url.text
+    images = [ImageInput(read_image(media_dir / name, max_pixels=10**8)) for name in names]
+    for response, order in ((uploaded, images), (by_url, images[::-1])):
+        expected = padded_answer(engine, "Compare them.", order)
+        body = response.json()
+        assert set(body) == IMAGE_KEYS
+        assert body["response"] == expected.text
+        assert body["usage"]["visual_tokens"] == expected.visual_tokens == 2 * engine.model.image_layout.padded_tokens
+        assert body["usage"]["prompt_tokens"] == expected.prompt_tokens
+
+
+def test_images_beside_a_video_come_after_it(client, engine, media_dir):
+    metadata = {"prompt": "Is the photo in the clip?", "num_frames": 2, "max_new_tokens": 6, "return_frames": True}
+    files = [
+        ("video", ("clip.mp4", (media_dir / "clip.mp4").read_bytes())),
+        ("image", ("photo.jpg", (media_dir / "photo.jpg").read_bytes())),
+        ("metadata", (None, json.dumps(metadata), "application/json")),
+    ]
+    response = client.post("/analyze_video", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    video = read_video(media_dir / "clip.mp4", 2, frame_size=engine.frame_size)
+    pictures = [
+        VideoInput(video.frames, video.info.video_duration, video.info.frame_times),
+        ImageInput(read_image(media_dir / "photo.jpg", max_pixels=10**8)),
+    ]
+    expected = padded_answer(engine, "Is the photo in the clip?", pictures)
+    assert body["response"] == expected.text
+    assert body["usage"]["visual_tokens"] == expected.visual_tokens
+    assert body["video_info"]["frame_times"] == video.info.frame_times
+    assert [frame["time"] for frame in body["frames"]] == [*video.info.frame_times, None]
+
+
+def test_mixing_image_files_and_urls_or_images_without_their_video_is_refused(client, media_dir, file_server):
+    photo = ("image", ("photo.jpg", (media_dir / "photo.jpg").read_bytes()))
+    mixed = client.post(
+        "/analyze_image", files=[photo, photo, ("image_url", (None, json.dumps([f"{file_server}/wide.png"])))]
+    )
+    assert_failed(mixed, 400, "either as 'image' files or as 'image_url's, not both")
+    assert_failed(client.post("/analyze_video", files=[photo]), 400, "no video given")
+
+
+@pytest.mark.parametrize("part", ["file", "video_file", "images"])
 def test_a_wrong_part_name_is_told_the_parts_the_route_takes(client, media_dir, part):
     response = client.post("/analyze_video", files={part: ("clip.mp4", (media_dir / "clip.mp4").read_bytes())})
-    error = assert_failed(response, 400, f"'{part}' part", "'video' (the file)", "'video_url'", "'metadata'")
+    error = assert_failed(response, 400, f"'{part}' part", "'video' (a file)", "'video_url'", "'image' (a file)")
     assert "neither text nor JSON" not in error
 
 
@@ -555,7 +609,6 @@ def test_a_wrong_part_name_is_told_the_parts_the_route_takes(client, media_dir, 
         ("/analyze_image", "url", "image_url"),
         ("/analyze_image", "video_url", "image_url"),
         ("/analyze_video", "url", "video_url"),
-        ("/analyze_video", "image_url", "video_url"),
     ],
 )
 def test_a_url_in_the_wrong_field_is_told_the_right_one(client, endpoint, field, right):
