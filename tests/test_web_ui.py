@@ -202,6 +202,37 @@ def test_a_pasted_url_and_an_image(browser, keyed, file_server, media_dir) -> No
 
 
 @pytest.mark.browser
+def test_several_chosen_images_are_compared_and_a_video_takes_them_beside_it(browser, keyed, media_dir) -> None:
+    """Two images chosen at once go to /analyze_image as two 'image' parts, in order: the page's
+    answer is the API's for the same parts; with a video among them, the video endpoint."""
+    names = ["photo.jpg", "wide.png"]
+    metadata = {"prompt": "Compare them.", "max_new_tokens": 6}
+    files = [("image", (name, (media_dir / name).read_bytes())) for name in names]
+    expected = httpx.post(
+        f"{keyed}/analyze_image",
+        files=[*files, ("metadata", (None, json.dumps(metadata), "application/json"))],
+        headers=AUTH,
+        timeout=120,
+    ).json()
+    assert expected["status"] == "success", expected
+    page = open_page(browser, keyed)
+    page.locator("#file").set_input_files([media_dir / name for name in names])
+    assert page.locator("#file-name").text_content().count("(") == 2  # both names, with their sizes
+    page.get_by_label("Question", exact=True).fill("Compare them.")
+    page.get_by_label("Max tokens", exact=True).first.fill("6")
+    ask_and_wait(page)
+    assert_answered(page)
+    assert page.locator("#answer").text_content() == expected["response"]
+    assert page.locator("#frames figcaption").all_text_contents() == ["image 1", "image 2"]
+    page.locator("#file").set_input_files([media_dir / "clip.mp4", media_dir / "photo.jpg"])
+    page.get_by_label("Frames", exact=True).fill("2")
+    ask_and_wait(page)
+    assert_answered(page)
+    assert page.locator("#frames figcaption").all_text_contents()[-1] == "the image"
+    assert "Video duration" in page.locator("#facts").inner_text()
+
+
+@pytest.mark.browser
 def test_the_services_error_is_shown(browser, keyed, media_dir) -> None:
     expected = post(keyed, "/analyze_video", media_dir / "notes.txt", "video", {})
     assert expected.status_code == 415

@@ -36,11 +36,14 @@ function mode() {
   return form.elements.mode.value;
 }
 
-/** "video" or "image": the user's choice, else the file's type or the URL's suffix. */
+const isImage = (file) => file.type.startsWith("image/");
+
+/** "video" or "image": the user's choice, else the files' types (a video among them: the video
+ * endpoint, the images beside it) or the URL's suffix. */
 function mediaKind() {
   if (ui.kind.value !== "auto") return ui.kind.value;
-  const file = ui.file.files[0];
-  if (file) return file.type.startsWith("image/") ? "image" : "video";
+  const files = [...ui.file.files];
+  if (files.length) return files.every(isImage) ? "image" : "video";
   return IMAGE_SUFFIX.test(ui.url.value) ? "image" : "video";
 }
 
@@ -64,12 +67,18 @@ function answerMetadata(kind) {
   return metadata;
 }
 
-/** The request body: a multipart upload, or JSON with the URL. */
-function mediaBody(kind, metadata) {
-  const file = ui.file.files[0];
-  if (file) {
+/** The request body: the chosen files as multipart parts, or JSON with the URL. On the video
+ * endpoint the first non-image file is the video and every image goes beside it (in the order
+ * chosen); ``withImages`` false (jobs) sends the video alone. */
+function mediaBody(kind, metadata, withImages = true) {
+  const files = [...ui.file.files];
+  if (files.length) {
     const body = new FormData();
-    body.append(kind, file, file.name);
+    const video = kind === "video" ? files.find((file) => !isImage(file)) || files[0] : null;
+    if (video) body.append("video", video, video.name);
+    if (withImages) {
+      for (const file of files) if (file !== video) body.append("image", file, file.name);
+    }
     body.append("metadata", JSON.stringify(metadata));
     return { body };
   }
@@ -104,9 +113,9 @@ function showError(error) {
 
 /** A refusal of the uploaded file names it: the service never saw the file's name. */
 function aboutTheFile(error) {
-  const file = ui.file.files[0];
-  if (file && error instanceof ServiceError && FILE_REFUSALS.has(error.status)) {
-    return new ServiceError(error.status, `${file.name}: ${error.message}`);
+  const names = [...ui.file.files].map((file) => file.name).join(", ");
+  if (names && error instanceof ServiceError && FILE_REFUSALS.has(error.status)) {
+    return new ServiceError(error.status, `${names}: ${error.message}`);
   }
   return error;
 }
@@ -123,12 +132,16 @@ function clearResult() {
 }
 
 function showFrames(frames) {
+  const images = frames.filter((frame) => frame.time === null).length;
+  let imageNumber = 0;
   const items = frames.map((frame, index) => {
     const item = document.createElement("li");
     const figure = document.createElement("figure");
     const image = document.createElement("img");
     const caption = document.createElement("figcaption");
-    const when = frame.time === null ? "the image" : clock(frame.time, 1);
+    if (frame.time === null) imageNumber += 1;
+    const imageName = images > 1 ? `image ${imageNumber}` : "the image";
+    const when = frame.time === null ? imageName : clock(frame.time, 1);
     image.src = frame.image;
     image.alt = frame.time === null ? "The image as the model received it" : `Frame ${index + 1} at ${when}`;
     caption.textContent = when;
@@ -235,10 +248,10 @@ ui.stop.addEventListener("click", () => running?.abort());
 
 // The source: a dropped or chosen file, or a URL (choosing one clears the other).
 function fileChosen() {
-  const file = ui.file.files[0];
-  const size = file && (file.size < 1e6 ? `${Math.ceil(file.size / 1e3)} kB` : `${(file.size / 1e6).toFixed(1)} MB`);
-  $("file-name").textContent = file ? `${file.name} (${size})` : "";
-  if (file) ui.url.value = "";
+  const files = [...ui.file.files];
+  const size = (file) => (file.size < 1e6 ? `${Math.ceil(file.size / 1e3)} kB` : `${(file.size / 1e6).toFixed(1)} MB`);
+  $("file-name").textContent = files.map((file) => `${file.name} (${size(file)})`).join(", ");
+  if (files.length) ui.url.value = "";
 }
 ui.file.addEventListener("change", fileChosen);
 ui.url.addEventListener("input", () => {

@@ -97,7 +97,7 @@ export async function startJob(signal, page) {
   $("followup").hidden = true;
   $("followup-answers").replaceChildren();
   page.setStatus("Submitting the job…");
-  const submitted = await call("/jobs/submit", { method: "POST", signal, ...page.mediaBody("video", jobMetadata()) });
+  const submitted = await call("/jobs/submit", { method: "POST", signal, ...page.mediaBody("video", jobMetadata(), false) });
   taskId = (await submitted.json()).task_id;
   const query = `task_id=${encodeURIComponent(taskId)}`;
   signal.addEventListener("abort", () => {
