@@ -81,15 +81,23 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
         operation = spec.get("paths", {}).get(path, {}).get("post")
         if operation is None:
             continue
-        url_field = {"type": "string", "description": f"http(s) or data: URL of the {kind}"}
-        upload = {"type": "string", "format": "binary", "description": f"the {kind} file"}
+        url = {"type": "string", "description": "http(s) or data: URL"}
+        # Several images, in order: repeated 'image' parts, or a list of URLs (beside the video
+        # on /analyze_video, where the model sees them after it).
+        images = {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files"}
+        image_urls = {"oneOf": [url, {"type": "array", "items": url}], "description": "one image URL or a list"}
+        if kind == "video":
+            parts = {"video": {"type": "string", "format": "binary", "description": "the video file"}, "image": images}
+            fields = {"video_url": {**url, "description": "http(s) or data: URL of the video"}, "image_url": image_urls}
+        else:
+            parts, fields = {"image": images}, {"image_url": image_urls}
         operation["requestBody"] = {
             "required": True,
             "content": {
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {kind: upload, "metadata": form_metadata},
+                        "properties": {**parts, "metadata": form_metadata},
                         "required": [kind],
                         "additionalProperties": False,
                     },
@@ -98,7 +106,7 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "properties": {f"{kind}_url": url_field, "metadata": metadata},
+                        "properties": {**fields, "metadata": metadata},
                         "required": [f"{kind}_url"],
                         "additionalProperties": False,
                     }

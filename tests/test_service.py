@@ -461,8 +461,9 @@ def test_openapi_page_documents_both_forms_metadata_and_errors(client):
     for route, kind in (("/analyze_video", "video"), ("/analyze_image", "image")):
         operation = spec["paths"][route]["post"]
         forms = operation["requestBody"]["content"]
-        assert set(forms["multipart/form-data"]["schema"]["properties"]) == {kind, "metadata"}
-        assert set(forms["application/json"]["schema"]["properties"]) == {f"{kind}_url", "metadata"}
+        assert set(forms["multipart/form-data"]["schema"]["properties"]) == {kind, "image", "metadata"}
+        assert set(forms["application/json"]["schema"]["properties"]) == {f"{kind}_url", "image_url", "metadata"}
+        assert forms["multipart/form-data"]["schema"]["properties"]["image"]["type"] == "array"
         statuses = operation["responses"]
         assert {"200", "400", "413", "415", "422", "500", "502", "503", "504"} <= set(statuses)
         assert statuses["415"]["content"]["application/json"]["schema"]["$ref"].endswith("/Failure")
@@ -585,6 +586,12 @@ def test_images_beside_a_video_come_after_it(client, engine, media_dir):
     assert body["usage"]["visual_tokens"] == expected.visual_tokens
     assert body["video_info"]["frame_times"] == video.info.frame_times
     assert [frame["time"] for frame in body["frames"]] == [*video.info.frame_times, None]
+
+
+def test_more_images_than_the_limit_are_refused_before_any_is_fetched(client, file_server):
+    urls = [f"{file_server}/missing-{number}.jpg" for number in range(9)]  # fetching one: a 502
+    refused = client.post("/analyze_image", json={"image_url": urls})
+    assert_failed(refused, 400, "9 images in one request; at most 8 (LLAVA_MAX_IMAGES_PER_REQUEST)")
 
 
 def test_mixing_image_files_and_urls_or_images_without_their_video_is_refused(client, media_dir, file_server):
