@@ -72,6 +72,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     PromptTooLong: 413,
     media.UnsupportedMedia: 415,
     media.UndecodableMedia: 422,
+    media.DecoderStopped: 503,
     media.UpstreamError: 502,
     media.UpstreamTimeout: 504,
     EngineBusy: 503,

@@ -7,6 +7,7 @@ runs several of them, so that requests decode in parallel.
 
 from media.digest import file_digest
 from media.errors import (
+    DecoderStopped,
     DecodeTimeout,
     InvalidSource,
     MediaError,
@@ -36,6 +37,7 @@ __all__ = [
     "AddressPolicy",
     "DecodePool",
     "DecodeTimeout",
+    "DecoderStopped",
     "DecodeWorker",
     "FetchLimits",
     "InvalidSource",

@@ -39,6 +39,11 @@ class DecodeTimeout(UndecodableMedia):
     """Decoding did not finish within the time limit (the decoder was stopped)."""
 
 
+class DecoderStopped(MediaError):
+    """The decoding process was killed from outside twice in one call (out of memory, an
+    operator): the service's trouble, not the file's."""
+
+
 class UpstreamError(MediaError):
     """The origin server could not be reached or did not deliver (DNS, refused, HTTP 4xx/5xx)."""
 

@@ -10,8 +10,10 @@ One long-lived child per :class:`DecodeWorker` keeps the cost per call to a sock
 the call goes down pickled (a function reference and its arguments, e.g. a file path), the
 result comes back pickled with its large buffers (the sampled frames, already resized) sent out
 of band and read straight into place. The child is replaced after a timeout, a crash or
-``max_jobs`` calls (decoders may leak memory); the replacement starts at once, so its start-up
-(about half a second of imports) overlaps the rest of the request.
+``max_jobs`` calls (decoders may leak memory); a call whose child dies runs once more on the
+fresh one (a second death: the file crashed it twice, or, both by SIGKILL, the machine did).
+The replacement starts at once, so its start-up (about half a second of imports) overlaps the
+rest of the request.
 
 :class:`DecodePool` holds several DecodeWorkers so that requests decode in parallel: each call
 takes an idle worker (waiting for one when all are busy) and hands it back afterwards; each
@@ -23,6 +25,7 @@ The child runs :func:`serve` on one end of a socket pair until the parent closes
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -42,10 +45,11 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from media import image, video
-from media.errors import DecodeTimeout, MediaError, UndecodableMedia
+from media.errors import DecoderStopped, DecodeTimeout, MediaError, UndecodableMedia
 from media.video import SampledVideo
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Extra seconds after which a child stops itself if its parent never collected it.
 _ALARM_GRACE = 5
@@ -95,25 +99,39 @@ class DecodeWorker:
 
         ``function`` must be importable by name (a module-level function). Raises DecodeTimeout
         when no result came within ``time_limit`` seconds (default: the worker's; the child is
-        killed), UndecodableMedia when the child died, WorkerFailure for other exceptions.
+        killed), UndecodableMedia when the child died on the call twice (DecoderStopped when
+        both were killed by SIGKILL, from outside), WorkerFailure for other exceptions.
         """
         limit = time_limit or self.time_limit
         with self._lock:
-            child = self._running_child()
-            try:
-                child.channel.send((function, args, kwargs, math.ceil(limit) + _ALARM_GRACE))
-                if not child.channel.poll(limit):
+            # A child that dies mid-call is replaced and the call runs once more on the fresh one:
+            # one death may be the machine's (the OOM killer, an operator); the retry's tells.
+            for attempt in (1, 2):
+                child = self._running_child()
+                try:
+                    child.channel.send((function, args, kwargs, math.ceil(limit) + _ALARM_GRACE))
+                    if not child.channel.poll(limit):
+                        self._replace()
+                        raise DecodeTimeout(
+                            f"decoding took longer than the {limit:g} s limit; the file may be damaged, "
+                            "or too long or large: send a shorter or smaller file"
+                        )
+                    status, payload = child.channel.recv()
+                    break
+                except (EOFError, OSError) as exc:
+                    ended = child.exit_code()
                     self._replace()
-                    raise DecodeTimeout(
-                        f"decoding took longer than the {limit:g} s limit; the file may be damaged, "
-                        "or too long or large: send a shorter or smaller file"
-                    )
-                status, payload = child.channel.recv()
-            except (EOFError, OSError) as exc:
-                self._replace()
-                raise UndecodableMedia(
-                    "the decoder stopped unexpectedly on this file; it is probably damaged, send a re-encoded copy"
-                ) from exc
+                    if attempt == 1:
+                        logger.warning("a decode process ended mid-call (exit %s); retrying on a fresh one", ended)
+                        continue
+                    if ended == -signal.SIGKILL:  # killed from outside both times
+                        raise DecoderStopped(
+                            "the decoding process was stopped twice while reading this file (the machine may be "
+                            "out of memory); try again later"
+                        ) from exc
+                    raise UndecodableMedia(
+                        "the decoder crashed on this file twice; it is probably damaged, send a re-encoded copy"
+                    ) from exc
             child.jobs += 1
             if child.jobs >= self._max_jobs:
                 self._replace()
@@ -246,6 +264,14 @@ class _Child:
         finally:
             theirs.close()
         return cls(process, _Channel(ours))
+
+    def exit_code(self) -> int | None:
+        """The process's exit status once it has ended (negative: the signal that ended it);
+        None if it is still running a moment after its socket closed."""
+        try:
+            return self.process.wait(timeout=_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self, *, kill: bool) -> None:
         self.channel.close()

@@ -16,6 +16,7 @@ import pytest
 
 from media import (
     DecodePool,
+    DecoderStopped,
     DecodeTimeout,
     DecodeWorker,
     SegmentOutsideVideo,
@@ -118,13 +119,51 @@ def test_real_decoding_over_the_limit_times_out(tmp_path: Path) -> None:
         decoder.close()
 
 
-def test_a_crashing_decoder_is_an_undecodable_file(worker: DecodeWorker, tmp_path: Path) -> None:
+def test_a_decoder_that_crashes_twice_on_a_call_is_an_undecodable_file(worker: DecodeWorker, tmp_path: Path) -> None:
     worker.start()
-    with pytest.raises(UndecodableMedia, match="stopped unexpectedly"):
-        worker.run(os.kill, worker.pid, signal.SIGKILL)  # dies mid-call, as a segfault would
+    first = worker.pid
+    with pytest.raises(UndecodableMedia, match="crashed on this file twice"):
+        worker.run(signal.raise_signal, signal.SIGSEGV)  # dies mid-call as a decoder's segfault would, each time
+    assert worker.pid != first
 
     clip = write_video(tmp_path / "after-crash.mp4", frames=10, fps=10)
     assert worker.read_video(clip, 1).frame_indices == [0]
+
+
+def kill_when_busy(worker: DecodeWorker, times: int) -> threading.Thread:
+    """A thread that kills the worker's child by SIGKILL (as the OOM killer would) once it is
+    running a call, ``times`` times, each time the next child."""
+
+    def kill() -> None:
+        killed: set[int] = set()
+        while len(killed) < times:
+            pid = worker.pid
+            if pid is not None and pid not in killed:
+                time.sleep(0.5)  # the call has reached the child
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_child_killed_from_outside_mid_call_is_retried_once_and_answers(worker: DecodeWorker) -> None:
+    worker.start()
+    killer = kill_when_busy(worker, times=1)
+    assert worker.run(time.sleep, 2) is None  # the retry on a fresh child answered
+    killer.join(timeout=10)
+    assert worker.run(divmod, 7, 2) == (3, 1)
+
+
+def test_a_call_whose_child_is_killed_twice_is_the_services_trouble_not_the_files(worker: DecodeWorker) -> None:
+    worker.start()
+    killer = kill_when_busy(worker, times=2)
+    with pytest.raises(DecoderStopped, match="stopped twice"):
+        worker.run(time.sleep, 2)
+    killer.join(timeout=10)
+    assert worker.run(divmod, 7, 2) == (3, 1)  # the next call gets a fresh child
 
 
 def test_other_exceptions_are_worker_failures_with_the_childs_traceback(worker: DecodeWorker) -> None:
@@ -247,10 +286,10 @@ def test_pool_a_crash_costs_only_its_own_call(make_pool: Callable[..., DecodePoo
     before = pool.pids
 
     with ThreadPoolExecutor(2) as threads:
-        # SIGKILL raised by the child on itself, as a segfault would end it (and no core file).
-        crash = threads.submit(pool.run, signal.raise_signal, signal.SIGKILL)
+        # SIGSEGV raised by the child on itself, as a decoder's segfault would end it.
+        crash = threads.submit(pool.run, signal.raise_signal, signal.SIGSEGV)
         decode = threads.submit(pool.read_video, clip, 2)
-        with pytest.raises(UndecodableMedia, match="stopped unexpectedly"):
+        with pytest.raises(UndecodableMedia, match="crashed on this file twice"):
             crash.result()
         assert decode.result().frame_indices == [0, 9]
 
