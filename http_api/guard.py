@@ -24,6 +24,8 @@ the route's failure body (http_api.errors) when something is wrong:
   (``-F file=@clip.mp4``), which BentoML would try to read as JSON; the message names the parts
   the route takes.
 - 503 with Retry-After when http_api.admission refuses a request whose body has fully arrived.
+- 499 (nginx's "client closed request") instead of BentoML's 500 when the client closes the
+  connection before its body is complete: counted and logged as the client's, at INFO.
 
 The first MiB of a body is inspected before the app starts, so most refusals never reach it.
 After a later refusal the app is told that the client disconnected, and its response is dropped.
@@ -105,6 +107,7 @@ class _GuardedRequest:
         self.send = send
         self.refused = False
         self.body_complete = False
+        self.client_left = False  # the connection closed before the whole body came
         self.responding = False
         self.counted = False
         self.inspector: _JsonInspector | _MultipartInspector | _FormInspector | None = None
@@ -185,6 +188,8 @@ class _GuardedRequest:
 
     async def _inspected(self, message: Message) -> Message:
         """``message`` after checking it; raises Refusal."""
+        if message["type"] == "http.disconnect" and not self.body_complete:
+            self.client_left = True
         if message["type"] == "http.request":
             more = bool(message.get("more_body", False))
             assert self.inspector is not None
@@ -205,6 +210,11 @@ class _GuardedRequest:
         self.counted = True
 
     async def _send(self, message: Message) -> None:
+        if self.client_left and message["type"] == "http.response.start" and not self.refused:
+            # BentoML answers a body cut off by the client with a 500 (Starlette's ClientDisconnect
+            # reaches its catch-all): it is the client's doing, counted and logged as nginx's 499.
+            await self._refuse(Refusal(499, "the client closed the connection before its request was complete"))
+            return
         if not self.refused:  # after a refusal the client already has its answer
             self.responding = True
             await self.send(message)

@@ -155,10 +155,12 @@ class FrameworkErrorFilter(logging.Filter):
 
 
 def _is_client_error(error: BaseException) -> bool:
-    """Errors BentoML answers with a status below 500: validation errors and 4xx exceptions."""
+    """Errors BentoML answers with a status below 500: validation errors and 4xx exceptions;
+    and a client that left mid-body (the guard answers it 499)."""
     from pydantic import ValidationError
+    from starlette.requests import ClientDisconnect
 
-    if isinstance(error, ValidationError):
+    if isinstance(error, (ValidationError, ClientDisconnect)):
         return True
     code: Any = getattr(getattr(error, "error_code", None), "value", None)
     return isinstance(code, int) and code < 500

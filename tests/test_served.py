@@ -289,3 +289,45 @@ def test_fields_outside_metadata_are_refused(served, media_dir, form, files, jso
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert "metadata" in error and ("prompt" in error or "num_frames" in error)
+
+
+def test_a_client_that_leaves_mid_upload_is_its_own_499_not_a_server_error(served, served_folder, media_dir) -> None:
+    """Headers, half the multipart body, then the connection closed: logged at INFO as a 499 (the
+    client's), no traceback, counted under 499 in /metrics; the service answers the next request."""
+    import socket
+    from urllib.parse import urlsplit
+
+    def count_499() -> float:
+        text = httpx.get(f"{served}/metrics", timeout=30).text
+        found = re.search(r'llava_requests_total\{route="/analyze_video",status="499"\} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    before = count_499()
+    log = served_folder / "serve.log"
+    lines_before = len(log.read_text().splitlines())
+    data = (media_dir / "clip.mp4").read_bytes()
+    boundary = "cutoffboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="video"; filename="clip.mp4"\r\n'
+        "Content-Type: video/mp4\r\n\r\n"
+    ).encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    address = urlsplit(served)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+        connection.sendall(
+            (
+                f"POST /analyze_video HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[: len(body) // 2]
+        )
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and count_499() == before:
+        time.sleep(0.2)
+    assert count_499() == before + 1
+    new_lines = log.read_text().splitlines()[lines_before:]
+    cut = [line for line in new_lines if "POST /analyze_video 499" in line]
+    assert cut and "INFO" in cut[0] and "closed the connection" in cut[0], new_lines
+    assert not any("Traceback" in line or "ClientDisconnect" in line or " 500 " in line for line in new_lines)
+    assert httpx.get(f"{served}/readyz", timeout=30).status_code == 200
