@@ -47,8 +47,12 @@ SOCKET_TIMEOUT_SECONDS = 5.0
 READ_BLOCK_MILLISECONDS = 1000
 
 # A caption recorded once (HSETNX), its tokens counted once, and the count after it, atomically:
-# the replica whose new caption makes the count reach the total is the one that composes.
+# the replica whose new caption makes the count reach the total is the one that composes. Nothing
+# is written for a job whose record is gone (expired, or a Redis restarted without its data).
 _RECORD_CAPTION = """
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return {0, 0}
+end
 local new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 if new == 1 then
   redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[3])
@@ -170,7 +174,7 @@ class RedisJobStore:
     def record_caption(self, task_id: str, index: int, caption: CaptionRecord, tokens: tuple[int, int]) -> CaptionCount:
         """Record segment ``index``'s caption unless one is already there (a segment taken over
         from a replica that was only slow): atomically, with the count after it."""
-        keys = [self._key(task_id, "captions"), self._key(task_id, "progress")]
+        keys = [self._key(task_id, "captions"), self._key(task_id, "progress"), self._key(task_id)]
         with reachable(self.client):
             new, recorded = self._record_caption(keys=keys, args=[index, caption.model_dump_json(), *tokens])
         return CaptionCount(bool(new), int(recorded))

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.errors import JobStoreUnavailable
 from jobs.records import CaptionRecord, JobRecord, JobResult, JobStatus, VideoInfo
-from jobs.redis_store import RedisJobStore, SegmentQueue, connect
+from jobs.redis_store import CaptionCount, RedisJobStore, SegmentQueue, connect
 from testing.served import free_port
 
 TASK = "0123456789abcdef0123456789abcdef"
@@ -34,6 +34,8 @@ def caption(start: float, by: str) -> CaptionRecord:
 def test_a_record_runs_with_its_captions_then_expires_with_them(redis_server, prefix) -> None:
     client = connect(redis_server.url)
     store = RedisJobStore(client, ttl_seconds=0.5, prefix=prefix)
+    assert store.record_caption(TASK, 0, caption(0, "a"), (1, 1)) == CaptionCount(False, 0)  # no such job: nothing kept
+    assert client.keys(f"{prefix}*") == []
     store.create(record(), "{}", SegmentQueue(client, prefix), "segments", [{"task_id": TASK, "index": 0}])
     assert store.load(TASK).status is JobStatus.PENDING and store.waiting() == 1
     store.start(TASK)
