@@ -275,9 +275,11 @@ class SegmentQueue:
 
     def take(self, consumer: str, streams: Sequence[str], claim_idle_s: float) -> tuple[str, str, dict, bool] | None:
         """One entry for ``consumer``: first one idle for ``claim_idle_s`` on any stream (its
-        replica stopped), else a new one (waiting up to a second); (stream, id, fields, taken
-        over) or None."""
-        read = None
+        replica stopped), else a new one from the first stream that has one, waiting up to a
+        second on the last; (stream, id, fields, taken over) or None.
+
+        One stream at a time: a read of several with COUNT 1 answers up to one entry *each*,
+        and an entry taken but not worked on would wait for the claim timeout."""
         with reachable(self.client), self._regrouped(streams):
             for stream in streams:
                 _, claimed, *_ = self.client.xautoclaim(
@@ -286,12 +288,12 @@ class SegmentQueue:
                 if claimed:
                     entry_id, fields = claimed[0]
                     return stream, entry_id, fields, True
-            read = self.client.xreadgroup(
-                GROUP, consumer, {self.key(s): ">" for s in streams}, count=1, block=READ_BLOCK_MILLISECONDS
-            )
-        for key, entries in read or ():
-            for entry_id, fields in entries:
-                return key.removeprefix(self.prefix), entry_id, fields, False
+            for position, stream in enumerate(streams):
+                block = READ_BLOCK_MILLISECONDS if position == len(streams) - 1 else None
+                read = self.client.xreadgroup(GROUP, consumer, {self.key(stream): ">"}, count=1, block=block)
+                for _, entries in read or ():
+                    for entry_id, fields in entries:
+                        return stream, entry_id, fields, False
         return None
 
     def renew(self, consumer: str, held: Sequence[tuple[str, str]]) -> None:

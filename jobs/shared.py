@@ -139,7 +139,8 @@ class SharedJobManager(JobManager):
         # container) from inheriting its predecessor's claims.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.videos = Path(job_dir).expanduser() / "videos" if shared.shared_dir else None
-        self._streams = [COMMON_STREAM, f"{COMMON_STREAM}:{self.replica}"]
+        # Its own stream first (only this replica can caption those), then everyone's.
+        self._streams = [f"{COMMON_STREAM}:{self.replica}", COMMON_STREAM]
         self._work: dict[str, _Work] = {}  # entry id -> what this replica is working on
         self._folders: dict[str, Path] = {}  # task id -> this replica's folder of its video
         self._copies: dict[str, Path] = {}  # task id -> this replica's download of a URL job's video
@@ -204,7 +205,7 @@ class SharedJobManager(JobManager):
             video_info=_video_info(duration, segments, parameters),
         )
         tasks = [{"task_id": task_id, "index": s.index, "start": repr(s.start), "end": repr(s.end)} for s in segments]
-        stream = self._streams[1] if kind == "local" else COMMON_STREAM
+        stream = self._streams[0] if kind == "local" else COMMON_STREAM
         try:
             self.store.create(record, spec.model_dump_json(), self.queue, stream, tasks)
         except BaseException:

@@ -107,3 +107,16 @@ def test_redis_unreachable_is_told_within_seconds(prefix) -> None:
     with pytest.raises(JobStoreUnavailable):
         store.save(record())
     assert time.monotonic() - started < 5
+
+
+def test_a_replica_takes_one_entry_at_a_time_its_own_stream_first(redis_server, prefix) -> None:
+    client = connect(redis_server.url)
+    queue = SegmentQueue(client, prefix)
+    streams = ["segments:a", "segments"]
+    queue.ensure(streams)
+    client.xadd(queue.key("segments"), {"task_id": TASK, "index": "0"})
+    client.xadd(queue.key("segments:a"), {"task_id": TASK, "index": "1"})
+    assert queue.take("a", streams, claim_idle_s=60)[0] == "segments:a"
+    pending = {s: client.xpending(queue.key(s), "captioners")["pending"] for s in streams}
+    assert pending == {"segments:a": 1, "segments": 0}  # the other one is still there for anyone
+    assert queue.take("b", ["segments"], claim_idle_s=60)[2]["index"] == "0"
