@@ -1,6 +1,7 @@
 """A real ``redis-server`` for tests and benchmarks: on a free loopback port, nothing saved to
-disk unless asked (``--save '' --appendonly no``), stoppable and restartable on the same port
-(to test what a Redis outage or restart does to the service)."""
+disk unless asked (``--save '' --appendonly no``; ``appendonly=True`` keeps an append-only file
+in its folder, read again by the next start), stoppable and restartable on the same port (to test
+what a Redis outage or restart does to the service)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, start_seconds: float = 20) -> None:
+    def start(self, start_seconds: float = 20, appendonly: bool = False) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is missing: apt-get install redis-server (make test installs it)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        command += ["--appendonly", "yes" if appendonly else "no"]
         command += ["--dir", str(self.folder)]
         log = (self.folder / "redis.log").open("a")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

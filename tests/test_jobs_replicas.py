@@ -1,8 +1,8 @@
 """Two served replicas sharing jobs through a real redis-server (issue 27's faults): a job
 submitted to one is answered by the other and captioned by both, an upload stays with its
 replica unless LLAVA_JOB_DIR is declared shared, a cancel on one stops the job everywhere, Redis
-down is a 503 within seconds and the replicas recover, and a replica killed mid-job has its
-segments taken over by the other.
+down is a 503 within seconds and the replicas recover, a job resumes when Redis restarts with
+its append-only file, and a replica killed mid-job has its segments taken over by the other.
 
 A does not declare its job folder shared, B does (both are on one machine, so it is). The two
 replicas start once for the module; the kill test comes last, since it ends A.
@@ -211,6 +211,24 @@ def test_redis_down_is_a_503_within_seconds_and_the_replicas_recover(pair: Pair,
     assert submitted.status_code == 202, submitted.text
     seen = pair.a.wait(submitted.json()["task_id"])
     assert seen[-1]["status"] == "completed"
+
+
+def test_a_job_resumes_when_redis_restarts_with_its_append_only_file(pair: Pair, redis_server) -> None:
+    redis_server.stop()
+    redis_server.start(appendonly=True)  # from here on it keeps what it is told on disk
+    metadata = METADATA | {"segment_seconds": 30, "max_new_tokens": 16, "ignore_eos": True}  # 24 segments
+    submitted = pair.a.submit(video_url=pair.url, metadata=metadata)
+    assert submitted.status_code == 202, submitted.text
+    task_id = submitted.json()["task_id"]
+    before = pair.b.wait(task_id, until=lambda status: status["progress"]["segments_captioned"] >= 3)
+    redis_server.stop()  # mid-job: the replicas' captions in flight cannot be recorded
+    assert before[-1]["ended_at"] is None
+    time.sleep(1)
+    redis_server.start(appendonly=True)
+    after = pair.b.wait(task_id)
+    assert after[-1]["status"] == "completed"
+    assert_forward(before + after)
+    assert_every_segment_once_in_order(pair.a.get("get", task_id).json(), 24, seconds=30)
 
 
 def test_a_replica_killed_mid_job_has_its_segments_taken_over(pair: Pair, redis_server) -> None:
