@@ -99,17 +99,19 @@ def served(checkpoint: Path, log: Path, **settings: str) -> Iterator[str]:
         yield base
 
 
-def kill_tree(port: int) -> None:
-    """SIGKILL the `bentoml serve` on ``port`` and every process under it (its worker runs in a
-    session of its own, out of reach of the group's signal), as a machine failing would."""
+def kill_tree(port: int, signum: int = signal.SIGKILL) -> None:
+    """Send ``signum`` (default SIGKILL, as a machine failing) to the `bentoml serve` on ``port``
+    and every process under it: its worker runs in a session of its own, out of reach of the
+    group's signal. After SIGKILL, waits until they are gone; SIGSTOP/SIGCONT freeze and thaw."""
     import psutil
 
     victims = []
     for pid in server_pids(port):
         with contextlib.suppress(psutil.Error):
             victims.append(psutil.Process(pid))
-            victims[-1].kill()
-    psutil.wait_procs(victims, timeout=30)
+            victims[-1].send_signal(signum)
+    if signum == signal.SIGKILL:
+        psutil.wait_procs(victims, timeout=30)
 
 
 def server_pids(port: int) -> set[int]:

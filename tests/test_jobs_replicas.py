@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
 import threading
 import time
@@ -232,23 +233,35 @@ def test_a_job_resumes_when_redis_restarts_with_its_append_only_file(pair: Pair,
 
 
 def test_a_replica_killed_mid_job_has_its_segments_taken_over(pair: Pair, redis_server) -> None:
-    metadata = METADATA | {"segment_seconds": 30, "max_new_tokens": 16, "ignore_eos": True}  # 24 segments
+    # Captions long next to recording one, so that A dies in the middle of one.
+    metadata = METADATA | {"segment_seconds": 30, "max_new_tokens": 48, "ignore_eos": True}  # 24 segments
     task_id = pair.a.submit(video_url=pair.url, metadata=metadata).json()["task_id"]
     client = redis_server.client()
-    held: list[dict] = []
+    a_pids = server_pids(pair.a.port)
 
-    def a_holds_a_segment(status: dict) -> bool:
+    def of_a() -> list[dict]:
         pending = client.xpending_range("llava:segments", "captioners", "-", "+", 10)
-        held[:] = [entry for entry in pending if pair.a.owns(entry["consumer"])]
-        return bool(held) and status["progress"]["segments_captioned"] >= 2
+        return [entry for entry in pending if int(entry["consumer"].split(":")[1]) in a_pids]
 
-    before = pair.b.wait(task_id, until=a_holds_a_segment)
-    (entry,) = client.xrange("llava:segments", held[0]["message_id"], held[0]["message_id"])
-    index = int(entry[1]["index"])
+    def cut_off() -> list[int]:
+        """The segments A holds and has not recorded: those it is working on."""
+        recorded = {segment["start"] for segment in pair.b.status(task_id)["segments"]}
+        held = [int(client.xrange("llava:segments", e["message_id"], e["message_id"])[0][1]["index"]) for e in of_a()]
+        return [index for index in held if 30.0 * index not in recorded]
+
+    before = pair.b.wait(task_id, until=lambda status: status["progress"]["segments_captioned"] >= 2)
+    # Frozen first, so that what it holds cannot change; killed once it is caught mid-segment.
+    for _ in range(50):
+        kill_tree(pair.a.port, signal.SIGSTOP)
+        if working_on := cut_off():
+            break
+        kill_tree(pair.a.port, signal.SIGCONT)
+        time.sleep(0.02)
     kill_tree(pair.a.port)
+    assert working_on, "A was never caught captioning"
     after = pair.b.wait(task_id, limit=120)
     assert after[-1]["status"] == "completed"
     assert_forward(before + after)
     result = pair.b.get("get", task_id).json()
     assert_every_segment_once_in_order(result, 24, seconds=30)
-    assert pair.b.owns(result["segments"][index]["captioned_by"])  # the one A held, taken over
+    assert all(pair.b.owns(result["segments"][index]["captioned_by"]) for index in working_on)  # taken over
