@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .demo/tiny-llava-video
 CHROMIUM := /usr/bin/chromium
+REDIS_SERVER := /usr/bin/redis-server
 
 .PHONY: serve demo test lint build clean
 
@@ -29,8 +30,9 @@ demo: $(STAMP) $(DEMO_MODEL)/config.json
 $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(BIN)/python -m testing.tiny --readable $(DEMO_MODEL)
 
-## test: the whole test suite (tiny checkpoints, real media, real HTTP, the web page in chromium)
-test: $(STAMP) $(CHROMIUM)
+## test: the whole test suite (tiny checkpoints, real media, real HTTP, the web page in chromium,
+## jobs shared by two replicas through a real redis-server)
+test: $(STAMP) $(CHROMIUM) $(REDIS_SERVER)
 	$(BIN)/python -m pytest
 
 # The web page's browser tests drive Debian's chromium with Playwright (which downloads no
@@ -43,6 +45,18 @@ $(CHROMIUM):
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	else \
 	  echo "$(CHROMIUM) is missing: sudo apt-get install chromium (or skip: $(BIN)/python -m pytest -m 'not browser')" >&2; \
+	  exit 1; \
+	fi
+
+# The jobs' Redis tests start Debian's redis-server (7.0) on a free loopback port, saving
+# nothing: installed here when missing and run as root, as chromium above.
+$(REDIS_SERVER):
+	@if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing redis-server for the jobs' Redis tests" >&2; \
+	  apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	else \
+	  echo "$(REDIS_SERVER) is missing: sudo apt-get install redis-server" >&2; \
 	  exit 1; \
 	fi
 

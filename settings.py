@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The limit objects live with the behaviour they limit, in modules that import nothing heavy
 # (tests/test_imports.py checks that reading the settings imports no torch, and no circle).
 from http_api.limits import GuardLimits, RequestDefaults
-from jobs.limits import JobLimits
+from jobs.limits import DEFAULT_CLAIM_TIMEOUT_SECONDS, JobLimits, SharedJobSettings, check_redis_url
 from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
 from media.sizes import format_bytes
@@ -128,6 +128,18 @@ class Settings(BaseSettings):
         ge=1,
         description="captions one job keeps in the engine at once (2 overlaps decoding with generation)",
     )
+    redis_url: str = Field(
+        "",
+        description="the Redis replicas share jobs through (redis://host:6379/0); empty: jobs stay on their machine",
+    )
+    job_claim_timeout_s: float = Field(
+        DEFAULT_CLAIM_TIMEOUT_SECONDS,
+        gt=0,
+        description="with Redis: seconds after which the segments of a replica that stopped are taken over",
+    )
+    job_dir_shared: bool = Field(
+        False, description="with Redis: LLAVA_JOB_DIR is on storage every replica sees, so any replica reads uploads"
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
     )
@@ -170,6 +182,14 @@ class Settings(BaseSettings):
             max_running=self.max_running_jobs,
             max_pending=self.max_pending_jobs,
             captions_in_flight=self.job_captions_in_flight,
+        )
+
+    def shared_jobs(self) -> SharedJobSettings | None:
+        """How replicas share jobs through Redis; None without LLAVA_REDIS_URL (one machine)."""
+        if not self.redis_url:
+            return None
+        return SharedJobSettings(
+            redis_url=self.redis_url, claim_timeout_s=self.job_claim_timeout_s, shared_dir=self.job_dir_shared
         )
 
     def fetch_limits(self, max_bytes: int | None = None) -> FetchLimits:
@@ -216,6 +236,11 @@ class Settings(BaseSettings):
             raise ValueError("LLAVA_API_KEY is set but empty: set a key, or unset it to serve without one")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        return check_redis_url(value) if value.strip() else ""
+
     @field_validator("url_allowlist")
     @classmethod
     def _allowlist_parses(cls, value: str) -> str:
@@ -251,6 +276,12 @@ class Settings(BaseSettings):
             f"waiting, videos up to {self.max_job_video_seconds:g} s and {format_bytes(self.max_job_bytes)} in "
             f"{self.max_job_segments} segments, "
             f"results kept {self.job_result_seconds:g} s in {self.job_dir}"
+            + (
+                f", shared through Redis (segments taken over after {self.job_claim_timeout_s:g} s"
+                f"{', uploads in the shared LLAVA_JOB_DIR' if self.job_dir_shared else ''})"
+                if self.redis_url
+                else ""
+            )
         )
 
 

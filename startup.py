@@ -45,7 +45,10 @@ from http_api import request_log
 from http_api.analysis import Analyzer
 from http_api.lifecycle import Lifecycle
 from http_api.metrics import process_metrics
+from jobs.limits import SharedJobSettings
 from jobs.manager import JobManager
+from jobs.redis_store import RedisJobStore, SegmentQueue, connect
+from jobs.shared import SharedJobManager
 from jobs.store import JobStore
 from llava_custom.builder import check_requirements, describe, gpu_memory, load_pretrained_model
 from llava_custom.checkpoint import read_checkpoint
@@ -89,6 +92,8 @@ def check_before_serving() -> settings.Settings:
             layout = VideoLayout.from_config(checkpoint.config)
         check_capacity(layout, current.kv_cache_tokens, current.max_frames, current.max_new_tokens_limit)
         job_store(current)
+        if (shared := current.shared_jobs()) is not None:
+            check_redis(shared)
     except _EXPLAINED as error:
         exit_with(str(error), EXIT_INVALID_CONFIG)
     except Exception as error:  # the checkpoint's files could not be read: still one line
@@ -107,6 +112,41 @@ def job_store(current: settings.Settings) -> JobStore:
     except OSError as error:
         raise ValueError(f"LLAVA_JOB_DIR={current.job_dir} cannot be used for job records: {error}") from error
     return store
+
+
+def check_redis(shared: SharedJobSettings) -> None:
+    """Warn when the jobs' Redis does not answer now: the service still starts (its jobs routes
+    answer 503 until Redis answers), since in a cluster Redis may come up after the replicas."""
+    client = connect(shared.redis_url)
+    try:
+        RedisJobStore(client, 1.0).ping()
+    except Exception as error:
+        logger.warning("%s; the /jobs routes answer 503 until it answers", error)
+    finally:
+        client.close()
+
+
+def shared_job_manager(
+    current: settings.Settings,
+    shared: SharedJobSettings,
+    engine: Engine,
+    decoder: media.DecodePool,
+    reading: media.VideoReading,
+) -> SharedJobManager:
+    """This replica's view of the jobs every replica shares through Redis (LLAVA_REDIS_URL)."""
+    client = connect(shared.redis_url)
+    limits = current.fetch_limits(max_bytes=current.max_job_bytes)
+    return SharedJobManager(
+        engine,
+        decoder,
+        RedisJobStore(client, current.job_result_seconds),
+        current.job_limits(),
+        reading,
+        queue=SegmentQueue(client),
+        shared=shared,
+        job_dir=current.job_dir,
+        fetch=lambda url, folder: media.download_to_file(url, folder, limits),
+    )
 
 
 def exit_with(message: str, status: int) -> NoReturn:
@@ -221,7 +261,10 @@ class ModelStartup:
             return
         reading = s.video_reading(engine.frame_size)  # requests and job segments decode alike
         self.analyzer = Analyzer(s, engine, self.decoder, reading, process_metrics())
-        self.jobs = JobManager(engine, self.decoder, job_store(s), s.job_limits(), reading)
+        if (shared := s.shared_jobs()) is not None:
+            self.jobs = shared_job_manager(s, shared, engine, self.decoder, reading)
+        else:
+            self.jobs = JobManager(engine, self.decoder, job_store(s), s.job_limits(), reading)
         self.lifecycle.set_ready()
         logger.info("ready after %.1f s", time.monotonic() - started)
 

@@ -28,7 +28,7 @@ import media
 from http_api import record
 from http_api.answers import Failure
 from http_api.routes import Route, Shape, route_for
-from jobs.errors import JobNotFinished, TooManyJobs, UnknownJob
+from jobs.errors import JobNotFinished, JobRunsElsewhere, JobStoreUnavailable, TooManyJobs, UnknownJob
 from jobs.segments import SegmentPlanError
 from llava_custom.errors import (
     EngineBusy,
@@ -66,6 +66,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     SegmentPlanError: 400,
     UnknownJob: 404,
     JobNotFinished: 409,
+    JobRunsElsewhere: 409,
     InvalidPrompt: 400,
     media.InvalidSource: 400,
     media.MediaTooLarge: 413,
@@ -77,6 +78,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     media.UpstreamTimeout: 504,
     EngineBusy: 503,
     TooManyJobs: 503,
+    JobStoreUnavailable: 503,  # Redis down or unreachable: nothing was done, try again
     RequestTimeout: 503,
     EngineClosed: 503,
     RequestCancelled: 499,  # nginx's "client closed request": only the access log sees it

@@ -16,6 +16,7 @@ it deletes every result when the server starts. Failures have the native failure
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -60,8 +61,10 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
         try:
             source = await to_thread.run_sync(_source, analyzer(), fields, folder)
             parameters = meta.parameters(analyzer().defaults)
-            # The job owns the folder from here on and deletes it when it ends.
-            status = await to_thread.run_sync(jobs().submit, source, folder, parameters)
+            # The job owns the folder from here on and deletes it when it ends; replicas sharing
+            # jobs read a URL's video themselves.
+            url = fields.get("video_url") or None
+            status = await to_thread.run_sync(functools.partial(jobs().submit, source, folder, parameters, url))
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
             return _failure(error)

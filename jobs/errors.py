@@ -6,6 +6,8 @@
     ├── ValueError
     │   └── SegmentPlanError    the span or segment parameters do not fit this video or the limits
     ├── JobNotFinished          the job has no result (yet): waiting, running, or cancelled
+    ├── JobRunsElsewhere        cancel of a job another process runs on the file store (use Redis)
+    ├── JobStoreUnavailable     the shared job store (Redis) cannot be reached now; try again later
     ├── TooManyJobs             as many jobs as allowed already wait to run
     ├── JobFailed               asking for the result of a job that failed: ``kind`` and message
     ├── InternalJobError        kind recorded for a bug or a device failure (the server log has it)
@@ -36,6 +38,14 @@ class SegmentPlanError(ValueError):
 
 class JobNotFinished(Exception):
     """The job has no result (yet): it is still running, or it was cancelled."""
+
+
+class JobRunsElsewhere(Exception):
+    """The job runs in another process sharing the file store; only Redis passes a cancel on."""
+
+
+class JobStoreUnavailable(Exception):
+    """The shared job store (Redis, LLAVA_REDIS_URL) did not answer; nothing was done, try again."""
 
 
 class TooManyJobs(Exception):

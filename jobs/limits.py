@@ -23,3 +23,30 @@ class JobLimits:
     max_running: int = 1  # jobs captioning at once; more wait in order
     max_pending: int = 16  # jobs allowed to wait; one more is refused
     captions_in_flight: int = 1  # captions one job keeps in the engine at once
+
+
+# Seconds a segment may stay claimed by a replica that stopped working on it before another
+# replica takes it over (LLAVA_JOB_CLAIM_TIMEOUT_S); replicas renew their claims a few times
+# within it, so a slow caption is never taken over, only one whose replica is gone.
+DEFAULT_CLAIM_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class SharedJobSettings:
+    """Jobs shared by replicas through Redis (README, Long videos: across replicas)."""
+
+    redis_url: str  # LLAVA_REDIS_URL
+    claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_SECONDS
+    # LLAVA_JOB_DIR is on storage every replica sees: uploads are kept there, any replica
+    # captions their segments. Otherwise an upload's segments stay with the replica holding it.
+    shared_dir: bool = False
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` when redis-py can connect by it (redis://, rediss://, unix://); ValueError if not.
+
+    redis-py is imported here, not at the top: reading the settings without Redis stays light."""
+    from redis.connection import parse_url
+
+    parse_url(url)  # raises ValueError naming the scheme or the port it cannot use
+    return url

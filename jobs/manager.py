@@ -33,6 +33,7 @@ from jobs.errors import (
     JobFailed,
     JobInterrupted,
     JobNotFinished,
+    JobRunsElsewhere,
     SegmentPlanError,
     TooManyJobs,
     UnknownJob,
@@ -101,28 +102,17 @@ class JobManager:
 
     # --- submitting ------------------------------------------------------------------------
 
-    def submit(self, source: Path, folder: Path, parameters: JobParameters) -> dict[str, Any]:
+    def submit(
+        self, source: Path, folder: Path, parameters: JobParameters, video_url: str | None = None
+    ) -> dict[str, Any]:
         """Check the video at ``source`` and queue its job; the job owns ``folder`` (with
         ``source`` in it) from here on and deletes it when it ends. Blocking (probes the file).
+        ``video_url``, where the video came from, matters only to replicas sharing jobs.
 
         Raises MediaError subclasses for unreadable or too long videos, SegmentPlanError for a
         plan outside the video or over the segment or frame limits, TooManyJobs when the queue is
         full."""
-        if parameters.frames_per_segment > self.limits.max_frames:
-            raise SegmentPlanError(f"frames_per_segment may be at most {self.limits.max_frames}")
-        duration = self.decoder.run(media.video_duration, source, max_pixels=self.reading.max_pixels)
-        if duration > self.limits.max_video_seconds:
-            raise media.MediaTooLarge(
-                f"the video is {duration:.0f} s long, over the {self.limits.max_video_seconds:g}-second limit for jobs"
-            )
-        segments = plan_segments(
-            duration,
-            segment_seconds=parameters.segment_seconds,
-            overlap_seconds=parameters.overlap_seconds,
-            start_time=parameters.start_time,
-            end_time=parameters.end_time,
-            max_segments=self.limits.max_segments,
-        )
+        duration, segments = self._plan(source, parameters)
         task_id = uuid.uuid4().hex
         job = LongVideoJob(
             self.engine,
@@ -141,13 +131,7 @@ class JobManager:
             folder=str(folder),
             status=JobStatus.PENDING,
             created_at=time.time(),
-            video_info=VideoInfo(
-                video_duration=duration,
-                start_time=segments[0].start,
-                end_time=segments[-1].end,
-                segment_count=len(segments),
-                frames_per_segment=parameters.frames_per_segment,
-            ),
+            video_info=_video_info(duration, segments, parameters),
         )
         with self._lock:
             if self._closed:
@@ -161,6 +145,25 @@ class JobManager:
             self._pool.submit(self._run, running)
         logger.info("job %s: %d segments over %.0f s of video", task_id, len(segments), duration)
         return self.status(task_id)
+
+    def _plan(self, source: Path, parameters: JobParameters) -> tuple[float, list[Segment]]:
+        """The video's length and its segments, checked against the limits (see submit)."""
+        if parameters.frames_per_segment > self.limits.max_frames:
+            raise SegmentPlanError(f"frames_per_segment may be at most {self.limits.max_frames}")
+        duration = self.decoder.run(media.video_duration, source, max_pixels=self.reading.max_pixels)
+        if duration > self.limits.max_video_seconds:
+            raise media.MediaTooLarge(
+                f"the video is {duration:.0f} s long, over the {self.limits.max_video_seconds:g}-second limit for jobs"
+            )
+        segments = plan_segments(
+            duration,
+            segment_seconds=parameters.segment_seconds,
+            overlap_seconds=parameters.overlap_seconds,
+            start_time=parameters.start_time,
+            end_time=parameters.end_time,
+            max_segments=self.limits.max_segments,
+        )
+        return duration, segments
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -190,8 +193,9 @@ class JobManager:
         raise JobFailed(record.error or "the job failed", record.error_kind or InternalJobError.__name__)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        """Stop the job (a waiting one never starts; a running one within a segment). A job that
-        another process runs is asked to stop through the store; an ended job stays as it ended."""
+        """Stop the job (a waiting one never starts; a running one within a segment); an ended
+        job stays as it ended. Raises JobRunsElsewhere for a job another process runs on the same
+        folder: only replicas sharing jobs through Redis pass a cancel on (jobs.shared)."""
         with self._lock:
             running = self._running.get(task_id)
             if running is not None:
@@ -202,8 +206,10 @@ class JobManager:
         record = self._record(task_id)
         if record.status not in UNFINISHED:
             return {"task_id": task_id, "status": record.status.value}
-        self.store.request_cancel(task_id)
-        return {"task_id": task_id, "status": JobStatus.CANCELED.value}
+        raise JobRunsElsewhere(
+            f"job {task_id} runs in another process ({record.owner}); cancel it there, or let replicas "
+            "share jobs through Redis (LLAVA_REDIS_URL)"
+        )
 
     def ask(self, task_id: str, question: str, generation: GenerationSettings) -> tuple[str, tuple[int, int]]:
         """``question`` answered from the finished job's captions (text only, no second look at
@@ -222,8 +228,6 @@ class JobManager:
             job.progress.started = time.monotonic()
             if record.status is JobStatus.PENDING:  # not when cancelled while waiting: run() then stops at once
                 record.status = JobStatus.IN_PROGRESS
-        if self.store.cancel_requested(running.task_id):
-            job.cancel()
         try:
             result = job.run()
         except Exception as error:
@@ -243,15 +247,12 @@ class JobManager:
             shutil.rmtree(running.folder, ignore_errors=True)
 
     def _progressed(self, task_id: str) -> None:
-        """After each caption: the progress goes to the store (other replicas read it there), and a
-        cancel asked through the store stops the job."""
+        """After each caption: the progress goes to the store (other processes read it there)."""
         with self._lock:
             running = self._running.get(task_id)
             if running is None:
                 return
             self.store.save(_snapshot(running))
-        if self.store.cancel_requested(task_id):
-            self.cancel(task_id)
 
     def _end(self, running: _Running, status: JobStatus, error: Exception | None = None) -> None:
         with self._lock:
@@ -313,6 +314,16 @@ def job_ending(error: Exception, *, closed: bool) -> tuple[JobStatus, Exception 
     # A bug or a device failure (the caller logs it); the record says where to look.
     message = f"internal error while running the job ({type(error).__name__}); see the server log"
     return JobStatus.FAILED, InternalJobError(message)
+
+
+def _video_info(duration: float, segments: list[Segment], parameters: JobParameters) -> VideoInfo:
+    return VideoInfo(
+        video_duration=duration,
+        start_time=segments[0].start,
+        end_time=segments[-1].end,
+        segment_count=len(segments),
+        frames_per_segment=parameters.frames_per_segment,
+    )
 
 
 def _snapshot(running: _Running) -> JobRecord:

@@ -144,19 +144,11 @@ class LongVideoJob:
     # --- captions ---------------------------------------------------------------------------
 
     def _caption(self, segment: Segment, sampled: SampledVideo) -> TokenStream:
-        # The time instruction of the segment alone: its length, and frame times from its start.
-        times = [t - segment.start for t in sampled.info.frame_times]
-        while True:
-            self._check_cancelled()
-            try:
-                stream = self.engine.submit_video(
-                    sampled.frames, segment.seconds, times, self.caption_prompt, self.settings
-                )
-            except EngineBusy:  # interactive requests first: offer the caption again shortly
-                time.sleep(BUSY_RETRY_SECONDS)
-                continue
-            self._streams.append(stream)
-            return stream
+        stream = submit_caption(
+            self.engine, segment, sampled, self.caption_prompt, self.settings, self._check_cancelled
+        )
+        self._streams.append(stream)
+        return stream
 
     def _collect(
         self, item: tuple[Segment, tuple[float, ...], TokenStream], captions: dict[int, SegmentCaption]
@@ -182,6 +174,26 @@ class LongVideoJob:
     def _check_cancelled(self) -> None:
         if self._cancelled.is_set():
             raise RequestCancelled("the job was cancelled")
+
+
+def submit_caption(
+    engine: Engine,
+    segment: Segment,
+    sampled: SampledVideo,
+    prompt: str,
+    settings: GenerationSettings,
+    check_cancelled: Callable[[], None] = lambda: None,
+) -> TokenStream:
+    """Segment ``segment``'s caption, queued in the engine; while the engine's queue is full it
+    is offered again shortly (interactive requests first). ``check_cancelled`` raises to stop."""
+    # The time instruction of the segment alone: its length, and frame times from its start.
+    times = [t - segment.start for t in sampled.info.frame_times]
+    while True:
+        check_cancelled()
+        try:
+            return engine.submit_video(sampled.frames, segment.seconds, times, prompt, settings)
+        except EngineBusy:
+            time.sleep(BUSY_RETRY_SECONDS)
 
 
 class CaptionAnswerer:

@@ -8,7 +8,8 @@ One JSON object per job, written and read only here (:meth:`JobRecord.to_json`,
      "video_info": {"video_duration", "start_time", "end_time", "segment_count", "frames_per_segment"},
      "progress": {"segments_total", "segments_decoded", "segments_captioned", "generated_tokens",
                   "elapsed_seconds", "remaining_seconds"},
-     "segments": [{"start", "end", "caption", "error", "frame_times"}],   # the captions so far
+     "segments": [{"start", "end", "caption", "error", "frame_times",
+                   "captioned_by"}],          # the captions so far; the replica only with Redis
      "result": {"answer", "segments", "video_info", "usage", "status": "success"}}  # once completed
 
 Records written before failures had a kind carry ``error_status`` (an HTTP status) instead; they
@@ -77,6 +78,9 @@ class CaptionRecord(BaseModel):
     caption: str | None
     error: str | None = None
     frame_times: list[float] = Field(default_factory=list)  # seconds of the frames the caption saw
+    # The replica that captioned it, when replicas share jobs through Redis; left out otherwise,
+    # so that one machine's records and answers stay as they were.
+    captioned_by: str | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class TokenUsage(BaseModel):

@@ -2,8 +2,8 @@
 
 A job's record is written when it is submitted (so that a restart can tell that it was cut off),
 after each caption (its progress, readable by every process sharing the folder) and when it
-ends, with its result or failure. A cancel asked of a process that does not run the job leaves a
-``<task_id>.cancel`` file that the one running it sees at its next caption. Nothing else is kept:
+ends, with its result or failure. Nothing passes between processes but the records: replicas
+that share jobs (cancel, segments, fail-over) do it through Redis (jobs.redis_store). Nothing else is kept:
 the video itself is deleted once the job ends. Records of ended jobs expire ``ttl_seconds`` after
 they ended; expired ones are deleted when the store next looks at them and at every start. Writes go to a temporary
 file first and replace the record in one step, so a crash never leaves half a record. What a record holds, and its
@@ -53,16 +53,8 @@ class JobStore:
             return None
         if self._expired(record):
             path.unlink(missing_ok=True)
-            path.with_suffix(".cancel").unlink(missing_ok=True)
             return None
         return record
-
-    def request_cancel(self, task_id: str) -> None:
-        """Ask the process running the job to cancel it (it may be another replica on this folder)."""
-        self._path(task_id).with_suffix(".cancel").touch()
-
-    def cancel_requested(self, task_id: str) -> bool:
-        return self._path(task_id).with_suffix(".cancel").exists()
 
     def records(self) -> list[JobRecord]:
         """Every record not expired (expired ones are deleted on the way)."""

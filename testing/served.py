@@ -7,6 +7,7 @@ on the CPU, with LLAVA_* settings given by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -78,8 +79,10 @@ def running_service(
                 time.sleep(0.5)
             yield base
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
             try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+            except ProcessLookupError:  # already gone (a test killed it to see what survives)
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
@@ -94,6 +97,33 @@ def served(checkpoint: Path, log: Path, **settings: str) -> Iterator[str]:
     env |= {f"LLAVA_{name.upper()}": value for name, value in settings.items()}
     with running_service(serve_command(port), env, port, log, start_seconds=300) as base:
         yield base
+
+
+def kill_tree(port: int, signum: int = signal.SIGKILL) -> None:
+    """Send ``signum`` (default SIGKILL, as a machine failing) to the `bentoml serve` on ``port``
+    and every process under it: its worker runs in a session of its own, out of reach of the
+    group's signal. After SIGKILL, waits until they are gone; SIGSTOP/SIGCONT freeze and thaw."""
+    import psutil
+
+    victims = []
+    for pid in server_pids(port):
+        with contextlib.suppress(psutil.Error):
+            victims.append(psutil.Process(pid))
+            victims[-1].send_signal(signum)
+    if signum == signal.SIGKILL:
+        psutil.wait_procs(victims, timeout=30)
+
+
+def server_pids(port: int) -> set[int]:
+    """The pids of the `bentoml serve` on ``port`` and of every process under it."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if process.info["cmdline"] and "serve" in process.info["cmdline"] and str(port) in process.info["cmdline"]:
+            with contextlib.suppress(psutil.Error):
+                found |= {process.pid, *(child.pid for child in process.children(recursive=True))}
+    return found
 
 
 def _ready(base: str) -> bool:

@@ -201,3 +201,14 @@ def running_service(command: list[str], env: dict[str, str], port: int, log_path
             yield base
     except served_instance.ServiceDidNotStart as error:
         pytest.fail(str(error))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One real redis-server for the session (testing.redis_server); tests that stop it start it again."""
+    from testing.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

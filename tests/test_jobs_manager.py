@@ -1,5 +1,6 @@
-"""Replicas sharing one job folder (a Kubernetes volume): each reads the others' progress and
-results, and a cancel sent to one stops the job another runs; a failed job's result answers the
+"""Processes sharing one job folder: each reads the others' progress and results, but only the
+process running a job cancels it (replicas pass cancels on through Redis: test_jobs_replicas);
+a failed job's result answers the
 status of the error that ended it, as the same error outside a job. Real engine and decode processes."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.testclient import TestClient
 import media
 from http_api import jobs_api
 from http_api.errors import status_for
+from jobs.errors import JobRunsElsewhere
 from jobs.manager import JobLimits, JobManager, JobNotFinished, JobParameters, job_ending
 from jobs.records import JobRecord, JobStatus, VideoInfo
 from jobs.store import JobStore
@@ -52,7 +54,9 @@ def wait_for(condition, limit: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_a_replica_on_the_same_folder_sees_progress_and_results_and_can_cancel(loaded, video, tmp_path) -> None:
+def test_a_process_on_the_same_folder_sees_progress_and_results_but_cancels_only_its_own(
+    loaded, video, tmp_path
+) -> None:
     store_dir = tmp_path / "jobs"
     decoder = media.DecodePool(1, time_limit=60)
     with engine_with(loaded, max_batch_size=2) as engine, contextlib.closing(decoder):
@@ -74,7 +78,10 @@ def test_a_replica_on_the_same_folder_sees_progress_and_results_and_can_cancel(l
             assert seen["status"] == "in_progress" and len(seen["segments"]) == seen["progress"]["segments_captioned"]
             with pytest.raises(JobNotFinished):
                 other.result(task_id)
-            assert other.cancel(task_id) == {"task_id": task_id, "status": "canceled"}
+            with pytest.raises(JobRunsElsewhere, match="LLAVA_REDIS_URL"):
+                other.cancel(task_id)  # no file passes it on any more
+            assert status_for(JobRunsElsewhere("x")) == 409
+            assert runner.cancel(task_id) == {"task_id": task_id, "status": "canceled"}
             wait_for(lambda: runner.status(task_id)["ended_at"] is not None, limit=30)
             ended = other.status(task_id)
             assert ended["status"] == "canceled" and ended["progress"]["segments_captioned"] < 20

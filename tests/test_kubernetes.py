@@ -60,6 +60,7 @@ def test_every_manifest_is_checked():
         "deployment.yaml",
         "namespace.yaml",
         "pvc.yaml",
+        "redis.yaml",
         "secret.example.yaml",
         "service.yaml",
     ]
@@ -77,7 +78,7 @@ def test_manifest_is_valid_for_every_kubernetes_version(name: str):
 
 def test_kustomization_applies_the_core_and_sets_the_image():
     kustomization = one("kustomization.yaml")
-    assert kustomization["resources"] == ["namespace.yaml", "pvc.yaml", "deployment.yaml", "service.yaml"]
+    assert kustomization["resources"] == ["namespace.yaml", "pvc.yaml", "redis.yaml", "deployment.yaml", "service.yaml"]
     (image,) = kustomization["images"]
     assert image["name"] == container()["image"] == "llava_video_service"  # the Bento's name, as containerized
     assert isinstance(image["newTag"], str)
@@ -175,9 +176,48 @@ def test_resources_one_gpu_and_what_the_service_declares():
     assert int(env()["LLAVA_DECODE_WORKERS"]["value"]) <= int(resources["requests"]["cpu"]) - 2
 
 
-# KEDA 2.x keda.sh/v1alpha1 ScaledObject: the fields this project may use, nothing else (the
-# cluster would prune an unknown field without a word), and the prometheus trigger's metadata.
+def trigger_schema(kind: str, required: list[str], keys: tuple[str, ...]) -> dict:
+    """A KEDA trigger of ``kind``: its string metadata ``keys``, ``required`` among them."""
+    return {
+        **_OBJECT,
+        "required": ["type", "metadata"],
+        "properties": {
+            "type": {"const": kind},
+            "name": {"type": "string"},
+            "metricType": {"enum": ["AverageValue", "Value"]},
+            "metadata": {
+                **_OBJECT,
+                "required": required,
+                "properties": {key: {"type": "string"} for key in keys},
+            },
+        },
+    }
+
+
 _OBJECT = {"type": "object", "additionalProperties": False}
+PROMETHEUS_TRIGGER = trigger_schema(
+    "prometheus",
+    ["serverAddress", "query", "threshold"],
+    (
+        "serverAddress",
+        "query",
+        "threshold",
+        "activationThreshold",
+        "namespace",
+        "ignoreNullValues",
+        "unsafeSsl",
+        "timeout",
+    ),
+)
+# KEDA's redis-streams scaler on the stream's length (XLEN), not its consumer group's pending entries.
+REDIS_STREAMS_TRIGGER = trigger_schema(
+    "redis-streams",
+    ["address", "stream", "streamLength"],
+    ("address", "stream", "streamLength", "activationStreamLength", "databaseIndex", "passwordFromEnv", "enableTLS"),
+)
+
+# KEDA 2.x keda.sh/v1alpha1 ScaledObject: the fields this project may use, nothing else (the
+# cluster would prune an unknown field without a word), and the triggers' metadata.
 SCALED_OBJECT = {
     **_OBJECT,
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -216,32 +256,7 @@ SCALED_OBJECT = {
                 "triggers": {
                     "type": "array",
                     "minItems": 1,
-                    "items": {
-                        **_OBJECT,
-                        "required": ["type", "metadata"],
-                        "properties": {
-                            "type": {"const": "prometheus"},
-                            "name": {"type": "string"},
-                            "metricType": {"enum": ["AverageValue", "Value"]},
-                            "metadata": {
-                                **_OBJECT,
-                                "required": ["serverAddress", "query", "threshold"],
-                                "properties": {
-                                    key: {"type": "string"}
-                                    for key in (
-                                        "serverAddress",
-                                        "query",
-                                        "threshold",
-                                        "activationThreshold",
-                                        "namespace",
-                                        "ignoreNullValues",
-                                        "unsafeSsl",
-                                        "timeout",
-                                    )
-                                },
-                            },
-                        },
-                    },
+                    "items": {"oneOf": [PROMETHEUS_TRIGGER, REDIS_STREAMS_TRIGGER]},
                 },
             },
         },
@@ -258,8 +273,13 @@ def test_scaled_object_structure():
     errors = sorted(jsonschema.Draft202012Validator(SCALED_OBJECT).iter_errors(scaled_object()), key=str)
     assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
     for trigger in scaled_object()["spec"]["triggers"]:
-        assert float(trigger["metadata"]["threshold"]) > 0
-        assert trigger["metadata"]["serverAddress"].startswith("http")
+        assert float(threshold(trigger)) > 0
+        if trigger["type"] == "prometheus":
+            assert trigger["metadata"]["serverAddress"].startswith("http")
+
+
+def threshold(trigger: dict) -> str:
+    return trigger["metadata"]["threshold" if trigger["type"] == "prometheus" else "streamLength"]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -280,7 +300,7 @@ def test_scaled_object_makes_a_valid_horizontal_pod_autoscaler(version: str):
                     "type": "External",
                     "external": {
                         "metric": {"name": f"s{i}-prometheus"},
-                        "target": {"type": trigger["metricType"], "averageValue": trigger["metadata"]["threshold"]},
+                        "target": {"type": trigger["metricType"], "averageValue": threshold(trigger)},
                     },
                 }
                 for i, trigger in enumerate(spec["triggers"])
@@ -300,7 +320,7 @@ def test_scaled_object_scales_the_deployment_on_the_queue_gauges():
     }
     assert spec["minReplicaCount"] >= 1, "no scale to zero: a cold start loads the model for minutes"
     triggers = {trigger["name"]: trigger for trigger in spec["triggers"]}
-    assert set(triggers) == {"queue", "load"}
+    assert set(triggers) == {"queue", "load", "segments"}
     queue, load = triggers["queue"], triggers["load"]
     waiting, running = (f'sum(llava_requests_{gauge}{{namespace="{NAMESPACE}"}})' for gauge in ("waiting", "running"))
     assert queue["metadata"]["query"] == waiting
@@ -312,3 +332,31 @@ def test_scaled_object_scales_the_deployment_on_the_queue_gauges():
     assert float(load["metadata"]["threshold"]) == batch + 2
     # The queue can grow past its threshold before requests are refused (503).
     assert int(env()["LLAVA_MAX_PENDING_REQUESTS"]["value"]) > float(queue["metadata"]["threshold"])
+
+
+def test_replicas_share_jobs_through_the_redis_the_scaler_reads():
+    """The deployment's LLAVA_REDIS_URL is the Redis Service; KEDA reads the stream the service
+    puts segments on, on that same Redis; the Redis keeps its data on a volume (append-only file)."""
+    from jobs.redis_store import SegmentQueue
+    from jobs.shared import COMMON_STREAM
+    from settings import Settings
+
+    service, statefulset = documents("redis.yaml")
+    assert (service["kind"], statefulset["kind"]) == ("Service", "StatefulSet")
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    url = env()["LLAVA_REDIS_URL"]["value"]
+    assert url == f"redis://{service['metadata']['name']}:{port['port']}/0"
+    assert Settings(redis_url=url).shared_jobs().redis_url == url  # a URL the settings accept
+    (redis,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert redis["args"][redis["args"].index("--appendonly") + 1] == "yes"
+    assert redis["args"][redis["args"].index("--maxmemory-policy") + 1] == "noeviction"
+    assert redis["volumeMounts"][0]["name"] == statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    # Uploads on the ReadWriteMany volume: every replica reads them.
+    assert (
+        env()["LLAVA_JOB_DIR_SHARED"]["value"] == "true" and "ReadWriteMany" in one("pvc.yaml")["spec"]["accessModes"]
+    )
+    (segments,) = [t for t in scaled_object()["spec"]["triggers"] if t["type"] == "redis-streams"]
+    assert segments["metadata"]["address"] == f"{service['metadata']['name']}.{NAMESPACE}.svc:{port['port']}"
+    assert segments["metadata"]["stream"] == SegmentQueue(None).key(COMMON_STREAM)  # type: ignore[arg-type]

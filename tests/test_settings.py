@@ -42,6 +42,15 @@ def test_defaults_are_those_of_the_limit_objects() -> None:
     assert fetch.max_data_url_bytes == default.max_data_url_bytes
 
 
+def test_jobs_are_shared_through_redis_only_when_its_url_is_set() -> None:
+    from jobs.limits import DEFAULT_CLAIM_TIMEOUT_SECONDS, SharedJobSettings
+
+    assert Settings().shared_jobs() is None  # one machine: the file store, no server needed
+    assert Settings(redis_url=" ").shared_jobs() is None
+    shared = Settings(redis_url="rediss://user:secret@redis:6380/2", job_dir_shared=True).shared_jobs()
+    assert shared == SharedJobSettings("rediss://user:secret@redis:6380/2", DEFAULT_CLAIM_TIMEOUT_SECONDS, True)
+
+
 def test_guard_limits_follow_the_settings() -> None:
     limits = Settings(max_batch_size=3, max_pending_requests=2, max_upload_bytes=5_000_000).guard_limits()
     assert limits.max_in_flight == 5 and limits.max_upload_bytes == 5_000_000
@@ -69,6 +78,8 @@ def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict
         ({"LLAVA_DEVICE": "gpu"}, "LLAVA_DEVICE='gpu': Input should be 'auto', 'cuda' or 'cpu'"),
         ({"LLAVA_NUM_FRAMES": "100"}, "LLAVA_NUM_FRAMES=100 exceeds LLAVA_MAX_FRAMES=64: lower LLAVA_NUM_FRAMES"),
         ({"LLAVA_SHUTDOWN_GRACE_SECONDS": "-1"}, "LLAVA_SHUTDOWN_GRACE_SECONDS='-1'"),
+        ({"LLAVA_REDIS_URL": "http://redis:6379"}, "LLAVA_REDIS_URL='http://redis:6379': Redis URL must specify one"),
+        ({"LLAVA_REDIS_URL": "redis://redis:port/0"}, "Port could not be cast to integer value"),
     ],
 )
 def test_an_invalid_setting_is_explained_in_one_line_naming_the_variable(
