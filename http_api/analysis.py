@@ -23,7 +23,7 @@ from anyio import to_thread
 import media
 from http_api import frames as previews
 from http_api import request_log
-from http_api.answers import Frame
+from http_api.answers import Frame, PictureUsage
 from http_api.errors import RequestError
 from http_api.metrics import Metrics
 from http_api.schemas import VideoSampling
@@ -59,6 +59,7 @@ class Started:
     stream: TokenStream
     video_info: VideoInfo | None = None
     frames: list[Frame] | None = None
+    pictures: list[PictureUsage] | None = None  # several pictures: each one's kind and tokens
 
 
 class Analyzer:
@@ -220,8 +221,17 @@ class Analyzer:
             if shown is not None:
                 shown.extend(frames)
         engine = self.engine
-        stream = await to_thread.run_sync(lambda: engine.submit(engine.prepare(question, pictures, generation)))
-        return self._started(stream, info, shown)
+        prepared = await to_thread.run_sync(engine.prepare, question, pictures, generation)
+        stream = await to_thread.run_sync(engine.submit, prepared)
+        usage = [
+            PictureUsage(
+                kind="video" if isinstance(picture, VideoInput) else "image",
+                visual_tokens=item.tokens,
+                video_info=picture.media.info if isinstance(picture, VideoInput) else None,
+            )
+            for picture, item in zip(pictures, prepared.items, strict=True)
+        ]
+        return self._started(stream, info, shown, usage)
 
     async def _video_input(
         self, source: Path, digest: str, sampling: VideoSampling, return_frames: bool
@@ -289,12 +299,16 @@ class Analyzer:
             self.metrics.decoded(kind, seconds, frames)
 
     def _started(
-        self, stream: TokenStream, info: VideoInfo | None = None, frames: list[Frame] | None = None
+        self,
+        stream: TokenStream,
+        info: VideoInfo | None = None,
+        frames: list[Frame] | None = None,
+        pictures: list[PictureUsage] | None = None,
     ) -> Started:
         request_log.note_stream(stream)
         if self.metrics is not None:
             stream.on_answer(self.metrics.answered)  # however the answer is read: whole or streamed
-        return Started(stream, info, frames)
+        return Started(stream, info, frames, pictures)
 
 
 # How often a request waiting for its answer checks whether its client is still there.

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -30,12 +30,28 @@ Frames = Annotated[
 ]
 
 
+class PictureUsage(BaseModel):
+    """One of a request's several pictures: what it is and the visual tokens it took."""
+
+    kind: Literal["image", "video"]
+    visual_tokens: int
+    video_info: VideoInfo | None = Field(None, exclude_if=lambda info: info is None, description="a video's")
+
+
+# Present only when the request held several pictures, so one-picture answers keep their shape.
+Pictures = Annotated[
+    list[PictureUsage] | None,
+    Field(None, exclude_if=lambda pictures: pictures is None, description="with several pictures only, in order"),
+]
+
+
 class ImageAnswer(BaseModel):
     response: str
     status: str = "success"
     error: str | None = None
     usage: Usage | None = None
     frames: Frames = None
+    pictures: Pictures = None
 
 
 class VideoAnswer(BaseModel):
@@ -45,6 +61,7 @@ class VideoAnswer(BaseModel):
     error: str | None = None
     usage: Usage | None = None
     frames: Frames = None
+    pictures: Pictures = None
 
 
 class Failure(BaseModel):

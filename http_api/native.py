@@ -136,8 +136,14 @@ def answer_body(answer: Answer, started: Started) -> ImageAnswer | VideoAnswer:
         completion_tokens=answer.completion_tokens,
     )
     if started.video_info is None:
-        return ImageAnswer(response=answer.text, usage=usage, frames=started.frames)
-    return VideoAnswer(response=answer.text, video_info=started.video_info, usage=usage, frames=started.frames)
+        return ImageAnswer(response=answer.text, usage=usage, frames=started.frames, pictures=started.pictures)
+    return VideoAnswer(
+        response=answer.text,
+        video_info=started.video_info,
+        usage=usage,
+        frames=started.frames,
+        pictures=started.pictures,
+    )
 
 
 def event_stream(started: Started) -> StreamingResponse:

@@ -560,7 +560,8 @@ def test_several_images_are_answered_in_the_order_sent_by_upload_and_by_url(clie
     for response, order in ((uploaded, images), (by_url, images[::-1])):
         expected = padded_answer(engine, "Compare them.", order)
         body = response.json()
-        assert set(body) == IMAGE_KEYS
+        assert set(body) == IMAGE_KEYS | {"pictures"}
+        assert body["pictures"] == [{"kind": "image", "visual_tokens": engine.model.image_layout.padded_tokens}] * 2
         assert body["response"] == expected.text
         assert body["usage"]["visual_tokens"] == expected.visual_tokens == 2 * engine.model.image_layout.padded_tokens
         assert body["usage"]["prompt_tokens"] == expected.prompt_tokens
@@ -586,6 +587,11 @@ def test_images_beside_a_video_come_after_it(client, engine, media_dir):
     assert body["usage"]["visual_tokens"] == expected.visual_tokens
     assert body["video_info"]["frame_times"] == video.info.frame_times
     assert [frame["time"] for frame in body["frames"]] == [*video.info.frame_times, None]
+    clip, photo = body["pictures"]
+    assert (clip["kind"], clip["visual_tokens"]) == ("video", engine.model.video_layout.num_video_tokens(2))
+    assert clip["video_info"] == body["video_info"]
+    assert photo == {"kind": "image", "visual_tokens": engine.model.image_layout.padded_tokens}
+    assert clip["visual_tokens"] + photo["visual_tokens"] == body["usage"]["visual_tokens"]
 
 
 def test_more_images_than_the_limit_are_refused_before_any_is_fetched(client, file_server):
