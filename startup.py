@@ -55,6 +55,7 @@ from llava_custom.checkpoint import read_checkpoint
 from llava_custom.engine import Engine, ReuseCache, check_capacity
 from llava_custom.errors import ModelLoadError
 from llava_custom.modeling import VideoLayout
+from media import workdirs
 
 logger = logging.getLogger("llava_video_service")
 
@@ -212,6 +213,8 @@ class ModelStartup:
         self._thread = threading.Thread(target=self._run, name="llava-model-load", daemon=True)
 
     def start(self) -> None:
+        # What a process killed earlier (SIGKILL, out of memory) left of its requests and jobs.
+        workdirs.remove_leftovers()
         self._thread.start()
 
     def close(self) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from http_api.routes import Shape
 from http_api.schemas import JobMetadata, JobQuestion
 from jobs.manager import JobFailed, JobManager, UnknownJob
 from jobs.store import valid_task_id
+from media import workdirs
 
 # Form fields of a submission; anything else is a mistake worth a 400.
 SUBMIT_FIELDS = frozenset({"video", "video_url", "metadata"})
@@ -48,7 +48,7 @@ def create_app(jobs: Callable[[], JobManager], analyzer: Callable[[], Analyzer])
     """The ``/jobs`` app; ``jobs`` and ``analyzer`` return the worker's (they exist once loaded)."""
 
     async def submit(request: Request) -> Response:
-        folder = Path(tempfile.mkdtemp(prefix="llava-job-"))
+        folder = workdirs.job_folder()
         try:
             fields = await _fields(request, folder)
             meta = JobMetadata.parse(fields.get("metadata"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +38,7 @@ from http_api.errors import RequestError, translate
 from http_api.routes import Shape
 from http_api.schemas import Metadata, VideoSampling
 from llava_custom.engine import Answer
+from media import workdirs
 
 
 class Context(Protocol):
@@ -79,7 +79,7 @@ async def analyze(
         sampling = meta.sampling(current.defaults) if "video" in kinds else VideoSampling()
         current.check_pictures(kinds, sampling, generation)
         # The input files are gone once decoded, before the answer is generated.
-        with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
+        with workdirs.request_folder() as workdir:
             sources = []
             for number, (picture_kind, picture_upload, picture_url) in enumerate(pictures):
                 read = functools.partial(current.source_file, name=f"upload-{number}")

@@ -18,7 +18,6 @@ turns: llava_custom/reuse.py). Conversations without a picture go to the languag
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -48,6 +47,7 @@ from http_api.errors import ErrorReply, RequestError, translate
 from http_api.routes import Shape
 from http_api.schemas import ChatMessage, ChatRequest, VideoSampling
 from llava_custom.engine import Answer, Conversation, GenerationSettings, TokenLogprob, Turn
+from media import workdirs
 
 logger = logging.getLogger("llava_video_service")
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
@@ -99,7 +99,7 @@ async def _chat(analyzer: Analyzer, request: Request, body: Any) -> Response:
     conversation, pictures = conversation_from(chat.messages)
     generation = chat.generation(analyzer.defaults)
     sampling = chat.sampling(analyzer.defaults)
-    with tempfile.TemporaryDirectory(prefix="llava-request-") as workdir:
+    with workdirs.request_folder() as workdir:
         started = await _start(analyzer, conversation, pictures, sampling, generation, Path(workdir))
     logprobs = _LogprobsWriter(analyzer) if chat.logprobs else None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from jobs.segments import Segment
 from jobs.store import valid_task_id
 from llava_custom.engine import Engine, GenerationSettings, TokenStream
 from llava_custom.errors import RequestCancelled
+from media import workdirs
 
 logger = logging.getLogger("llava_video_service")
 
@@ -363,7 +363,7 @@ class SharedJobManager(JobManager):
             if (copy := self._copies.get(task_id)) is not None:
                 return copy
             assert spec.url is not None
-            folder = Path(tempfile.mkdtemp(prefix="llava-job-"))
+            folder = workdirs.job_folder()
             try:
                 path = self.fetch(spec.url, folder)
                 if path.stat().st_size != spec.size or _sha256(path) != spec.sha256:

@@ -192,6 +192,14 @@ def hub_served(tiny_checkpoint, tmp_path_factory) -> Iterator[Served]:
     cache = folder / "hub"
     put_in_hub_cache(tiny_checkpoint, cache, HUB_ID)
     port = free_port()
+    # A temp folder of its own, holding what a process killed earlier left behind (its pid no
+    # longer runs) and a folder of a process that still runs (this one).
+    temp = folder / "tmp"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    for name in (f"llava-request-{ended.pid}-abc", f"llava-job-{ended.pid}-def", f"llava-request-{os.getpid()}-ghi"):
+        (temp / name).mkdir(parents=True)
+        (temp / name / "upload").write_bytes(b"half an upload")
     # A 64-frame warm-up (seconds on this CPU) keeps the server answering but not ready for long
     # enough to be seen, however loaded the machine is.
     env = tiny_env(
@@ -200,6 +208,7 @@ def hub_served(tiny_checkpoint, tmp_path_factory) -> Iterator[Served]:
         HF_HUB_OFFLINE="1",
         LLAVA_SHUTDOWN_GRACE_SECONDS="60",
         LLAVA_WARMUP_FRAMES="64",
+        TMPDIR=str(temp),
     )
     log = folder / "serve.log"
     with log.open("w") as output:
@@ -232,6 +241,15 @@ def test_livez_answers_while_the_model_loads_and_readyz_only_once_warmed_up(hub_
     assert all(readyz in (0, 503) and livez in (0, 200) for readyz, livez in answered[:first_ready])
     log = hub_served.log.read_text()
     assert log.index("warm-up generation: 2 tokens") < log.index("ready after")
+
+
+def test_start_up_removes_what_stopped_processes_left_in_the_temp_folder(hub_served):
+    """A request or job folder whose process no longer runs goes at start-up; one of a process
+    that runs stays (workers and replicas may share a temp folder)."""
+    temp = hub_served.log.parent / "tmp"
+    left = sorted(path.name for path in temp.iterdir() if path.name.startswith("llava-"))
+    assert left == [f"llava-request-{os.getpid()}-ghi"]
+    assert "removed 2 folders left by processes that stopped" in hub_served.log.read_text()
 
 
 def test_the_start_up_log_says_what_was_loaded(hub_served):
