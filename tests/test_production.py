@@ -34,6 +34,12 @@ HUB_ID = "llava-tiny/tiny-llava-video"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
+# Answers long enough to be in flight when a SIGTERM has passed through (tens of thousands of
+# tokens: the tiny model decodes about a thousand a second here), and the KV cache to hold them.
+LONG_ANSWERS = {"LLAVA_MAX_NEW_TOKENS_LIMIT": "30000", "LLAVA_KV_CACHE_TOKENS": "49152"}
+IN_FLIGHT_TOKENS = 12000
+
+
 def tiny_env(model: Path | str, **extra: str) -> dict[str, str]:
     # A BENTOML_HOME of its own: a `bentoml serve` start empties its home's metrics folder, which
     # the session's served instances use.
@@ -134,7 +140,8 @@ def test_a_request_longer_than_the_grace_period_is_stopped_with_503(tiny_checkpo
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    env = tiny_env(tiny_checkpoint, LLAVA_SHUTDOWN_GRACE_SECONDS="1")
+    # Longer than any machine takes to pass SIGTERM on and wait out the grace period.
+    env = tiny_env(tiny_checkpoint, LLAVA_SHUTDOWN_GRACE_SECONDS="1", **LONG_ANSWERS)
     with log.open("w") as output:
         process = subprocess.Popen(
             serve_command(port), cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
@@ -148,7 +155,7 @@ def test_a_request_longer_than_the_grace_period_is_stopped_with_503(tiny_checkpo
 
         def endless() -> None:
             with (media_dir / "photo.jpg").open("rb") as image:
-                metadata = json.dumps({"max_new_tokens": 4000, "ignore_eos": True})
+                metadata = json.dumps({"max_new_tokens": 25000, "ignore_eos": True})
                 answer["long"] = httpx.post(
                     f"{base}/analyze_image", files={"image": image}, data={"metadata": metadata}, timeout=120
                 )
@@ -206,8 +213,9 @@ def hub_served(tiny_checkpoint, tmp_path_factory) -> Iterator[Served]:
         HUB_ID,
         HF_HUB_CACHE=str(cache),
         HF_HUB_OFFLINE="1",
-        LLAVA_SHUTDOWN_GRACE_SECONDS="60",
+        LLAVA_SHUTDOWN_GRACE_SECONDS="240",
         LLAVA_WARMUP_FRAMES="64",
+        **LONG_ANSWERS,
         TMPDIR=str(temp),
     )
     log = folder / "serve.log"
@@ -257,7 +265,7 @@ def test_the_start_up_log_says_what_was_loaded(hub_served):
     model = next(line for line in hub_served.log_lines() if f"model {HUB_ID} from " in line)
     assert "/snapshots/" in model and "(transformers layout)" in model
     assert "language model float32" in model and "attention sdpa" in model and "device cpu" in model
-    assert "limits: frames 16 by default, at most 64" in log and "shutdown grace 60 s" in log
+    assert "limits: frames 16 by default, at most 64" in log and "shutdown grace 240 s" in log
 
 
 def request_lines(served: Served, request_id: str) -> list[str]:
@@ -335,9 +343,11 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(hub_ser
 
     def long_request() -> None:
         with (media_dir / "wide.png").open("rb") as image:
-            metadata = json.dumps({"max_new_tokens": 2000, "ignore_eos": True})
+            # Still generating when the drain starts (SIGTERM takes seconds to pass through
+            # BentoML's arbiter), done well within the grace period.
+            metadata = json.dumps({"max_new_tokens": IN_FLIGHT_TOKENS, "ignore_eos": True})
             answer["long"] = httpx.post(
-                f"{hub_served.base}/analyze_image", files={"image": image}, data={"metadata": metadata}, timeout=120
+                f"{hub_served.base}/analyze_image", files={"image": image}, data={"metadata": metadata}, timeout=300
             )
 
     thread = threading.Thread(target=long_request)
@@ -358,9 +368,9 @@ def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(hub_ser
         assert late.headers["retry-after"] and late.headers["x-request-id"]
     except httpx.TransportError:
         pass  # the server has already closed its socket: refused, as a stopped server is
-    thread.join(timeout=120)
+    thread.join(timeout=300)
     assert answer["long"].status_code == 200, answer["long"].text
-    assert answer["long"].json()["usage"]["completion_tokens"] == 2000
+    assert answer["long"].json()["usage"]["completion_tokens"] == IN_FLIGHT_TOKENS
     assert process.wait(timeout=60) == 0
     time.sleep(0.5)
     left = [pid for pid in worker_tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
