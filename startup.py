@@ -185,45 +185,7 @@ def stop_server_when_a_worker_fails() -> None:
 
     signal.signal(signal.SIGUSR1, on_worker_failure)
     atexit.register(exit_status)
-    wake_the_main_thread_on_signals()
     os.environ[_SERVER_PID_VARIABLE] = str(os.getpid())
-
-
-def wake_the_main_thread_on_signals() -> None:
-    """Make a signal to this process run its Python handler at once, whichever thread the kernel
-    delivers it to.
-
-    Python runs signal handlers in the main thread only, and only when that thread runs bytecode.
-    The kernel hands a process-directed signal (Kubernetes' SIGTERM to `bentoml serve`) to any
-    thread: when it lands on a helper thread, circus's arbiter, blocked in a poll in the main
-    thread, runs its SIGTERM handler only at its next I/O, which during a long generation is the
-    end of that request, so the workers were told to drain only once it was over. Here the C-level
-    handler writes the signal's number to a wakeup pipe; a thread reading it interrupts the main
-    thread with SIGUSR2 (a no-op handler), whose poll then returns and runs the pending handler.
-    Does nothing when another wakeup fd is already set (an event loop that wakes on signals itself).
-    """
-    reader, writer = os.pipe()
-    os.set_blocking(writer, False)
-    try:
-        previous = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread
-        os.close(reader)
-        os.close(writer)
-        return
-    if previous != -1:
-        signal.set_wakeup_fd(previous)
-        os.close(reader)
-        os.close(writer)
-        return
-    main = threading.main_thread().ident
-    signal.signal(signal.SIGUSR2, lambda signum, frame: None)
-
-    def relay() -> None:
-        while data := os.read(reader, 64):
-            if any(number != signal.SIGUSR2 for number in data):
-                signal.pthread_kill(main, signal.SIGUSR2)
-
-    threading.Thread(target=relay, name="llava-signal-relay", daemon=True).start()
 
 
 def report_worker_failure() -> bool:
