@@ -45,6 +45,7 @@ from jobs.segments import Segment, plan_segments
 from jobs.store import JobStore
 from llava_custom.engine import Engine, GenerationSettings
 from llava_custom.errors import RequestCancelled
+from media.workdirs import process_running
 
 logger = logging.getLogger("llava_video_service")
 
@@ -281,7 +282,9 @@ class JobManager:
             if record.status not in UNFINISHED:
                 continue
             host, _, pid = record.owner.rpartition(":")
-            if host == socket.gethostname() and (not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid))):
+            if host == socket.gethostname() and (
+                not pid.isdigit() or int(pid) == os.getpid() or not process_running(int(pid))
+            ):
                 record.end(JobStatus.FAILED, JobInterrupted(reason))
                 self.store.save(record)
                 if record.folder:  # the video of a job cut off by a crash
@@ -339,16 +342,6 @@ def _snapshot(running: _Running) -> JobRecord:
     )
     running.record.segments = [_caption_record(c) for c in progress.captions]
     return running.record
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _caption_record(caption: SegmentCaption) -> CaptionRecord:

@@ -39,7 +39,8 @@ def job_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix=_prefix("job")))
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ def remove_leftovers(directory: Path | None = None) -> list[str]:
     removed = []
     for path in Path(directory or tempfile.gettempdir()).glob("llava-*-*"):
         found = _OURS.match(path.name)
-        if found is None or not path.is_dir() or _running(int(found.group(1))):
+        if found is None or not path.is_dir() or process_running(int(found.group(1))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
