@@ -21,9 +21,10 @@ import media
 import settings
 import startup
 from http_api import native
+from http_api.files_api import create_app as create_files_app
 from http_api.jobs_api import create_app as create_jobs_app
 from http_api.lifecycle import Lifecycle, drain_on_sigterm
-from http_api.metrics import engine_state
+from http_api.metrics import engine_state, media_store_state
 from http_api.openai_api import create_app as create_openai_app
 from http_api.stack import middlewares
 from http_api.web_ui import create_app as create_page_app
@@ -49,6 +50,11 @@ def _loaded(part: str) -> Callable[[], Any]:
 current_analyzer, current_jobs = _loaded("analyzer"), _loaded("jobs")
 
 
+def current_library() -> media.MediaLibrary:
+    """This worker's media store (made before the model loads: uploads need no model)."""
+    return bentoml.get_current_service().library
+
+
 @bentoml.service(
     name="llava_video_service",
     traffic={"timeout": 900},
@@ -59,7 +65,8 @@ current_analyzer, current_jobs = _loaded("analyzer"), _loaded("jobs")
     # log would be a second one.
     logging={"access": {"enabled": False}},
 )
-@bentoml.asgi_app(create_openai_app(current_analyzer), path="/v1")
+@bentoml.asgi_app(create_openai_app(current_analyzer, current_library), path="/v1")
+@bentoml.asgi_app(create_files_app(current_library), path="/media")
 @bentoml.asgi_app(create_jobs_app(current_jobs, current_analyzer), path="/jobs")
 @bentoml.asgi_app(create_page_app(), path="/ui")
 class LLaVAVideoService:
@@ -77,8 +84,9 @@ class LLaVAVideoService:
         startup.configure_logging(s.log_level)
         self.decoder = media.DecodePool(s.decode_workers, time_limit=s.decode_timeout)
         self.decoder.start()  # their imports overlap the model's loading
+        self.library = startup.media_library(s, self.decoder)
         # The model loads in the background: uvicorn accepts connections only once this returns.
-        self.startup = startup.ModelStartup(s, self.decoder, lifecycle)
+        self.startup = startup.ModelStartup(s, self.decoder, lifecycle, self.library)
         self.startup.start()
         drain_on_sigterm(lifecycle, s.shutdown_grace_seconds, self.startup.close)
 
@@ -90,9 +98,11 @@ class LLaVAVideoService:
         return lifecycle.ready  # /readyz: 200 once loaded and warmed up, 503 before and while draining
 
     async def __metrics__(self, content: str) -> str:
-        """BentoML's /metrics text plus the engine's state now (http_api.metrics), once loaded."""
+        """BentoML's /metrics text plus the media store's size and, once loaded, the engine's
+        state now (http_api.metrics)."""
         analyzer = self.startup.analyzer
-        return content + (engine_state(analyzer.engine) if analyzer is not None else "")
+        engine = engine_state(analyzer.engine) if analyzer is not None else ""
+        return content + media_store_state(self.library.store) + engine
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -110,18 +120,27 @@ class LLaVAVideoService:
         image: list[Path] = None,
         image_url: str | list[str] = None,
         metadata: Any = None,
+        media_id: str = None,
     ) -> dict[str, Any]:
-        """Answer a question about a video (multipart ``video`` upload or JSON ``video_url``) and
-        any images beside it (``image`` parts or ``image_url``s, seen after the video)."""
-        return await native.analyze(current_analyzer, "video", video, video_url, metadata, ctx, image, image_url)
+        """Answer a question about a video (multipart ``video`` upload, JSON ``video_url`` or the
+        ``media_id`` of a stored one) and any images beside it (``image`` parts or ``image_url``s,
+        seen after the video)."""
+        return await native.analyze(
+            current_analyzer, "video", video, video_url, metadata, ctx, image, image_url, media_id
+        )
 
     @bentoml.api(route="/analyze_image")
     async def analyze_image(
-        self, ctx: bentoml.Context, image: list[Path] = None, image_url: str | list[str] = None, metadata: Any = None
+        self,
+        ctx: bentoml.Context,
+        image: list[Path] = None,
+        image_url: str | list[str] = None,
+        metadata: Any = None,
+        media_id: str | list[str] = None,
     ) -> dict[str, Any]:
-        """Answer a question about one or several images, in order: multipart ``image`` uploads or
-        JSON ``image_url`` (one URL or a list)."""
-        return await native.analyze(current_analyzer, "image", None, None, metadata, ctx, image, image_url)
+        """Answer a question about one or several images, in order: multipart ``image`` uploads,
+        JSON ``image_url`` (one URL or a list) or ``media_id`` (stored images, one id or a list)."""
+        return await native.analyze(current_analyzer, "image", None, None, metadata, ctx, image, image_url, media_id)
 
 
 for _api in LLaVAVideoService.apis.values():

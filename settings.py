@@ -24,6 +24,7 @@ from jobs.limits import DEFAULT_CLAIM_TIMEOUT_SECONDS, JobLimits, SharedJobSetti
 from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
 from media.sizes import format_bytes
+from media.store import MediaStore
 from media.video import DEFAULT_CHUNK_BYTES, VideoReading
 
 MiB = 1024 * 1024
@@ -140,6 +141,14 @@ class Settings(BaseSettings):
     job_dir_shared: bool = Field(
         False, description="with Redis: LLAVA_JOB_DIR is on storage every replica sees, so any replica reads uploads"
     )
+    media_dir: Path = Field(
+        Path("~/.cache/llava-video-service/media"),
+        description="where media uploaded once (POST /v1/files, /media) are kept; a shared volume for replicas",
+    )
+    media_store_bytes: int = Field(
+        20 * 1024 * MiB, ge=1, description="bytes the media store holds; the least recently used files go first"
+    )
+    media_ttl_s: float = Field(48 * 3600.0, gt=0, description="seconds an uploaded file is kept (48 h, as Gemini's)")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
     )
@@ -191,6 +200,10 @@ class Settings(BaseSettings):
         return SharedJobSettings(
             redis_url=self.redis_url, claim_timeout_s=self.job_claim_timeout_s, shared_dir=self.job_dir_shared
         )
+
+    def media_store(self) -> MediaStore:
+        """The store of media sent once (LLAVA_MEDIA_DIR), made on first use in each process."""
+        return MediaStore(self.media_dir, self.media_store_bytes, self.media_ttl_s)
 
     def fetch_limits(self, max_bytes: int | None = None) -> FetchLimits:
         """The fetcher's limits; ``max_bytes`` instead of LLAVA_MAX_DOWNLOAD_BYTES (jobs)."""
@@ -282,6 +295,7 @@ class Settings(BaseSettings):
                 if self.redis_url
                 else ""
             )
+            + f"; media store {format_bytes(self.media_store_bytes)} for {self.media_ttl_s:g} s in {self.media_dir}"
         )
 
 

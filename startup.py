@@ -93,6 +93,7 @@ def check_before_serving() -> settings.Settings:
             layout = VideoLayout.from_config(checkpoint.config)
         check_capacity(layout, current.kv_cache_tokens, current.max_frames, current.max_new_tokens_limit)
         job_store(current)
+        media_store(current)
         if (shared := current.shared_jobs()) is not None:
             check_redis(shared)
     except _EXPLAINED as error:
@@ -113,6 +114,29 @@ def job_store(current: settings.Settings) -> JobStore:
     except OSError as error:
         raise ValueError(f"LLAVA_JOB_DIR={current.job_dir} cannot be used for job records: {error}") from error
     return store
+
+
+def media_store(current: settings.Settings) -> media.MediaStore:
+    """The media store; ValueError when LLAVA_MEDIA_DIR cannot be made or written."""
+    try:
+        store = current.media_store()
+        probe = store.folder / ".writable"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"LLAVA_MEDIA_DIR={current.media_dir} cannot be used for the media store: {error}") from error
+    return store
+
+
+def media_library(current: settings.Settings, decoder: media.DecodePool) -> media.MediaLibrary:
+    """This worker's media store behind the request checks, its expired files and the uploads
+    of stopped processes removed."""
+    store = media_store(current)
+    if removed := store.sweep():
+        logger.info("media store: removed %d expired files", removed)
+    return media.MediaLibrary(
+        store, decoder, max_image_pixels=current.max_image_pixels, max_video_pixels=current.max_video_pixels
+    )
 
 
 def check_redis(shared: SharedJobSettings) -> None:
@@ -201,9 +225,16 @@ def report_worker_failure() -> bool:
 class ModelStartup:
     """Loads the model, builds the engine and warms it up in a background thread of the worker."""
 
-    def __init__(self, current: settings.Settings, decoder: media.DecodePool, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        current: settings.Settings,
+        decoder: media.DecodePool,
+        lifecycle: Lifecycle,
+        library: media.MediaLibrary | None = None,
+    ) -> None:
         self.settings = current
         self.decoder = decoder
+        self.library = library
         self.lifecycle = lifecycle
         self.engine: Engine | None = None
         self.analyzer: Analyzer | None = None
@@ -263,7 +294,7 @@ class ModelStartup:
             self._fail(error)
             return
         reading = s.video_reading(engine.frame_size)  # requests and job segments decode alike
-        self.analyzer = Analyzer(s, engine, self.decoder, reading, process_metrics())
+        self.analyzer = Analyzer(s, engine, self.decoder, reading, process_metrics(), self.library)
         if (shared := s.shared_jobs()) is not None:
             self.jobs = shared_job_manager(s, shared, engine, self.decoder, reading)
         else:

@@ -52,6 +52,16 @@ Question = str | Conversation | None
 
 
 @dataclass(frozen=True)
+class Source:
+    """A picture of a request as a local file: an upload, a download or a stored medium (whose
+    ``digest`` is known already, so its bytes are not hashed again)."""
+
+    kind: Kind
+    path: Path
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
 class Started:
     """A request in the engine: its token stream, the video's timing for a video, and the
     pictures the model was given when the request asked for them (``return_frames``)."""
@@ -72,8 +82,10 @@ class Analyzer:
         decoder: media.DecodePool,
         reading: media.VideoReading,
         metrics: Metrics | None = None,
+        library: media.MediaLibrary | None = None,
     ) -> None:
         self.settings = settings
+        self.library = library  # media sent once and referred to by id (None: no store)
         self.engine = engine
         self.decoder = decoder
         self.reading = reading  # how videos are decoded, for requests and jobs alike
@@ -119,6 +131,41 @@ class Analyzer:
             f'or send {{"{kind}_url": "https://..."}} as JSON'
         )
 
+    def read_source(
+        self,
+        kind: Kind,
+        upload: Path | None,
+        url: str | None,
+        media_id: str | None,
+        workdir: Path,
+        *,
+        job: bool = False,
+        name: str = "upload",
+        id_field: str = "media_id",
+    ) -> Source:
+        """:meth:`source_file`, or the stored medium ``media_id`` (read from the store, neither
+        uploaded nor downloaded); ``id_field`` is the request's name for the id, for messages."""
+        if media_id is None:
+            return Source(kind, self.source_file(kind, upload, url, workdir, job=job, name=name))
+        if upload is not None or url:
+            raise RequestError(f"send either a '{kind}' file, a '{kind}_url' or a '{id_field}', not two of them")
+        return self.stored_source(media_id, workdir, kind, job=job)
+
+    def stored_source(self, media_id: str, workdir: Path, kind: Kind | None = None, *, job: bool = False) -> Source:
+        """The stored medium ``media_id`` linked into ``workdir`` (blocking); of ``kind`` when given,
+        else of the kind it was found to be at upload. A video for a request, not a job, must be
+        within LLAVA_MAX_UPLOAD_BYTES as an upload would."""
+        if self.library is None:
+            raise media.UnknownMedia(f"no file {media_id!r}: this service keeps no media store")
+        record, path = self.library.use(media_id, workdir, kind)
+        limit = self.settings.max_job_bytes if job else self.settings.max_upload_bytes
+        if record.bytes > limit:
+            raise media.MediaTooLarge(
+                f"the file {media_id!r} is {media.format_bytes(record.bytes)}, over the "
+                f"{media.format_bytes(limit)} a request may read; analyse it as a job (/jobs/submit with its file_id)"
+            )
+        return Source(record.kind, path, record.digest)
+
     async def start_video(
         self,
         source: Path,
@@ -126,6 +173,7 @@ class Analyzer:
         question: Question,
         generation: GenerationSettings,
         return_frames: bool = False,
+        digest: str | None = None,
     ) -> Started:
         """Decode the video's frames (unless seen before) and queue the question; ``sampling`` as
         a request's ``sampling(defaults)`` returns it (with its frame count). With
@@ -136,7 +184,7 @@ class Analyzer:
         if not num_frames:
             raise ValueError("start_video takes a request's sampling(defaults), with its frame count")
         span = {"fps": sampling.fps, "start_time": sampling.start_time, "end_time": sampling.end_time}
-        key = reuse.video_key(await to_thread.run_sync(media.file_digest, source), num_frames, **span)
+        key = reuse.video_key(digest or await to_thread.run_sync(media.file_digest, source), num_frames, **span)
         recalled = self.engine.recall(key)
         sampled = None
         if recalled is None or return_frames:
@@ -192,7 +240,7 @@ class Analyzer:
 
     async def start_pictures(
         self,
-        sources: Sequence[tuple[Kind, Path]],
+        sources: Sequence[Source],
         sampling: VideoSampling,
         question: Question,
         generation: GenerationSettings,
@@ -202,15 +250,16 @@ class Analyzer:
         them, in order; one picture goes the way of start_video / start_image. ``video_info`` is
         the first video's; ``return_frames`` shows every picture's, in order."""
         if len(sources) == 1:
-            kind, source = sources[0]
-            if kind == "image":
-                return await self.start_image(source, question, generation, return_frames)
-            return await self.start_video(source, sampling, question, generation, return_frames)
+            only = sources[0]
+            if only.kind == "image":
+                return await self.start_image(only.path, question, generation, return_frames, only.digest)
+            return await self.start_video(only.path, sampling, question, generation, return_frames, only.digest)
         pictures: list[Picture] = []
         shown: list[Frame] | None = [] if return_frames else None
         info = None
-        for kind, source in sources:
-            digest = await to_thread.run_sync(media.file_digest, source)
+        for each in sources:
+            kind, source = each.kind, each.path
+            digest = each.digest or await to_thread.run_sync(media.file_digest, source)
             if kind == "video":
                 video, frames = await self._video_input(source, digest, sampling, return_frames)
                 info = info or video.media.info
@@ -267,10 +316,15 @@ class Analyzer:
         return ImageInput(image, MediaRef(key)), shown
 
     async def start_image(
-        self, source: Path, question: Question, generation: GenerationSettings, return_frames: bool = False
+        self,
+        source: Path,
+        question: Question,
+        generation: GenerationSettings,
+        return_frames: bool = False,
+        digest: str | None = None,
     ) -> Started:
         """Read the image (unless seen before, or ``return_frames`` asks for it) and queue the question."""
-        key = reuse.image_key(await to_thread.run_sync(media.file_digest, source))
+        key = reuse.image_key(digest or await to_thread.run_sync(media.file_digest, source))
         recalled = self.engine.recall(key)
         image = shown = None
         if recalled is None or return_frames:

@@ -65,6 +65,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     RequestError: 400,
     SegmentPlanError: 400,
     UnknownJob: 404,
+    media.UnknownMedia: 404,
     JobNotFinished: 409,
     JobRunsElsewhere: 409,
     InvalidPrompt: 400,

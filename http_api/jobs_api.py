@@ -1,6 +1,7 @@
 """The ``/jobs`` routes: a long video analysed segment by segment in the background.
 
-    POST /jobs/submit              video upload (multipart ``video``) or JSON ``video_url``, + ``metadata``
+    POST /jobs/submit              video upload (multipart ``video``), JSON ``video_url`` or the
+                                   ``file_id`` of a stored video, + ``metadata``
     GET  /jobs/status?task_id=...  status, progress and the segment captions done so far
     GET  /jobs/get?task_id=...     {"answer", "segments", "video_info", "usage", "status"}
     POST /jobs/cancel?task_id=...  stops the job within a segment (PUT too, as BentoML's)
@@ -40,7 +41,7 @@ from jobs.store import valid_task_id
 from media import workdirs
 
 # Form fields of a submission; anything else is a mistake worth a 400.
-SUBMIT_FIELDS = frozenset({"video", "video_url", "metadata"})
+SUBMIT_FIELDS = frozenset({"video", "video_url", "file_id", "metadata"})
 COPY_CHUNK_BYTES = 1024 * 1024
 
 
@@ -158,11 +159,16 @@ def _save_upload(upload: UploadFile, target: Path) -> Path:
 
 
 def _source(analyzer: Analyzer, fields: dict[str, Any], folder: Path) -> Path:
-    """The video file of a submission: the upload, or ``video_url`` downloaded (blocking)."""
+    """The video file of a submission: the upload, ``video_url`` downloaded, or the stored video
+    ``file_id`` (blocking)."""
     url = fields.get("video_url")
     if url is not None and not isinstance(url, str):
         raise RequestError("video_url must be a string: the video's http(s) URL", "video_url")
-    return analyzer.source_file("video", fields.get("video"), url, folder, job=True)
+    file_id = fields.get("file_id")
+    if file_id is not None and not isinstance(file_id, str):
+        raise RequestError("file_id must be a string: the id POST /v1/files or /media answered", "file_id")
+    read = analyzer.read_source("video", fields.get("video"), url, file_id, folder, job=True, id_field="file_id")
+    return read.path
 
 
 def _failure(error: Exception) -> JSONResponse:

@@ -9,7 +9,7 @@ Two kinds, both through prometheus_client (no hand-written exposition):
   directory is set after service.py is imported, so prometheus_client is imported here only when
   the first metric is made (in the worker), never at import time;
 - the engine's state at scrape time (requests running and waiting, the reuse caches' counts and
-  bytes, GPU memory in use), read by a collector when ``/metrics`` is scraped and appended to
+  bytes, GPU memory in use) and the media store's size, read by a collector when ``/metrics`` is scraped and appended to
   BentoML's text (the service's ``__metrics__`` hook).
 
 Requests waiting (``llava_requests_waiting``) is what an autoscaler should follow
@@ -28,6 +28,7 @@ from http_api.routes import route_for
 
 if TYPE_CHECKING:
     from llava_custom.engine import Answer, Engine
+    from media import MediaStore
 
 # Seconds: from a cached image's few milliseconds to a long video's minutes.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -117,6 +118,32 @@ def engine_state(engine: Engine) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_EngineCollector(engine))
     return generate_latest(registry).decode()
+
+
+def media_store_state(store: MediaStore) -> str:
+    """The media store's size now, in Prometheus' text format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    held, count = store.stats()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        _Fixed(
+            GaugeMetricFamily("llava_media_store_bytes", "Bytes of media the store holds (each content once)", held),
+            GaugeMetricFamily("llava_media_store_files", "Files (ids) the media store holds", count),
+        )
+    )
+    return generate_latest(registry).decode()
+
+
+class _Fixed:
+    """A collector of families read already."""
+
+    def __init__(self, *families: Any) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.families
 
 
 class _EngineCollector:

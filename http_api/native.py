@@ -61,30 +61,37 @@ async def analyze(
     ctx: Context,
     images: list[Path] | None = None,
     image_urls: str | list[str] | None = None,
+    media_id: str | list[str] | None = None,
 ) -> dict[str, Any] | Response:
     """Run one native request; every failure becomes the documented failure body and status.
 
     ``upload`` / ``url`` are the video's on /analyze_video; ``images`` / ``image_urls`` the
-    images in the order sent (on /analyze_video, after the video)."""
+    images in the order sent (on /analyze_video, after the video); ``media_id`` (or
+    ``metadata.media_id``) names stored media instead: the video on /analyze_video, one image or
+    a list of them on /analyze_image."""
     try:
         try:
             meta = Metadata.parse(metadata)
         except ValueError as error:
             raise RequestError(str(error), "metadata") from error
-        pictures = _pictures(kind, upload, url, images, image_urls)
+        if media_id is not None and meta.media_id is not None:
+            raise RequestError("send 'media_id' either beside metadata or inside it, not both", "media_id")
+        ids = _ids(kind, media_id if media_id is not None else meta.media_id)
+        pictures = _pictures(kind, upload, url, images, image_urls, ids)
         current = analyzer()
         generation = meta.generation(current.defaults)
-        kinds = [picture_kind for picture_kind, _, _ in pictures]
+        kinds = [picture[0] for picture in pictures]
         # Frame sampling applies (and is checked) only when a video is there.
         sampling = meta.sampling(current.defaults) if "video" in kinds else VideoSampling()
         current.check_pictures(kinds, sampling, generation)
         # The input files are gone once decoded, before the answer is generated.
         with workdirs.request_folder() as workdir:
             sources = []
-            for number, (picture_kind, picture_upload, picture_url) in enumerate(pictures):
-                read = functools.partial(current.source_file, name=f"upload-{number}")
-                source = await to_thread.run_sync(read, picture_kind, picture_upload, picture_url, Path(workdir))
-                sources.append((picture_kind, source))
+            for number, (picture_kind, picture_upload, picture_url, picture_id) in enumerate(pictures):
+                read = functools.partial(current.read_source, name=f"upload-{number}")
+                sources.append(
+                    await to_thread.run_sync(read, picture_kind, picture_upload, picture_url, picture_id, Path(workdir))
+                )
             started = await current.start_pictures(sources, sampling, meta.prompt, generation, meta.return_frames)
         if meta.stream:
             return event_stream(started)
@@ -98,26 +105,46 @@ async def analyze(
         return reply.body()
 
 
+Picture = tuple[Kind, Path | None, str | None, str | None]  # kind, upload, URL, stored media id
+
+
+def _ids(kind: Kind, media_id: str | list[str] | None) -> list[str]:
+    """The stored media a request names: one video on /analyze_video, images on /analyze_image."""
+    ids = [media_id] if isinstance(media_id, str) else list(media_id or [])
+    if kind == "video" and len(ids) > 1:
+        raise RequestError("media_id names the one video of /analyze_video: send one id", "media_id")
+    return ids
+
+
 def _pictures(
     kind: Kind,
     upload: Path | None,
     url: str | None,
     images: list[Path] | None,
     image_urls: str | list[str] | None,
-) -> list[tuple[Kind, Path | None, str | None]]:
-    """The request's pictures in order, each (kind, upload, URL) with one of the two; a missing
-    or doubled one is left to Analyzer.source_file, whose message names the fields."""
+    ids: list[str] = (),  # type: ignore[assignment]
+) -> list[Picture]:
+    """The request's pictures in order, each (kind, upload, URL, id) with one of them; a missing
+    or doubled one is left to Analyzer.read_source, whose message names the fields."""
     uploads = list(images or [])
     urls = [image_urls] if isinstance(image_urls, str) else list(image_urls or [])
-    if kind == "image" and len(uploads) + len(urls) == 2 and len(uploads) == 1:
-        return [("image", uploads[0], urls[0])]  # one of each: source_file says which to send
+    if kind == "video":
+        images_given: list[Picture] = [("image", path, None, None) for path in uploads]
+        images_given += [("image", None, link, None) for link in urls]
+        if uploads and urls:
+            raise RequestError("send the images either as 'image' files or as 'image_url's, not both")
+        return [("video", upload, url, ids[0] if ids else None), *images_given]
+    if ids:
+        if uploads or urls:
+            raise RequestError("send the images either as files, as 'image_url's or as 'media_id's, not two of these")
+        return [("image", None, None, media_id) for media_id in ids]
+    if len(uploads) + len(urls) == 2 and len(uploads) == 1:
+        return [("image", uploads[0], urls[0], None)]  # one of each: read_source says which to send
     if uploads and urls:
         raise RequestError("send the images either as 'image' files or as 'image_url's, not both")
-    given: list[tuple[Kind, Path | None, str | None]] = [("image", path, None) for path in uploads]
-    given += [("image", None, link) for link in urls]
-    if kind == "video":
-        return [("video", upload, url), *given]
-    return given or [("image", None, None)]
+    given: list[Picture] = [("image", path, None, None) for path in uploads]
+    given += [("image", None, link, None) for link in urls]
+    return given or [("image", None, None, None)]
 
 
 def refuse_unknown_fields(spec: type) -> type:

@@ -42,12 +42,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from http_api.analysis import Analyzer, Started, until_answered
+import media
+from http_api import files_api
+from http_api.analysis import Analyzer, Source, Started, until_answered
 from http_api.errors import ErrorReply, RequestError, translate
 from http_api.routes import Shape
 from http_api.schemas import ChatMessage, ChatRequest, VideoSampling
 from llava_custom.engine import Answer, Conversation, GenerationSettings, TokenLogprob, Turn
-from media import workdirs
+from media import MediaLibrary, workdirs
 
 logger = logging.getLogger("llava_video_service")
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
@@ -55,14 +57,24 @@ MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 
 @dataclass(frozen=True)
 class Picture:
-    """An image or video part of the conversation, in order (its turn is the one it came in)."""
+    """An image, video or file part of the conversation, in order (its turn is the one it came
+    in): a URL, a stored file's id (its kind known once it is looked up), or vLLM's ``uuid``
+    with the URL (the medium is kept under it) or without (the medium kept)."""
 
-    kind: Literal["image", "video"]
-    url: str
+    kind: Literal["image", "video"] | None
+    url: str | None = None
+    uuid: str | None = None
+    file_id: str | None = None
+
+    @property
+    def uuid_key(self) -> str:
+        """The store's id of the medium a client named ``uuid`` (per kind, as vLLM's are)."""
+        return f"uuid:{self.kind}:{self.uuid}"
 
 
-def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
-    """The ``/v1`` app; ``analyzer`` returns the worker's Analyzer (it exists once the model loaded)."""
+def create_app(analyzer: Callable[[], Analyzer], library: Callable[[], MediaLibrary] | None = None) -> Starlette:
+    """The ``/v1`` app; ``analyzer`` returns the worker's Analyzer (it exists once the model
+    loaded), ``library`` its media store, for the files API (http_api.files_api)."""
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -82,6 +94,7 @@ def create_app(analyzer: Callable[[], Analyzer]) -> Starlette:
         routes=[
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
+            *(files_api.routes(library, Shape.OPENAI, "/files") if library is not None else []),
         ]
     )
 
@@ -190,10 +203,7 @@ def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, list[P
                     continue
                 if message.role != "user":
                     raise RequestError(f"only user messages may hold an image or a video ({where})", where)
-                if part["type"] == "image_url":
-                    pictures.append(Picture("image", part["image_url"]["url"]))
-                else:
-                    pictures.append(Picture("video", part["video_url"]["url"]))
+                pictures.append(_picture(part, f"{where}.content.{len(texts) + count}"))
                 count += 1
             text = "\n".join(texts)
         if message.role in ("system", "developer"):
@@ -207,6 +217,27 @@ def conversation_from(messages: list[ChatMessage]) -> tuple[Conversation, list[P
     return Conversation(tuple(turns), "\n".join(system) if system else None), pictures
 
 
+def _picture(part: dict[str, Any], where: str) -> Picture:
+    """The picture of an ``image_url``, ``video_url`` or ``file`` content part."""
+    if part["type"] == "file":
+        file = part["file"]
+        if not file.get("file_id"):
+            raise RequestError(
+                "a file part takes the 'file_id' of a stored file (POST /v1/files); send inline media as an "
+                "image_url or video_url part",
+                f"{where}.file.file_id",
+            )
+        return Picture(None, file_id=file["file_id"])
+    kind: Literal["image", "video"] = "image" if part["type"] == "image_url" else "video"
+    link = part[part["type"]]
+    uuid = part.get("uuid")
+    if link is None and not uuid:
+        raise RequestError(
+            f"the {part['type']} part has no URL: send one, or the 'uuid' of a medium sent before", where
+        )
+    return Picture(kind, url=None if link is None else link["url"], uuid=uuid or None)
+
+
 async def _start(
     analyzer: Analyzer,
     conversation: Conversation,
@@ -217,12 +248,50 @@ async def _start(
 ) -> Started:
     if not pictures:
         return await analyzer.start_text(conversation, generation)
-    analyzer.check_pictures([picture.kind for picture in pictures], sampling, generation)
-    sources = []
-    for picture in pictures:  # each URL fetched into the request's folder, in order
-        path = await to_thread.run_sync(analyzer.source_file, picture.kind, None, picture.url, workdir)
-        sources.append((picture.kind, path))
-    return await analyzer.start_pictures(sources, sampling, conversation, generation)
+    pictures = [await _with_kind(analyzer, picture) for picture in pictures]
+    analyzer.check_pictures([picture.kind or "image" for picture in pictures], sampling, generation)
+    sources = [await to_thread.run_sync(_source, analyzer, picture, workdir) for picture in pictures]  # in order
+    started = await analyzer.start_pictures(sources, sampling, conversation, generation)
+    for picture, source in zip(pictures, sources, strict=True):
+        if picture.uuid and picture.url is not None and analyzer.library is not None:
+            await to_thread.run_sync(_remember, analyzer.library, picture, source)
+    return started
+
+
+async def _with_kind(analyzer: Analyzer, picture: Picture) -> Picture:
+    """A file part's picture with the kind its stored file was found to be at upload."""
+    if picture.file_id is None:
+        return picture
+    if analyzer.library is None:
+        raise media.UnknownMedia(f"no file {picture.file_id!r}: this service keeps no media store")
+    record = await to_thread.run_sync(analyzer.library.store.get, picture.file_id)
+    return Picture(record.kind, file_id=picture.file_id)
+
+
+def _source(analyzer: Analyzer, picture: Picture, workdir: Path) -> Source:
+    """The picture's file in the request's folder: fetched, or read from the store (blocking)."""
+    assert picture.kind is not None  # file parts have theirs from _with_kind
+    if picture.file_id is not None:
+        return analyzer.stored_source(picture.file_id, workdir, picture.kind)
+    if picture.url is None:  # vLLM's uuid alone: the medium sent with it before
+        try:
+            return analyzer.stored_source(picture.uuid_key, workdir, picture.kind)
+        except media.UnknownMedia as error:
+            raise media.UnknownMedia(
+                f"no {picture.kind} with uuid {picture.uuid!r} is held here (never sent with its data, expired "
+                f"or evicted): send it again with its {picture.kind}_url"
+            ) from error
+    path = analyzer.source_file(picture.kind, None, picture.url, workdir)
+    return Source(picture.kind, path, media.file_digest(path) if picture.uuid else None)
+
+
+def _remember(library: MediaLibrary, picture: Picture, source: Source) -> None:
+    """Keep a medium sent with a uuid, so that a later request may send the uuid alone."""
+    assert picture.kind is not None and source.digest is not None
+    try:
+        library.remember(source.path, picture.kind, source.digest, picture.uuid_key)
+    except media.MediaError as error:  # e.g. larger than the store: answered anyway, not kept
+        logger.warning("the %s with uuid %r is not kept: %s", picture.kind, picture.uuid, error)
 
 
 class _LogprobsWriter:

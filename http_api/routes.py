@@ -11,7 +11,11 @@ anything else is :data:`OTHER` (BentoML's 404 and 405, answered with the native 
     /analyze_image        native   image   yes    yes    yes  no     /analyze_image
     /v1/chat/completions  openai   -       yes    yes    yes  no     /v1/chat/completions
     /v1/models            openai   -       no     yes    yes  no     /v1/models
+    /v1/files             openai   file    yes    no     yes  no     /v1/files
+    /v1/files/...         openai   -       no     no     yes  no     /v1/files/{id}
     /v1/...               openai   -       no     yes    yes  no     other
+    /media                media    file    yes    no     yes  no     /media
+    /media/...            media    -       no     no     yes  no     /media/{id}
     /jobs/submit          job      video   yes    yes    yes  no     /jobs/submit
     /jobs/{status,get,cancel,ask}  job     no     yes    yes  no     the path
     /jobs/...             job      -       no     yes    yes  no     other
@@ -36,6 +40,7 @@ class Kind(enum.Enum):
     NATIVE = "native"  # /analyze_*: the native failure body
     OPENAI = "openai"  # /v1: OpenAI's error object
     JOB = "job"  # /jobs: the native failure body
+    MEDIA = "media"  # /media, the files API's native twin: the native failure body
     PAGE = "page"  # the web page's static files (ui/)
     HEALTH = "health"  # probes
     METRICS = "metrics"  # Prometheus
@@ -76,7 +81,7 @@ class Route:
         """The failure body of this route's errors; None where answers are passed on as they are."""
         if self.kind is Kind.OPENAI:
             return Shape.OPENAI
-        if self.kind in (Kind.NATIVE, Kind.JOB, Kind.OTHER):
+        if self.kind in (Kind.NATIVE, Kind.JOB, Kind.MEDIA, Kind.OTHER):
             return Shape.NATIVE
         return None
 
@@ -100,7 +105,7 @@ def _native(path: str, kind: str) -> Route:
         Kind.NATIVE,
         upload=kind,
         url_field=f"{kind}_url",
-        fields=(kind, f"{kind}_url", *images, "metadata"),
+        fields=(kind, f"{kind}_url", *images, "metadata", "media_id"),
         more_uploads=("image",) if kind == "video" else (),
         repeatable=("image",),
         guarded=True,
@@ -113,6 +118,12 @@ def _job(path: str, **options: object) -> Route:
     return Route(path, Kind.JOB, needs_model=True, metric=path, **options)  # type: ignore[arg-type]
 
 
+def _files(path: str, kind: Kind) -> tuple[Route, Route]:
+    """The media store's upload (a large video may be kept for a job) and its files by id."""
+    upload = Route(path, kind, upload="file", fields=("file", "purpose"), guarded=True, job_upload=True, metric=path)
+    return upload, Route(f"{path}/", kind, prefix=True, metric=f"{path}/{{id}}")
+
+
 def _open(path: str, kind: Kind, prefix: bool = False, quiet: bool = False, metric: str | None = "other") -> Route:
     return Route(path, kind, prefix=prefix, needs_key=False, quiet=quiet, metric=metric)
 
@@ -122,15 +133,18 @@ ROUTES: tuple[Route, ...] = (
     _native("/analyze_image", "image"),
     Route("/v1/chat/completions", Kind.OPENAI, guarded=True, needs_model=True, metric="/v1/chat/completions"),
     Route("/v1/models", Kind.OPENAI, needs_model=True, metric="/v1/models"),
+    # The media store needs no model: files may be uploaded while it loads.
+    *_files("/v1/files", Kind.OPENAI),
     Route("/v1/", Kind.OPENAI, prefix=True, needs_model=True),
     _job(
         "/jobs/submit",
         upload="video",
         url_field="video_url",
-        fields=("video", "video_url", "metadata"),
+        fields=("video", "video_url", "file_id", "metadata"),
         guarded=True,
         job_upload=True,
     ),
+    *_files("/media", Kind.MEDIA),
     _job("/jobs/status"),
     _job("/jobs/get"),
     _job("/jobs/cancel"),

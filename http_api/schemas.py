@@ -13,10 +13,11 @@ import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from openai.types.chat import (
-    ChatCompletionContentPartImageParam,
     ChatCompletionContentPartTextParam,
     ChatCompletionStreamOptionsParam,
 )
+from openai.types.chat.chat_completion_content_part_image_param import ImageURL
+from openai.types.chat.chat_completion_content_part_param import File
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import Required, TypedDict
 
@@ -104,6 +105,9 @@ class Metadata(VideoSampling):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, description="the question; a default description prompt applies when absent")
+    media_id: str | list[str] | None = Field(
+        None, description="stored media (POST /media or /v1/files) instead of an upload: the video, or the images"
+    )
     max_new_tokens: int | None = Field(
         None, strict=True, ge=1, description="longest answer, in tokens (server limit applies)"
     )
@@ -250,14 +254,27 @@ class VideoURL(TypedDict, total=False):
 
 
 class ChatCompletionContentPartVideoParam(TypedDict, total=False):
-    """vLLM's content part for a video; the openai package has none."""
+    """vLLM's content part for a video; the openai package has none. ``uuid`` (vLLM's) names the
+    video: sent with it, the service keeps it; sent alone (``video_url`` null), the one kept."""
 
-    video_url: Required[VideoURL]
+    video_url: Required[VideoURL | None]
     type: Required[Literal["video_url"]]
+    uuid: str
+
+
+class ChatCompletionContentPartImageWithUUIDParam(TypedDict, total=False):
+    """OpenAI's image part with vLLM's ``uuid`` (see the video part); ``image_url`` may then be null."""
+
+    image_url: Required[ImageURL | None]
+    type: Required[Literal["image_url"]]
+    uuid: str
 
 
 ContentPart = Annotated[
-    ChatCompletionContentPartTextParam | ChatCompletionContentPartImageParam | ChatCompletionContentPartVideoParam,
+    ChatCompletionContentPartTextParam
+    | ChatCompletionContentPartImageWithUUIDParam
+    | ChatCompletionContentPartVideoParam
+    | File,
     Field(discriminator="type"),
 ]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from http_api.auth import ApiKeyAuth
 from http_api.errors import FailureBodyMiddleware
+from http_api.files_api import MountRoot
 from http_api.guard import GuardLimits, RequestGuard
 from http_api.lifecycle import Lifecycle, LifecycleGate
 from http_api.metrics import RequestMetrics
@@ -48,4 +49,6 @@ def middlewares(
         # The gate before the guard: a loading or draining worker refuses before the body is read.
         (LifecycleGate, {"lifecycle": lifecycle}),
         (RequestGuard, {"limits": guard_limits}),
+        # Innermost: every middleware above sees POST /media as sent.
+        (MountRoot, {}),
     ]

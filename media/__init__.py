@@ -15,13 +15,17 @@ from media.errors import (
     RefusedAddress,
     SegmentOutsideVideo,
     UndecodableMedia,
+    UnknownMedia,
     UnsupportedMedia,
     UpstreamError,
     UpstreamTimeout,
+    WrongMediaKind,
 )
 from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to_file
 from media.image import read_image
+from media.library import MediaLibrary
 from media.sizes import format_bytes
+from media.store import MediaStore, StoredMedia
 from media.video import (
     SampledVideo,
     VideoInfo,
@@ -41,17 +45,22 @@ __all__ = [
     "DecodeWorker",
     "FetchLimits",
     "InvalidSource",
+    "MediaLibrary",
+    "MediaStore",
     "MediaError",
     "MediaTooLarge",
     "RefusedAddress",
     "SampledVideo",
     "SegmentOutsideVideo",
+    "StoredMedia",
     "UndecodableMedia",
+    "UnknownMedia",
     "UnsupportedMedia",
     "UpstreamError",
     "UpstreamTimeout",
     "VideoInfo",
     "VideoReading",
+    "WrongMediaKind",
     "address_refusal",
     "download_to_file",
     "file_digest",

@@ -50,3 +50,12 @@ class UpstreamError(MediaError):
 
 class UpstreamTimeout(UpstreamError):
     """The origin server was too slow: connect, read or total download time exceeded."""
+
+
+class UnknownMedia(MediaError):
+    """A media id the store does not hold: never uploaded, expired, evicted or deleted (a 404)."""
+
+
+class WrongMediaKind(UnsupportedMedia):
+    """A stored medium of the other kind: an image's id where a video goes, or the reverse (the
+    status an uploaded file of the other kind gets there)."""

@@ -30,6 +30,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 JOB_DIR = tempfile.mkdtemp(prefix="llava-tests-jobs-")
 atexit.register(shutil.rmtree, JOB_DIR, ignore_errors=True)
 os.environ["LLAVA_JOB_DIR"] = JOB_DIR
+# And the media store (LLAVA_MEDIA_DIR), shared the same way.
+MEDIA_DIR = tempfile.mkdtemp(prefix="llava-tests-media-")
+atexit.register(shutil.rmtree, MEDIA_DIR, ignore_errors=True)
+os.environ["LLAVA_MEDIA_DIR"] = MEDIA_DIR
 
 import pytest  # noqa: E402
 

@@ -291,6 +291,8 @@ def test_the_route_table_decides_which_routes_are_guarded(client) -> None:
         "/analyze_video",
         "/analyze_image",
         "/v1/chat/completions",
+        "/v1/files",
+        "/media",
         "/jobs/submit",
     }
     for route in guarded:
