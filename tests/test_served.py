@@ -42,8 +42,14 @@ def readme_job_commands() -> list[str]:
     return [command for command in readme_curl_commands() if "/jobs/" in command]
 
 
+def readme_media_commands() -> list[str]:
+    """Upload once, ask many (README): the upload, questions by id, the file object, its deletion."""
+    return [command for command in readme_curl_commands() if "/media" in command or "$FILE" in command]
+
+
 def readme_request_commands() -> list[str]:
-    return [command for command in readme_curl_commands() if "/jobs/" not in command]
+    media = readme_media_commands()
+    return [command for command in readme_curl_commands() if "/jobs/" not in command and command not in media]
 
 
 def test_readme_has_the_four_curl_forms_two_image_comparisons_and_chat_completions():
@@ -124,6 +130,32 @@ def test_readme_job_commands_submit_follow_ask_and_cancel(served, media_dir):
     asked = run(ask, task)
     assert asked["status"] == "success" and asked["response"]
     assert run(cancel, task) == {"task_id": task, "status": "completed"}  # an ended job stays as it ended
+
+
+def test_readme_media_commands_upload_once_then_ask_by_id(served, media_dir):
+    upload, *questions, retrieve, delete = readme_media_commands()
+    assert "-F" in upload and len(questions) == 2 and "-X DELETE" in delete
+
+    def run(command: str, file_id: str = "") -> dict:
+        command = command.split("  #")[0].replace("http://localhost:3000", served).replace("$FILE", file_id)
+        command = command.replace("./path/to/your/video.mp4", str(media_dir / "clip.mp4"))
+        done = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    stored = run(upload)
+    assert stored["object"] == "file" and stored["kind"] == "video" and stored["id"].startswith("file-")
+    with (media_dir / "clip.mp4").open("rb") as video:
+        for command in questions:
+            prompt = json.loads(command.split("-d '")[1].replace("'$FILE'", "x").rstrip("'"))["metadata"]["prompt"]
+            uploaded = httpx.post(
+                f"{served}/analyze_video", files={"video": video}, data={"metadata": json.dumps({"prompt": prompt})}
+            )
+            video.seek(0)
+            assert run(command, stored["id"]) == uploaded.json()  # the same answer as the upload's
+    assert run(retrieve, stored["id"]) == stored
+    assert run(delete, stored["id"])["deleted"] is True
+    assert httpx.get(f"{served}/media/{stored['id']}", timeout=30).status_code == 404
 
 
 def test_bad_request_gets_the_failure_body(served, media_dir):
