@@ -120,11 +120,11 @@ class LLaVAVideoService:
         image: list[Path] = None,
         image_url: str | list[str] = None,
         metadata: Any = None,
-        media_id: str = None,
+        media_id: str | list[str] = None,
     ) -> dict[str, Any]:
         """Answer a question about a video (multipart ``video`` upload, JSON ``video_url`` or the
-        ``media_id`` of a stored one) and any images beside it (``image`` parts or ``image_url``s,
-        seen after the video)."""
+        ``media_id`` of a stored one) and any images beside it (``image`` parts, ``image_url``s or
+        more ``media_id``s: a list, the video's first), seen after the video."""
         return await native.analyze(
             current_analyzer, "video", video, video_url, metadata, ctx, image, image_url, media_id
         )

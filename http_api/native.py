@@ -67,8 +67,8 @@ async def analyze(
 
     ``upload`` / ``url`` are the video's on /analyze_video; ``images`` / ``image_urls`` the
     images in the order sent (on /analyze_video, after the video); ``media_id`` (or
-    ``metadata.media_id``) names stored media instead: the video on /analyze_video, one image or
-    a list of them on /analyze_image."""
+    ``metadata.media_id``) names stored media instead: on /analyze_video the video, then any
+    images beside it (one id or a list); on /analyze_image the images."""
     try:
         try:
             meta = Metadata.parse(metadata)
@@ -76,7 +76,7 @@ async def analyze(
             raise RequestError(str(error), "metadata") from error
         if media_id is not None and meta.media_id is not None:
             raise RequestError("send 'media_id' either beside metadata or inside it, not both", "media_id")
-        ids = _ids(kind, media_id if media_id is not None else meta.media_id)
+        ids = _ids(media_id if media_id is not None else meta.media_id)
         pictures = _pictures(kind, upload, url, images, image_urls, ids)
         current = analyzer()
         generation = meta.generation(current.defaults)
@@ -108,12 +108,10 @@ async def analyze(
 Picture = tuple[Kind, Path | None, str | None, str | None]  # kind, upload, URL, stored media id
 
 
-def _ids(kind: Kind, media_id: str | list[str] | None) -> list[str]:
-    """The stored media a request names: one video on /analyze_video, images on /analyze_image."""
-    ids = [media_id] if isinstance(media_id, str) else list(media_id or [])
-    if kind == "video" and len(ids) > 1:
-        raise RequestError("media_id names the one video of /analyze_video: send one id", "media_id")
-    return ids
+def _ids(media_id: str | list[str] | None) -> list[str]:
+    """The stored media a request names, in order: on /analyze_video the video, then any images
+    beside it; on /analyze_image the images."""
+    return [media_id] if isinstance(media_id, str) else list(media_id or [])
 
 
 def _pictures(
@@ -131,8 +129,11 @@ def _pictures(
     if kind == "video":
         images_given: list[Picture] = [("image", path, None, None) for path in uploads]
         images_given += [("image", None, link, None) for link in urls]
-        if uploads and urls:
-            raise RequestError("send the images either as 'image' files or as 'image_url's, not both")
+        images_given += [("image", None, None, media_id) for media_id in ids[1:]]
+        if sum(map(bool, (uploads, urls, ids[1:]))) > 1:
+            raise RequestError(
+                "send the images either as 'image' files, as 'image_url's or as 'media_id's, not two of these"
+            )
         return [("video", upload, url, ids[0] if ids else None), *images_given]
     if ids:
         if uploads or urls:

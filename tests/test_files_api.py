@@ -164,6 +164,17 @@ def test_native_twin_and_media_id_on_the_native_routes(store, media_dir):
     assert two_uploaded.status_code == two_by_id.status_code == 200, two_by_id.text
     assert two_uploaded.json() == two_by_id.json()
 
+    # Images beside the video by id: a list, the video's first, as the same files uploaded.
+    with clip.open("rb") as file, photo.open("rb") as beside:
+        both_uploaded = store.http.post(
+            "/analyze_video", files=[("video", file), ("image", beside)], data={"metadata": json.dumps(metadata)}
+        )
+    both_by_id = store.http.post(
+        "/analyze_video", json={"media_id": [video.json()["id"], image.json()["id"]], "metadata": metadata}
+    )
+    assert both_uploaded.status_code == both_by_id.status_code == 200, both_by_id.text
+    assert both_uploaded.json() == both_by_id.json() and len(both_by_id.json()["pictures"]) == 2
+
     # An image's id where the video goes gets what an uploaded image gets there.
     wrong = store.http.post("/analyze_video", json={"media_id": image.json()["id"]})
     with photo.open("rb") as file:
