@@ -139,7 +139,9 @@ def test_readme_media_commands_upload_once_then_ask_by_id(served, media_dir):
     def run(command: str, file_id: str = "") -> dict:
         command = command.split("  #")[0].replace("http://localhost:3000", served).replace("$FILE", file_id)
         command = command.replace("./path/to/your/video.mp4", str(media_dir / "clip.mp4"))
-        done = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            ["bash", "-c", command + " --silent --show-error"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
