@@ -24,7 +24,7 @@ from jobs.limits import DEFAULT_CLAIM_TIMEOUT_SECONDS, JobLimits, SharedJobSetti
 from llava_custom.limits import DEFAULT_MAX_NEW_TOKENS, EngineLimits
 from media.fetch import AddressPolicy, FetchLimits
 from media.sizes import format_bytes
-from media.store import MediaStore
+from media.store import MediaStore, Records
 from media.video import DEFAULT_CHUNK_BYTES, VideoReading
 
 MiB = 1024 * 1024
@@ -201,9 +201,10 @@ class Settings(BaseSettings):
             redis_url=self.redis_url, claim_timeout_s=self.job_claim_timeout_s, shared_dir=self.job_dir_shared
         )
 
-    def media_store(self) -> MediaStore:
-        """The store of media sent once (LLAVA_MEDIA_DIR), made on first use in each process."""
-        return MediaStore(self.media_dir, self.media_store_bytes, self.media_ttl_s)
+    def media_store(self, records: Records | None = None) -> MediaStore:
+        """The store of media sent once (LLAVA_MEDIA_DIR); its records in ``records`` (Redis,
+        with LLAVA_REDIS_URL) or beside the bytes."""
+        return MediaStore(self.media_dir, self.media_store_bytes, self.media_ttl_s, records=records)
 
     def fetch_limits(self, max_bytes: int | None = None) -> FetchLimits:
         """The fetcher's limits; ``max_bytes`` instead of LLAVA_MAX_DOWNLOAD_BYTES (jobs)."""

@@ -117,9 +117,11 @@ def job_store(current: settings.Settings) -> JobStore:
 
 
 def media_store(current: settings.Settings) -> media.MediaStore:
-    """The media store; ValueError when LLAVA_MEDIA_DIR cannot be made or written."""
+    """The media store (its records in Redis with LLAVA_REDIS_URL, so that replicas sharing the
+    folder share the ids); ValueError when LLAVA_MEDIA_DIR cannot be made or written."""
+    records = media.RedisRecords(connect(current.redis_url)) if current.redis_url else None
     try:
-        store = current.media_store()
+        store = current.media_store(records)
         probe = store.folder / ".writable"
         probe.write_bytes(b"")
         probe.unlink()
@@ -132,8 +134,11 @@ def media_library(current: settings.Settings, decoder: media.DecodePool) -> medi
     """This worker's media store behind the request checks, its expired files and the uploads
     of stopped processes removed."""
     store = media_store(current)
-    if removed := store.sweep():
-        logger.info("media store: removed %d expired files", removed)
+    try:
+        if removed := store.sweep():
+            logger.info("media store: removed %d expired files", removed)
+    except media.StoreUnavailable as error:  # Redis down: the files routes answer 503 until it is back
+        logger.warning("media store: %s", error)
     return media.MediaLibrary(
         store, decoder, max_image_pixels=current.max_image_pixels, max_video_pixels=current.max_video_pixels
     )

@@ -80,6 +80,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     EngineBusy: 503,
     TooManyJobs: 503,
     JobStoreUnavailable: 503,  # Redis down or unreachable: nothing was done, try again
+    media.StoreUnavailable: 503,
     RequestTimeout: 503,
     EngineClosed: 503,
     RequestCancelled: 499,  # nginx's "client closed request": only the access log sees it

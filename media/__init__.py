@@ -14,6 +14,7 @@ from media.errors import (
     MediaTooLarge,
     RefusedAddress,
     SegmentOutsideVideo,
+    StoreUnavailable,
     UndecodableMedia,
     UnknownMedia,
     UnsupportedMedia,
@@ -25,7 +26,7 @@ from media.fetch import AddressPolicy, FetchLimits, address_refusal, download_to
 from media.image import read_image
 from media.library import MediaLibrary
 from media.sizes import format_bytes
-from media.store import MediaStore, StoredMedia
+from media.store import MediaStore, RedisRecords, StoredMedia
 from media.video import (
     SampledVideo,
     VideoInfo,
@@ -49,9 +50,11 @@ __all__ = [
     "MediaStore",
     "MediaError",
     "MediaTooLarge",
+    "RedisRecords",
     "RefusedAddress",
     "SampledVideo",
     "SegmentOutsideVideo",
+    "StoreUnavailable",
     "StoredMedia",
     "UndecodableMedia",
     "UnknownMedia",

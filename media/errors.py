@@ -59,3 +59,7 @@ class UnknownMedia(MediaError):
 class WrongMediaKind(UnsupportedMedia):
     """A stored medium of the other kind: an image's id where a video goes, or the reverse (the
     status an uploaded file of the other kind gets there)."""
+
+
+class StoreUnavailable(MediaError):
+    """The media store's records cannot be reached (Redis down): the service's trouble, a 503."""

@@ -32,11 +32,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from media.errors import MediaTooLarge, UnknownMedia
+from media.errors import MediaTooLarge, StoreUnavailable, UnknownMedia
 from media.sizes import format_bytes
 from media.workdirs import process_running
+
+if TYPE_CHECKING:
+    import redis
 
 logger = logging.getLogger(__name__)
 MediaKind = Literal["image", "video"]
@@ -81,18 +84,22 @@ class MediaStore:
     """The store in ``folder``, holding at most ``max_bytes`` for at most ``ttl_seconds`` each."""
 
     def __init__(
-        self, folder: Path, max_bytes: int, ttl_seconds: float, clock: Callable[[], float] = time.time
+        self,
+        folder: Path,
+        max_bytes: int,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.time,
+        records: Records | None = None,
     ) -> None:
         self.folder = Path(folder).expanduser()
         self.max_bytes = max_bytes
         self.ttl_seconds = ttl_seconds
         self.clock = clock
         self.blobs = self.folder / "blobs"
-        self.records = self.folder / "records"
         self.incoming_dir = self.folder / "incoming"
-        for path in (self.blobs, self.records, self.incoming_dir):
+        for path in (self.blobs, self.incoming_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self._lock_path = self.folder / ".lock"
+        self.records = records or FileRecords(self.folder)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -219,16 +226,22 @@ class MediaStore:
         return sum(self._blob_sizes(records).values()), len(records)
 
     def sweep(self) -> int:
-        """Remove expired ids and uploads left by processes that stopped; the number of ids removed."""
+        """Remove expired ids, bytes no id refers to (their records expired in Redis) and uploads
+        left by processes that stopped; the number of ids removed."""
         for path in self.incoming_dir.iterdir():
             found = _INCOMING.match(path.name)
             if found is not None and not process_running(int(found.group(1))):
                 path.unlink(missing_ok=True)
         now = self.clock()
         with self._locked():
-            expired = [record.id for record in self._all() if record.expires_at <= now]
+            records = self._all()
+            expired = [record.id for record in records if record.expires_at <= now]
             for media_id in expired:
                 self._remove(media_id)
+            referred = {record.digest for record in records if record.expires_at > now}
+            for blob in self.blobs.iterdir():
+                if blob.name not in referred and not blob.name.startswith("."):
+                    blob.unlink(missing_ok=True)
         return len(expired)
 
     # -- inside the lock ------------------------------------------------------------------------
@@ -266,7 +279,7 @@ class MediaStore:
 
     def _remove(self, media_id: str) -> None:
         record = self._read(media_id)
-        self._record_path(media_id).unlink(missing_ok=True)
+        self.records.remove(media_id)
         if record is not None:
             self._drop_blob_if_unused(record.digest)
 
@@ -277,8 +290,40 @@ class MediaStore:
     def _blob_sizes(self, records: list[StoredMedia]) -> dict[str, int]:
         return {record.digest: record.bytes for record in records}
 
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return self.records.locked()
+
+    def _read(self, media_id: str) -> StoredMedia | None:
+        return self.records.read(media_id)
+
+    def _write(self, record: StoredMedia) -> None:
+        self.records.write(record)
+
+    def _all(self) -> list[StoredMedia]:
+        return self.records.all()
+
+
+class Records(Protocol):
+    """Where the store's records live, and the lock every change holds."""
+
+    def locked(self) -> contextlib.AbstractContextManager[None]: ...
+    def read(self, media_id: str) -> StoredMedia | None: ...
+    def write(self, record: StoredMedia) -> None: ...
+    def remove(self, media_id: str) -> None: ...
+    def all(self) -> list[StoredMedia]: ...
+
+
+class FileRecords:
+    """Records as JSON files beside the bytes, changed under a file lock (flock): every worker
+    and every replica using the folder sees the same records."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder / "records"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_path = folder / ".lock"
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         with self._lock_path.open("a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -286,28 +331,86 @@ class MediaStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    # -- records --------------------------------------------------------------------------------
+    def _path(self, media_id: str) -> Path:
+        return self.folder / f"{hashlib.sha256(media_id.encode()).hexdigest()[:40]}.json"
 
-    def _record_path(self, media_id: str) -> Path:
-        return self.records / f"{hashlib.sha256(media_id.encode()).hexdigest()[:40]}.json"
-
-    def _read(self, media_id: str) -> StoredMedia | None:
+    def read(self, media_id: str) -> StoredMedia | None:
         try:
-            return StoredMedia(**json.loads(self._record_path(media_id).read_text()))
+            return StoredMedia(**json.loads(self._path(media_id).read_text()))
         except FileNotFoundError:
             return None
 
-    def _write(self, record: StoredMedia) -> None:
-        path = self._record_path(record.id)
+    def write(self, record: StoredMedia) -> None:
+        path = self._path(record.id)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(asdict(record)))
         os.replace(partial, path)  # readers see the old record or the new one, never half of one
 
-    def _all(self) -> list[StoredMedia]:
+    def remove(self, media_id: str) -> None:
+        self._path(media_id).unlink(missing_ok=True)
+
+    def all(self) -> list[StoredMedia]:
         records = []
-        for path in self.records.glob("*.json"):
+        for path in self.folder.glob("*.json"):
             try:
                 records.append(StoredMedia(**json.loads(path.read_text())))
             except FileNotFoundError:  # removed meanwhile by another process
                 continue
         return records
+
+
+class RedisRecords:
+    """Records in Redis (with LLAVA_REDIS_URL: replicas share them), one key per id expiring
+    with it, and a Redis lock around every change; the bytes stay in the store's folder, which
+    replicas must share (a ReadWriteMany volume). Redis not answering is StoreUnavailable (503)."""
+
+    PREFIX = "llava:media:"
+    LOCK_SECONDS = 30  # a holder that died frees the lock after this
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.index = f"{self.PREFIX}ids"  # a set of the ids, to list them without SCAN
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._reachable():
+            with self.client.lock(f"{self.PREFIX}lock", timeout=self.LOCK_SECONDS, blocking_timeout=self.LOCK_SECONDS):
+                yield
+
+    def _key(self, media_id: str) -> str:
+        return f"{self.PREFIX}id:{hashlib.sha256(media_id.encode()).hexdigest()[:40]}"
+
+    def read(self, media_id: str) -> StoredMedia | None:
+        with self._reachable():
+            text = self.client.get(self._key(media_id))
+        return None if text is None else StoredMedia(**json.loads(text))
+
+    def write(self, record: StoredMedia) -> None:
+        with self._reachable():
+            pipe = self.client.pipeline()
+            pipe.set(self._key(record.id), json.dumps(asdict(record)), exat=max(record.expires_at, 1))
+            pipe.sadd(self.index, record.id)
+            pipe.execute()
+
+    def remove(self, media_id: str) -> None:
+        with self._reachable():
+            self.client.pipeline().delete(self._key(media_id)).srem(self.index, media_id).execute()
+
+    def all(self) -> list[StoredMedia]:
+        with self._reachable():
+            ids = sorted(self.client.smembers(self.index))
+            texts = self.client.mget([self._key(media_id) for media_id in ids]) if ids else []
+            gone = [media_id for media_id, text in zip(ids, texts, strict=True) if text is None]
+            if gone:  # expired in Redis: forgotten by the index too
+                self.client.srem(self.index, *gone)
+        return [StoredMedia(**json.loads(text)) for text in texts if text is not None]
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        import redis
+
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.LockError) as error:
+            message = f"the media store's records (Redis) are unavailable: {error}; try again shortly"
+            raise StoreUnavailable(message) from error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -97,6 +98,8 @@ def pair(tiny_checkpoint: Path, redis_server, tmp_path_factory: pytest.TempPathF
         "LLAVA_REDIS_URL": redis_server.url,
         "LLAVA_JOB_CLAIM_TIMEOUT_S": str(CLAIM_SECONDS),
         "LLAVA_JOB_DIR": str(folder / "jobs"),
+        # One media store: the folder on "shared storage", its records in Redis.
+        "LLAVA_MEDIA_DIR": str(folder / "media"),
         "LLAVA_DECODE_WORKERS": "1",
         "LLAVA_LOG_LEVEL": "INFO",
         # Their own temp folder: the replica killed below leaves its downloads behind, as a
@@ -155,6 +158,28 @@ def test_a_job_submitted_to_one_replica_is_answered_by_the_other_and_captioned_b
     assert len(by) == 2 and any(map(pair.a.owns, by)) and any(map(pair.b.owns, by)), by
     asked = pair.b.client.post(f"{pair.b.base}/jobs/ask", json={"task_id": task_id, "question": "Then?"})
     assert asked.status_code == 200 and asked.json()["response"], asked.text
+
+
+def test_a_file_stored_on_one_replica_is_answered_and_deleted_on_the_other(pair: Pair, media_dir: Path) -> None:
+    clip = media_dir / "clip.mp4"
+    with clip.open("rb") as file:
+        stored = pair.a.client.post(f"{pair.a.base}/v1/files", files={"file": file}, data={"purpose": "vision"})
+    assert stored.status_code == 200, stored.text
+    file_id = stored.json()["id"]
+    assert pair.b.client.get(f"{pair.b.base}/v1/files/{file_id}").json() == stored.json()
+    store = pair.jobs.parent / "media"
+    assert (store / "blobs").is_dir() and not (store / "records").exists()  # the records are in Redis
+    question = {"prompt": "What happens?", "max_new_tokens": 4}
+    by_id = pair.b.client.post(f"{pair.b.base}/analyze_video", json={"media_id": file_id, "metadata": question})
+    with clip.open("rb") as file:
+        uploaded = pair.a.client.post(
+            f"{pair.a.base}/analyze_video", files={"video": file}, data={"metadata": json.dumps(question)}
+        )
+    assert by_id.status_code == uploaded.status_code == 200, by_id.text
+    assert by_id.json() == uploaded.json()
+    assert pair.b.client.delete(f"{pair.b.base}/v1/files/{file_id}").json()["deleted"] is True
+    gone = pair.a.client.post(f"{pair.a.base}/analyze_video", json={"media_id": file_id})
+    assert gone.status_code == 404 and file_id in gone.json()["error"]
 
 
 def test_an_upload_stays_with_its_replica_unless_the_job_folder_is_shared(pair: Pair) -> None:

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import media
 from media.identify import identify
-from media.store import FILE_ID, MediaStore
+from media.store import FILE_ID, MediaStore, Records, RedisRecords
 from testing.mediafiles import corrupt_file, write_image, write_video
 
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 1_000_000.0
+        self.now = float(int(time.time()))  # Redis expires records at their real expires_at
 
     def __call__(self) -> float:
         return self.now
@@ -34,8 +36,32 @@ def clock() -> Clock:
     return Clock()
 
 
-def test_a_file_gets_a_random_id_its_bytes_are_read_back_and_identical_bytes_are_kept_once(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=10_000, ttl_seconds=3600, clock=clock)
+@pytest.fixture(params=["files", "redis"])
+def records(request: pytest.FixtureRequest) -> Iterator[Records | None]:
+    """The store's records beside the bytes (the default) or in a real Redis (LLAVA_REDIS_URL)."""
+    if request.param == "files":
+        yield None
+        return
+    from jobs.redis_store import connect
+
+    client = connect(request.getfixturevalue("redis_server").url)
+    client.flushdb()
+    yield RedisRecords(client)
+    client.flushdb()
+
+
+@pytest.fixture
+def make_store(tmp_path: Path, clock: Clock, records: Records | None):
+    def make(max_bytes: int = 10_000, ttl_seconds: float = 3600) -> MediaStore:
+        return MediaStore(
+            tmp_path / "store", max_bytes=max_bytes, ttl_seconds=ttl_seconds, clock=clock, records=records
+        )
+
+    return make
+
+
+def test_a_file_gets_a_random_id_its_bytes_are_read_back_and_identical_bytes_are_kept_once(tmp_path, clock, make_store):
+    store = make_store(10_000, 3600)
     first_path, digest = payload(tmp_path, "a", b"x" * 1000)
     second_path, _ = payload(tmp_path, "b", b"x" * 1000)
     first = store.add(first_path, kind="video", digest=digest, filename="clip.mp4")
@@ -50,8 +76,8 @@ def test_a_file_gets_a_random_id_its_bytes_are_read_back_and_identical_bytes_are
         "id": first.id,
         "object": "file",
         "bytes": 1000,
-        "created_at": 1_000_000,
-        "expires_at": 1_003_600,
+        "created_at": int(clock.now),
+        "expires_at": int(clock.now) + 3600,
         "filename": "clip.mp4",
         "purpose": "vision",
         "status": "processed",
@@ -64,8 +90,8 @@ def test_a_file_gets_a_random_id_its_bytes_are_read_back_and_identical_bytes_are
     assert [each.id for each in store.list()] == sorted([first.id, second.id], reverse=True)
 
 
-def test_deleting_an_id_keeps_the_bytes_until_no_id_refers_to_them(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=10_000, ttl_seconds=3600, clock=clock)
+def test_deleting_an_id_keeps_the_bytes_until_no_id_refers_to_them(tmp_path, clock, make_store):
+    store = make_store(10_000, 3600)
     path, digest = payload(tmp_path, "a", b"y" * 100)
     one = store.add(path, kind="image", digest=digest)
     path, _ = payload(tmp_path, "b", b"y" * 100)
@@ -82,8 +108,8 @@ def test_deleting_an_id_keeps_the_bytes_until_no_id_refers_to_them(tmp_path, clo
     assert not blob.exists() and store.stats() == (0, 0)
 
 
-def test_the_byte_bound_drops_the_least_recently_used_first(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=2500, ttl_seconds=3600, clock=clock)
+def test_the_byte_bound_drops_the_least_recently_used_first(tmp_path, clock, make_store):
+    store = make_store(2500, 3600)
     into = tmp_path / "request"
     into.mkdir()
     ids = []
@@ -106,8 +132,8 @@ def test_the_byte_bound_drops_the_least_recently_used_first(tmp_path, clock):
     assert {record.id for record in store.list()} == held  # nothing evicted for a refused file
 
 
-def test_an_id_expires_after_the_ttl_and_its_bytes_go(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=10_000, ttl_seconds=60, clock=clock)
+def test_an_id_expires_after_the_ttl_and_its_bytes_go(tmp_path, clock, make_store):
+    store = make_store(10_000, 60)
     path, digest = payload(tmp_path, "a", b"q" * 10)
     record = store.add(path, kind="image", digest=digest)
     clock.now += 59
@@ -119,8 +145,8 @@ def test_an_id_expires_after_the_ttl_and_its_bytes_go(tmp_path, clock):
     assert not (tmp_path / "store" / "blobs" / digest).exists()
 
 
-def test_an_id_of_a_client_replaces_what_it_named_before(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=10_000, ttl_seconds=60, clock=clock)
+def test_an_id_of_a_client_replaces_what_it_named_before(tmp_path, clock, make_store):
+    store = make_store(10_000, 60)
     path, first = payload(tmp_path, "a", b"1" * 10)
     store.add(path, kind="image", digest=first, media_id="uuid:../../etc/passwd")
     path, second = payload(tmp_path, "b", b"2" * 10)
@@ -130,8 +156,8 @@ def test_an_id_of_a_client_replaces_what_it_named_before(tmp_path, clock):
     assert all(path.parent == tmp_path / "store" / "records" for path in (tmp_path / "store").rglob("*.json"))
 
 
-def test_keep_leaves_the_callers_file_where_it_is(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=10_000, ttl_seconds=60, clock=clock)
+def test_keep_leaves_the_callers_file_where_it_is(tmp_path, clock, make_store):
+    store = make_store(10_000, 60)
     path, digest = payload(tmp_path, "a", b"k" * 10)
     store.add(path, kind="image", digest=digest, keep=True)
     assert path.read_bytes() == b"k" * 10 and (tmp_path / "store" / "blobs" / digest).read_bytes() == b"k" * 10
@@ -153,8 +179,8 @@ def test_processes_adding_the_same_bytes_at_once_store_one_copy(tmp_path):
     assert list((tmp_path / "store" / "incoming").iterdir()) == []
 
 
-def test_sweep_removes_uploads_of_processes_that_stopped_and_expired_ids(tmp_path, clock):
-    store = MediaStore(tmp_path / "store", max_bytes=10_000, ttl_seconds=60, clock=clock)
+def test_sweep_removes_uploads_of_processes_that_stopped_and_expired_ids(tmp_path, clock, make_store):
+    store = make_store(10_000, 60)
     dead = multiprocessing.get_context("spawn").Process(target=os.getpid)
     dead.start()
     dead.join()
@@ -191,3 +217,25 @@ def test_identify_tells_images_from_videos_and_refuses_what_a_request_would(tmp_
     truncated.write_bytes(video.read_bytes()[:200])
     with pytest.raises(media.UndecodableMedia):
         identify(corrupt_file(truncated), **limits)
+
+
+def test_records_in_redis_are_shared_by_stores_on_one_folder_and_redis_down_is_a_503(tmp_path, redis_server):
+    from jobs.redis_store import connect
+
+    client = connect(redis_server.url)
+    client.flushdb()
+    one = MediaStore(tmp_path / "shared", max_bytes=10_000, ttl_seconds=60, records=RedisRecords(client))
+    other = MediaStore(
+        tmp_path / "shared", max_bytes=10_000, ttl_seconds=60, records=RedisRecords(connect(redis_server.url))
+    )
+    path, digest = payload(tmp_path, "a", b"r" * 10)
+    record = one.add(path, kind="image", digest=digest)
+    assert other.get(record.id) == record and not list((tmp_path / "shared").glob("records/*"))
+    other.delete(record.id)
+    with pytest.raises(media.UnknownMedia):
+        one.get(record.id)
+    down = MediaStore(
+        tmp_path / "shared", max_bytes=10_000, ttl_seconds=60, records=RedisRecords(connect("redis://127.0.0.1:1/0"))
+    )
+    with pytest.raises(media.StoreUnavailable, match="Redis"):
+        down.get(record.id)
