@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         20 * 1024 * MiB, ge=1, description="bytes the media store holds; the least recently used files go first"
     )
     media_ttl_s: float = Field(48 * 3600.0, gt=0, description="seconds an uploaded file is kept (48 h, as Gemini's)")
+    body_timeout_s: float = Field(300.0, gt=0, description="seconds a request's whole body may take to arrive (408)")
+    body_idle_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a request's body may stop arriving before it is refused (408)"
+    )
+    send_timeout_s: float = Field(
+        60.0, gt=0, description="seconds a client may take nothing of its answer before it is dropped"
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds the requests in flight may take to finish before they are stopped"
     )
@@ -241,6 +248,9 @@ class Settings(BaseSettings):
             max_job_upload_bytes=self.max_job_bytes,
             # The running batch plus the requests allowed to wait; more are refused at once.
             max_in_flight=self.max_batch_size + self.max_pending_requests,
+            body_timeout=self.body_timeout_s,
+            body_idle_timeout=self.body_idle_timeout_s,
+            send_timeout=self.send_timeout_s,
         )
 
     @field_validator("api_key")

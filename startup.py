@@ -43,6 +43,7 @@ import media
 import settings
 from http_api import request_log
 from http_api.analysis import Analyzer
+from http_api.guard import install_dropped_client_filter
 from http_api.lifecycle import Lifecycle
 from http_api.metrics import process_metrics
 from jobs.limits import SharedJobSettings
@@ -75,6 +76,7 @@ def configure_logging(level: str) -> None:
     for name in (logger.name, "llava_custom", "media"):
         logging.getLogger(name).setLevel(level)
     request_log.install_framework_filter()
+    install_dropped_client_filter()
 
 
 def check_before_serving() -> settings.Settings:

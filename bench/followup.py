@@ -1,6 +1,15 @@
-"""Follow-up questions over HTTP: reuse of decoded media, features and prompt KV against none.
+"""Follow-up questions over HTTP: reuse of decoded media, features and prompt KV against none;
+and with ``--upload-once``, a large video sent with every question against sent once.
 
     python -m bench.followup [--rounds 3] [--frames 16] [--tokens 32] [--out results.json]
+    python -m bench.followup --upload-once 200 [--questions 5] [--frames 16] [--tokens 32]
+
+``--upload-once MB``: one served demo, one video of about MB megabytes (1280x720 noise, H.264),
+asked ``--questions`` different questions twice over: each question uploading the video again
+(as before the media store), then the video uploaded once to ``POST /media`` and every question
+sent by ``media_id``. Wall time per question and bytes sent per mode; the figure that matters is a
+follow-up (questions 2 on) by id against a re-uploaded follow-up (both hit the reuse caches: the
+difference is sending and hashing the bytes).
 
 Serves the demo set-up (tiny checkpoint on CPU, `bentoml serve`, loopback) twice in one run:
 the baseline with both reuse caches off (LLAVA_FEATURE_CACHE_BYTES=0, LLAVA_PREFIX_CACHE_BYTES=0,
@@ -145,13 +154,110 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+UPLOAD_ONCE_QUESTIONS = (
+    "What happens in this video?",
+    "What colour is the top of the picture?",
+    "Is anyone in the video?",
+    "What changes over time?",
+    "Describe the last minute.",
+    "Is it day or night?",
+    "What is in the background?",
+    "Summarise it in one line.",
+)
+
+
+def upload_once(megabytes: float, questions: int, frames: int, tokens: int) -> dict:
+    """Every question re-uploading a ~``megabytes`` MB video against one upload and questions by id."""
+    from testing.mediafiles import write_minutes_video
+    from testing.tiny import write_tiny_checkpoint
+
+    asked = UPLOAD_ONCE_QUESTIONS[:questions]
+    with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
+        folder = Path(tmp)
+        checkpoint = write_tiny_checkpoint(folder / "tiny-llava-video")
+        # About 600 KB a frame at 2 fps (noise compresses poorly).
+        video = write_minutes_video(folder / "big.mp4", megabytes / 600_000 * 1e6 / 120, fps=2, size=(1280, 720))
+        size = video.stat().st_size
+        limits = {
+            "max_upload_bytes": str(4 * size),
+            "media_store_bytes": str(4 * size),
+            "media_dir": str(folder / "media"),
+            "decode_timeout": "600",
+        }
+        results: dict = {
+            "machine": machine(),
+            "workload": f"one {size / 1e6:.0f} MB 1280x720 H.264 video ({video.stat().st_size} bytes), "
+            f"{len(asked)} questions, {frames} frames, {tokens} new tokens per answer",
+            "video_bytes": size,
+        }
+        with served(checkpoint, folder / "upload-once.log", **limits) as base, httpx.Client(timeout=1200) as client:
+
+            def question(prompt: str, **body: object) -> float:
+                metadata = {"prompt": prompt, "num_frames": frames, "max_new_tokens": tokens, "ignore_eos": True}
+                started = time.perf_counter()
+                if "media_id" in body:
+                    response = client.post(f"{base}/analyze_video", json={**body, "metadata": metadata})
+                else:
+                    with video.open("rb") as file:  # streamed from disk, as curl -F sends it
+                        response = client.post(
+                            f"{base}/analyze_video", files={"video": file}, data={"metadata": json.dumps(metadata)}
+                        )
+                elapsed = time.perf_counter() - started
+                if response.status_code != 200:
+                    raise RuntimeError(f"request failed: {response.status_code} {response.text}")
+                return elapsed
+
+            reupload = [question(prompt) for prompt in asked]
+            started = time.perf_counter()
+            with video.open("rb") as file:
+                stored = client.post(f"{base}/media", files={"file": file}).json()
+            upload_seconds = time.perf_counter() - started
+            by_id = [question(prompt, media_id=stored["id"]) for prompt in asked]
+        results["reupload"] = {"seconds": reupload, "bytes_sent": size * len(asked)}
+        results["once"] = {"upload_s": upload_seconds, "seconds": by_id, "bytes_sent": size}
+    return results
+
+
+def report_upload_once(results: dict) -> str:
+    again, once = results["reupload"], results["once"]
+    follow_again = statistics.median(again["seconds"][1:])
+    follow_id = statistics.median(once["seconds"][1:])
+    lines = [
+        f"Machine: {results['machine']}",
+        f"Workload: {results['workload']}",
+        "",
+        "| | every question uploads the video | uploaded once, then by media_id |",
+        "|---|---|---|",
+        f"| upload to POST /media | - | {once['upload_s']:.3f} s |",
+    ]
+    for number, (a, b) in enumerate(zip(again["seconds"], once["seconds"], strict=True), start=1):
+        lines.append(f"| question {number} | {a:.3f} s | {b:.3f} s |")
+    total_once = once["upload_s"] + sum(once["seconds"])
+    lines += [
+        f"| all questions (and the upload) | {sum(again['seconds']):.3f} s | {total_once:.3f} s |",
+        f"| bytes sent | {again['bytes_sent'] / 1e6:.0f} MB | {once['bytes_sent'] / 1e6:.0f} MB |",
+        "",
+        f"A follow-up by id: {follow_id:.3f} s against {follow_again:.3f} s re-uploaded "
+        f"(x{follow_id / follow_again:.3f}, median of questions 2 on; target x0.1).",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upload-once", type=float, metavar="MB", help="re-upload against upload once, this big")
+    parser.add_argument("--questions", type=int, default=5, help="questions about the video (--upload-once)")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of new videos per service (median)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per answer (make demo's default)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
+    if args.upload_once:
+        results = upload_once(args.upload_once, args.questions, args.frames, args.tokens)
+        print(report_upload_once(results))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="llava-bench-") as tmp:
         folder = Path(tmp)
         # Two services x (2 videos per round) + one warm-up video each; services never share bytes.

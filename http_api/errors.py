@@ -95,6 +95,7 @@ _OPENAI_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "too_large"),
     415: ("invalid_request_error", "unsupported_media_type"),

@@ -26,6 +26,10 @@ the route's failure body (http_api.errors) when something is wrong:
 - 503 with Retry-After when http_api.admission refuses a request whose body has fully arrived.
 - 499 (nginx's "client closed request") instead of BentoML's 500 when the client closes the
   connection before its body is complete: counted and logged as the client's, at INFO.
+- 408 for a client too slow to send its body (``body_timeout`` in all, ``body_idle_timeout``
+  between pieces), so that a trickling upload holds no connection for long; and a client that
+  takes nothing of its answer for ``send_timeout`` (a stream it never reads) is dropped, which
+  frees its row of the batch.
 
 The first MiB of a body is inspected before the app starts, so most refusals never reach it.
 After a later refusal the app is told that the client disconnected, and its response is dropped.
@@ -33,9 +37,12 @@ After a later refusal the app is told that the client disconnected, and its resp
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import dataclasses
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
@@ -48,6 +55,7 @@ from http_api.limits import GuardLimits
 from http_api.routes import Route, route_for
 from media.sizes import format_bytes
 
+logger = logging.getLogger("llava_video_service")
 MiB = 1024 * 1024
 # Starlette's limits for multipart bodies; past them it raises errors that BentoML answers 500.
 MAX_FIELD_BYTES = 1 * MiB
@@ -93,6 +101,29 @@ class RequestGuard:
         await _GuardedRequest(self, route, scope, receive, send).run()
 
 
+class DroppedClientFilter(logging.Filter):
+    """On uvicorn's error logger: the incomplete response of a client the guard dropped is the
+    client's doing, logged at INFO. (uvicorn says so after the app returned, outside the
+    request's context: the guard counts its drops, the filter takes one per message.)"""
+
+    drops = 0  # clients dropped whose closed connection uvicorn has not logged yet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cls = DroppedClientFilter
+        if cls.drops > 0 and record.getMessage().startswith("ASGI callable returned without completing"):
+            cls.drops -= 1
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "closed the connection of a client that stopped reading its answer", ()
+        return True
+
+
+def install_dropped_client_filter() -> None:
+    """Put :class:`DroppedClientFilter` on uvicorn's error logger (once per process)."""
+    uvicorn = logging.getLogger("uvicorn.error")
+    if not any(isinstance(each, DroppedClientFilter) for each in uvicorn.filters):
+        uvicorn.addFilter(DroppedClientFilter())
+
+
 class _GuardedRequest:
     """One request's pass through the guard."""
 
@@ -112,6 +143,50 @@ class _GuardedRequest:
         self.counted = False
         self.inspector: _JsonInspector | _MultipartInspector | _FormInspector | None = None
         self.early: list[Message] = []
+        self.began = time.monotonic()
+        self.dropped = asyncio.Event()  # the client took nothing of its answer for send_timeout
+
+    async def _next(self) -> Message:
+        """The next message from the client; while the body is still coming, a client too slow to
+        send it (LLAVA_BODY_TIMEOUT_S in all, LLAVA_BODY_IDLE_TIMEOUT_S between pieces) is refused
+        with 408. Once the body is in, waiting (for a disconnect) is not bounded."""
+        if self.body_complete:
+            return await self._unless_dropped()
+        limits = self.limits
+        waits = [limits.body_idle_timeout] if limits.body_idle_timeout else []
+        if limits.body_timeout:
+            waits.append(self.began + limits.body_timeout - time.monotonic())
+        if not waits:
+            return await self.receive()
+        try:
+            return await asyncio.wait_for(self.receive(), max(0.0, min(waits)))
+        except TimeoutError:
+            raise Refusal(408, self._slow_message()) from None
+
+    async def _unless_dropped(self) -> Message:
+        """The client's next message, or a disconnect as soon as the guard drops the client."""
+        if self.limits.send_timeout is None:
+            return await self.receive()
+        if self.dropped.is_set():
+            return {"type": "http.disconnect"}
+        receiving = asyncio.ensure_future(self.receive())
+        dropping = asyncio.ensure_future(self.dropped.wait())
+        try:
+            await asyncio.wait({receiving, dropping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropping.cancel()
+            if not receiving.done():
+                receiving.cancel()
+        return receiving.result() if receiving.done() and not receiving.cancelled() else {"type": "http.disconnect"}
+
+    def _slow_message(self) -> str:
+        limits = self.limits
+        if limits.body_timeout and time.monotonic() >= self.began + limits.body_timeout:
+            return f"the request's body did not arrive within {limits.body_timeout:g} s (LLAVA_BODY_TIMEOUT_S)"
+        return (
+            f"the request's body stopped arriving: nothing came for {limits.body_idle_timeout:g} s "
+            "(LLAVA_BODY_IDLE_TIMEOUT_S)"
+        )
 
     async def run(self) -> None:
         try:
@@ -136,7 +211,7 @@ class _GuardedRequest:
         early: list[Message] = []
         size = 0
         while size < READ_AHEAD_BYTES:
-            message = await self._inspected(await self.receive())
+            message = await self._inspected(await self._next())
             early.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -179,7 +254,7 @@ class _GuardedRequest:
         if self.refused:
             return {"type": "http.disconnect"}
         try:
-            return await self._inspected(await self.receive())
+            return await self._inspected(await self._next())
         except Refusal as refusal:
             if self.responding:  # too late to answer differently; BentoML never gets here
                 raise
@@ -217,7 +292,23 @@ class _GuardedRequest:
             return
         if not self.refused:  # after a refusal the client already has its answer
             self.responding = True
-            await self.send(message)
+            if self.limits.send_timeout is None:
+                await self.send(message)
+                return
+            if self.dropped.is_set():
+                return
+            try:
+                await asyncio.wait_for(self.send(message), self.limits.send_timeout)
+            except TimeoutError:
+                # A client that takes nothing of its answer (a stream it never reads) holds a row
+                # of the batch: the app is told it disconnected (a stream then cancels its
+                # request), and uvicorn closes the connection once the app returns.
+                logger.info(
+                    "the client took nothing of its answer for %g s (LLAVA_SEND_TIMEOUT_S): dropped",
+                    self.limits.send_timeout,
+                )
+                self.dropped.set()
+                DroppedClientFilter.drops += 1
 
     async def _refuse(self, refusal: Refusal) -> None:
         self.refused = True

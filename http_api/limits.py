@@ -20,6 +20,11 @@ class GuardLimits:
     max_in_flight: int
     file_fields: frozenset[str] = UPLOAD_FIELDS
     max_job_upload_bytes: int | None = None  # None: jobs have the same cap as requests
+    # Slow clients (seconds; None: no bound): the whole body, the wait for each piece of it, and
+    # each piece of the answer the client does not take (a stream nobody reads).
+    body_timeout: float | None = None
+    body_idle_timeout: float | None = None
+    send_timeout: float | None = None
 
 
 @dataclass(frozen=True)

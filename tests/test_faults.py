@@ -1,0 +1,274 @@
+"""The faults of real machines and clients, each against a served instance (issue 29): slow
+clients dropped after their timeouts (settings), a request that outlasts LLAVA_REQUEST_TIMEOUT,
+a burst far above capacity, a decode process killed mid-request. Each has its clear outcome, and
+the service keeps answering afterwards."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from conftest import service_env
+
+from testing.mediafiles import write_image, write_video
+from testing.served import free_port, running_service
+
+pytestmark = pytest.mark.served
+# The request timeout outlasts the send timeout, so that an unread stream is dropped by the latter.
+BODY_TIMEOUT, BODY_IDLE_TIMEOUT, SEND_TIMEOUT, REQUEST_TIMEOUT = 6, 2, 2, 8
+LONG_ANSWER = 30000  # tokens: far longer than REQUEST_TIMEOUT on any machine
+
+
+@dataclass
+class Faulty:
+    base: str
+    port: int
+    root: int  # the pid of `bentoml serve`
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.base}/metrics", timeout=30).text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} is not on /metrics")
+
+    def server_processes(self) -> list[psutil.Process]:
+        """The server's processes: `bentoml serve`, its worker (in a session of its own) and the
+        worker's decode processes."""
+        root = psutil.Process(self.root)
+        return [root, *root.children(recursive=True)]
+
+    def rss(self) -> int:
+        total = 0
+        for process in self.server_processes():
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def decoders(self) -> list[psutil.Process]:
+        return [p for p in self.server_processes() if "media.worker" in " ".join(_cmdline(p))]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
+    folder = tmp_path_factory.mktemp("faults")
+    port = free_port()
+    env = (
+        os.environ
+        | service_env(tiny_checkpoint)
+        | {
+            "LLAVA_BODY_TIMEOUT_S": str(BODY_TIMEOUT),
+            "LLAVA_BODY_IDLE_TIMEOUT_S": str(BODY_IDLE_TIMEOUT),
+            "LLAVA_SEND_TIMEOUT_S": str(SEND_TIMEOUT),
+            "LLAVA_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
+            "LLAVA_MAX_NEW_TOKENS_LIMIT": str(LONG_ANSWER),
+            "LLAVA_MAX_FRAMES": "16",
+            "LLAVA_KV_CACHE_TOKENS": "65536",
+            "LLAVA_DECODE_WORKERS": "1",
+            "LLAVA_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+        }
+    )
+    command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
+    log = folder / "serve.log"
+    with running_service(command, env, port, log) as base:
+        root = next(p for p in psutil.process_iter() if str(port) in _cmdline(p) and "serve" in _cmdline(p))
+        yield Faulty(base, port, root.pid, log)
+
+
+def quick_answer(faulty: Faulty) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 4}
+    return httpx.post(f"{faulty.base}/v1/chat/completions", json=body, timeout=60)
+
+
+def multipart_head(boundary: str, total: int, host: str) -> bytes:
+    return (
+        f"POST /analyze_image HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {total}\r\n\r\n--{boundary}\r\n"
+        'Content-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    ).encode()
+
+
+def status_of_reply(connection: socket.socket, limit: float) -> tuple[int, bytes]:
+    """The status line's code and what came, read until the server closes (or ``limit`` s)."""
+    connection.settimeout(limit)
+    received = b""
+    try:
+        while chunk := connection.recv(65536):
+            received += chunk
+    except TimeoutError:
+        pass
+    return int(received.split(b" ", 2)[1]) if received.startswith(b"HTTP/1.1") else 0, received
+
+
+def test_an_upload_trickling_in_is_refused_after_the_body_timeout_and_others_are_answered(faulty):
+    host = f"127.0.0.1:{faulty.port}"
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", faulty.port)) as connection:
+        connection.sendall(multipart_head("trickle", 10_000, host))
+        answered_meanwhile = []
+        while time.monotonic() - began < BODY_TIMEOUT + 3:
+            try:
+                connection.sendall(b"x")  # one byte a second: never idle for BODY_IDLE_TIMEOUT
+            except OSError:
+                break  # the server closed the connection
+            if not answered_meanwhile:
+                answered_meanwhile.append(quick_answer(faulty).status_code)
+            time.sleep(1)
+        status, received = status_of_reply(connection, 10)
+    took = time.monotonic() - began
+    assert status == 408, received[:500]
+    assert b"LLAVA_BODY_TIMEOUT_S" in received and BODY_TIMEOUT - 0.5 < took < BODY_TIMEOUT + 5
+    assert answered_meanwhile == [200]
+
+
+def test_an_upload_that_stops_arriving_is_refused_after_the_idle_timeout(faulty):
+    host = f"127.0.0.1:{faulty.port}"
+    with socket.create_connection(("127.0.0.1", faulty.port)) as connection:
+        began = time.monotonic()
+        connection.sendall(multipart_head("stalled", 10_000, host) + b"\x89PNG" + b"y" * 1000)
+        status, received = status_of_reply(connection, BODY_TIMEOUT + 5)
+    took = time.monotonic() - began
+    assert status == 408 and b"LLAVA_BODY_IDLE_TIMEOUT_S" in received, received[:500]
+    assert BODY_IDLE_TIMEOUT - 0.5 < took < BODY_TIMEOUT, took
+    assert b"connection: close" in received.lower()
+
+
+def test_a_stream_nobody_reads_is_dropped_and_its_row_freed(faulty):
+    body = {
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": LONG_ANSWER,
+        "ignore_eos": True,
+        "stream": True,
+        # Kilobytes a token: the answer outgrows the socket's buffers within a second or two.
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
+    payload = json.dumps(body).encode()
+    with socket.socket() as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        connection.connect(("127.0.0.1", faulty.port))
+        connection.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        began = time.monotonic()
+        while "LLAVA_SEND_TIMEOUT_S" not in faulty.log_text():
+            assert time.monotonic() < began + REQUEST_TIMEOUT, "the unread stream was not dropped"
+            time.sleep(0.1)
+        # The connection is still open on our side, and nothing was read: its row is free, well
+        # before the request timeout would have ended it.
+        while faulty.metric("llava_requests_running") != 0:
+            assert time.monotonic() < began + REQUEST_TIMEOUT
+            time.sleep(0.1)
+        assert quick_answer(faulty).status_code == 200
+    log = faulty.log_text()
+    assert "Traceback" not in log and "ASGI callable" not in log  # the client's doing, not an error
+    assert "closed the connection of a client that stopped reading its answer" in log
+
+
+def test_a_request_past_the_request_timeout_ends_with_503_and_the_engine_serves_on(faulty):
+    body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": LONG_ANSWER, "ignore_eos": True}
+    began = time.monotonic()
+    response = httpx.post(f"{faulty.base}/v1/chat/completions", json=body, timeout=120)
+    took = time.monotonic() - began
+    assert response.status_code == 503, response.text
+    assert "LLAVA_REQUEST_TIMEOUT" in response.json()["error"]["message"] and response.headers["retry-after"]
+    assert REQUEST_TIMEOUT <= took < REQUEST_TIMEOUT + 15
+    assert quick_answer(faulty).status_code == 200
+    assert faulty.metric("llava_requests_running") == 0
+
+
+def test_a_burst_far_above_capacity_gets_200_or_503_each_and_memory_stays_bounded(faulty, media_dir):
+    photo = "data:image/jpeg;base64," + base64.b64encode((media_dir / "photo.jpg").read_bytes()).decode()
+    body = {"image_url": photo, "metadata": {"prompt": "What is it?", "max_new_tokens": 4}}
+    before = faulty.rss()
+    answers: list[httpx.Response | Exception] = []
+    start = threading.Barrier(50)
+
+    def client(count: int) -> None:
+        start.wait()
+        with httpx.Client(timeout=120) as http:
+            for _ in range(count):
+                try:
+                    answers.append(http.post(f"{faulty.base}/analyze_image", json=body))
+                except Exception as error:  # a request lost without an answer fails the test below
+                    answers.append(error)
+
+    threads = [threading.Thread(target=client, args=(4,)) for _ in range(50)]  # 200 requests, 50 at a time
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lost = [answer for answer in answers if isinstance(answer, Exception)]
+    assert len(answers) == 200 and lost == []
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 6, statuses
+    assert all(a.headers.get("retry-after") and a.json()["status"] == "failed" for a in answers if a.status_code == 503)
+    assert all(a.json()["status"] == "success" for a in answers if a.status_code == 200)
+    assert faulty.rss() - before < 400 * 1024 * 1024
+    assert httpx.get(f"{faulty.base}/readyz", timeout=10).status_code == 200
+    assert quick_answer(faulty).status_code == 200
+
+
+def test_a_decode_process_killed_mid_request_is_retried_and_the_pool_refills(faulty, tmp_path):
+    video = write_video(tmp_path / "big.mp4", frames=240, fps=24, size=(1920, 1080))
+    write_image(tmp_path / "unused.png")
+    metadata = json.dumps({"prompt": "What happens?", "num_frames": 16, "max_new_tokens": 4})
+    for _attempt in range(5):
+        retries = faulty.log_text().count("retrying on a fresh one")
+        (decoder,) = faulty.decoders()
+        busy_before = sum(decoder.cpu_times()[:2])
+        answer: dict[str, httpx.Response] = {}
+
+        def ask(answer: dict[str, httpx.Response] = answer) -> None:
+            with video.open("rb") as file:
+                answer["r"] = httpx.post(
+                    f"{faulty.base}/analyze_video", files={"video": file}, data={"metadata": metadata}, timeout=120
+                )
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        while sum(decoder.cpu_times()[:2]) - busy_before < 0.05 and thread.is_alive():  # it is decoding
+            time.sleep(0.005)
+        os.kill(decoder.pid, signal.SIGKILL)
+        thread.join(timeout=120)
+        assert answer["r"].status_code == 200, answer["r"].text
+        if faulty.log_text().count("retrying on a fresh one") > retries:
+            break  # killed mid-call, and answered by the fresh process
+    else:
+        pytest.fail("the decode process was never caught mid-call")
+    deadline = time.monotonic() + 30
+    while not (faulty.decoders() and faulty.decoders()[0].pid != decoder.pid):
+        assert time.monotonic() < deadline, "the pool did not refill"
+        time.sleep(0.1)
+    assert quick_answer(faulty).status_code == 200
+    with video.open("rb") as file:
+        again = httpx.post(
+            f"{faulty.base}/analyze_video", files={"video": file}, data={"metadata": metadata}, timeout=120
+        )
+    assert again.status_code == 200 and again.json()["response"] == answer["r"].json()["response"]
