@@ -23,11 +23,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from conftest import service_env
 from PIL import Image
 
 from testing.mediafiles import write_minutes_video
 from testing.served import free_port, running_service
-from tests.conftest import service_env
 
 pytestmark = pytest.mark.served
 TTL_SECONDS = 20
