@@ -234,7 +234,10 @@ def test_several_chosen_images_are_compared_and_a_video_takes_them_beside_it(bro
 
 @pytest.mark.browser
 def test_the_services_error_is_shown(browser, keyed, media_dir) -> None:
-    expected = post(keyed, "/analyze_video", media_dir / "notes.txt", "video", {})
+    # The page uploads the file to the media store first: the store's refusal is the one shown.
+    expected = httpx.post(
+        f"{keyed}/media", files={"file": ("notes.txt", (media_dir / "notes.txt").read_bytes())}, headers=AUTH
+    )
     assert expected.status_code == 415
     page = open_page(browser, keyed)
     page.locator("#file").set_input_files(media_dir / "notes.txt")
