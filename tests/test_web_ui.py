@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
@@ -146,6 +147,47 @@ def frame_times(page) -> list[float]:
     return [float(t) for t in page.locator("#frames figcaption").evaluate_all("els => els.map(e => e.dataset.time)")]
 
 
+def requests_made(page) -> list:
+    """The requests the page makes from now on, in order (Playwright's Request objects)."""
+    made: list = []
+    page.on("request", lambda request: made.append(request))
+    return made
+
+
+def posts(made: list, path: str) -> list:
+    return [request for request in made if request.method == "POST" and urlparse(request.url).path == path]
+
+
+def is_json(request) -> bool:
+    return request.headers.get("content-type", "").startswith("application/json")
+
+
+def record_statuses(page) -> None:
+    """Every text the status line shows from now on, into window.statuses (a status may last only
+    until the next request answers)."""
+    page.evaluate(
+        """() => {
+            window.statuses = [];
+            new MutationObserver((changes) => {
+                for (const change of changes) for (const node of change.addedNodes) statuses.push(node.textContent);
+            }).observe(document.getElementById("status"), { childList: true });
+        }"""
+    )
+
+
+def statuses(page) -> list[str]:
+    return page.evaluate("window.statuses")
+
+
+def fact(page, name: str) -> str:
+    """The answer's fact ``name`` (the <dd> after its <dt>)."""
+    return page.locator("#facts dt", has_text=name).locator("xpath=following-sibling::dd[1]").text_content()
+
+
+def stored(base: str, media_id: str) -> httpx.Response:
+    return httpx.get(f"{base}/media/{media_id}", headers=AUTH, timeout=30)
+
+
 def assert_answered(page) -> None:
     assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
     assert page.locator("#status").text_content() == "Done."
@@ -234,13 +276,147 @@ def test_several_chosen_images_are_compared_and_a_video_takes_them_beside_it(bro
 
 @pytest.mark.browser
 def test_the_services_error_is_shown(browser, keyed, media_dir) -> None:
-    expected = post(keyed, "/analyze_video", media_dir / "notes.txt", "video", {})
+    # The page uploads the file to the media store first: the store's refusal is the one shown.
+    expected = httpx.post(
+        f"{keyed}/media", files={"file": ("notes.txt", (media_dir / "notes.txt").read_bytes())}, headers=AUTH
+    )
     assert expected.status_code == 415
     page = open_page(browser, keyed)
     page.locator("#file").set_input_files(media_dir / "notes.txt")
     ask_and_wait(page)
     assert page.locator("#error").text_content() == f"notes.txt: {expected.json()['error']}"
     assert page.locator("#frames-box").is_hidden() and page.locator("#answer").text_content() == ""
+
+
+QUESTION = "What happens?"
+
+
+@pytest.mark.browser
+def test_a_chosen_video_is_uploaded_once_and_follow_ups_send_its_id(browser, keyed, media_dir) -> None:
+    """Two questions about the same chosen video: one POST /media, then both questions by id as
+    JSON, with the API's answer for the file sent inline; other files are uploaded afresh."""
+    clip = media_dir / "clip.mp4"
+    metadata = {"prompt": QUESTION, "num_frames": 4, "max_new_tokens": 6}
+    expected = post(keyed, "/analyze_video", clip, "video", metadata).json()
+    assert expected["status"] == "success", expected
+    page = open_page(browser, keyed)
+    made = requests_made(page)
+    record_statuses(page)
+    page.locator("#file").set_input_files(clip)
+    page.get_by_label("Question", exact=True).fill(QUESTION)
+    page.get_by_label("Frames", exact=True).fill("4")
+    page.get_by_label("Max tokens", exact=True).first.fill("6")
+    with page.expect_response(lambda response: response.url == f"{keyed}/media") as uploaded:
+        ask_and_wait(page)
+    assert_answered(page)
+    media_id = uploaded.value.json()["id"]
+    assert page.locator("#answer").text_content() == expected["response"]
+    assert fact(page, "Upload") == f"uploaded as {media_id}"
+    assert "Uploading clip.mp4…" in statuses(page)
+    record = stored(keyed, media_id).json()
+    assert record["kind"] == "video" and record["filename"] == "clip.mp4" and record["bytes"] == clip.stat().st_size
+
+    ask_and_wait(page)  # the same question again: by id, nothing uploaded
+    assert_answered(page)
+    assert page.locator("#answer").text_content() == expected["response"]
+    assert fact(page, "Upload") == f"reusing the upload ({media_id})"
+    assert f"Asking about the video, reusing the upload ({media_id})…" in statuses(page)
+    assert len(posts(made, "/media")) == 1
+    questions = posts(made, "/analyze_video")
+    assert len(questions) == 2 and all(is_json(request) for request in questions)  # no multipart upload
+    for request in questions:
+        assert request.post_data_json["media_id"] == [media_id] and request.post_data_json["metadata"]["stream"]
+
+    page.locator("#file").set_input_files(media_dir / "photo.jpg")  # another file: its own upload
+    ask_and_wait(page)
+    assert_answered(page)
+    assert len(posts(made, "/media")) == 2
+    [image_question] = posts(made, "/analyze_image")
+    image_id = image_question.post_data_json["media_id"][0]
+    assert image_id != media_id and fact(page, "Upload") == f"uploaded as {image_id}"
+
+
+@pytest.mark.browser
+def test_a_job_submits_the_uploaded_video_by_file_id(browser, keyed, media_dir) -> None:
+    page = open_page(browser, keyed)
+    made = requests_made(page)
+    record_statuses(page)
+    page.get_by_label("Long video (job)").check()
+    page.locator("#file").set_input_files(media_dir / "clip.mp4")
+    page.get_by_label("Segment (s)").fill("1")
+    page.get_by_label("Frames per segment").fill("2")
+    for _ in range(2):  # the second job reuses the upload
+        with page.expect_response("**/jobs/submit") as submitted:
+            page.get_by_role("button", name="Start job").click()
+        task_id = submitted.value.json()["task_id"]
+        page.wait_for_function(
+            "['Done.', 'Failed.'].includes(document.getElementById('status').textContent)", timeout=ANSWER_TIMEOUT_MS
+        )
+        assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+        result = httpx.get(f"{keyed}/jobs/get", params={"task_id": task_id}, headers=AUTH, timeout=30).json()
+        assert len(result["segments"]) == 3 and page.locator("#segments li").count() == 3
+        assert page.locator("#segments span").all_text_contents() == [s["caption"] for s in result["segments"]]
+    [upload] = posts(made, "/media")
+    media_id = upload.response().json()["id"]
+    submits = posts(made, "/jobs/submit")
+    assert len(submits) == 2 and all(is_json(request) for request in submits)
+    assert [request.post_data_json["file_id"] for request in submits] == [media_id, media_id]
+    assert submits[0].post_data_json["metadata"]["segment_seconds"] == 1
+    assert f"Submitting the job, reusing the upload ({media_id})…" in statuses(page)
+    # The same video in answer mode: still the one upload.
+    page.get_by_role("radio", name="Video or image").check()
+    page.locator("#submit").click()  # (the finished job's follow-up box has an Ask button too)
+    page.wait_for_function("['Done.', 'Failed.'].includes(document.getElementById('status').textContent)")
+    assert_answered(page)
+    assert len(posts(made, "/media")) == 1 and fact(page, "Upload") == f"reusing the upload ({media_id})"
+
+
+@pytest.mark.browser
+def test_a_file_the_store_no_longer_holds_is_uploaded_again(browser, keyed, media_dir) -> None:
+    clip = media_dir / "clip.mp4"
+    expected = post(keyed, "/analyze_video", clip, "video", {"prompt": QUESTION, "num_frames": 3}).json()
+    page = open_page(browser, keyed)
+    made = requests_made(page)
+    record_statuses(page)
+    page.locator("#file").set_input_files(clip)
+    page.get_by_label("Question", exact=True).fill(QUESTION)
+    page.get_by_label("Frames", exact=True).fill("3")
+    ask_and_wait(page)
+    assert_answered(page)
+    first = posts(made, "/media")[0].response().json()["id"]
+    # The store drops it (as when it expires or is evicted) between two questions.
+    assert httpx.delete(f"{keyed}/media/{first}", headers=AUTH, timeout=30).status_code == 200
+    ask_and_wait(page)
+    assert_answered(page)
+    assert page.locator("#answer").text_content() == expected["response"]
+    uploads = posts(made, "/media")
+    assert len(uploads) == 2
+    again = uploads[1].response().json()["id"]
+    assert again != first and fact(page, "Upload") == f"uploaded as {again}"
+    questions = posts(made, "/analyze_video")
+    assert [request.post_data_json["media_id"] for request in questions] == [[first], [first], [again]]
+    assert [request.response().status for request in questions] == [200, 404, 200]  # retried once
+    assert "The service no longer holds the upload: uploading again…" in statuses(page)
+    assert stored(keyed, first).status_code == 404 and stored(keyed, again).status_code == 200
+
+
+@pytest.mark.browser
+def test_a_refused_file_is_named_and_no_question_is_sent(browser, keyed, media_dir, tmp_path) -> None:
+    """A text file renamed .mp4 chosen after a photo: the store refuses it (the photo was stored),
+    the error names that file alone, and the question is not asked."""
+    fake = tmp_path / "holiday.mp4"
+    fake.write_text("this is not a video\n" * 20)
+    expected = httpx.post(f"{keyed}/media", files={"file": (fake.name, fake.read_bytes())}, headers=AUTH)
+    assert expected.status_code == 415
+    page = open_page(browser, keyed)
+    made = requests_made(page)
+    page.locator("#file").set_input_files([media_dir / "photo.jpg", fake])
+    ask_and_wait(page)
+    assert page.locator("#error").text_content() == f"holiday.mp4: {expected.json()['error']}"
+    assert page.locator("#frames-box").is_hidden() and page.locator("#answer").text_content() == ""
+    uploads = posts(made, "/media")
+    assert [request.response().status for request in uploads] == [200, 415]  # in the order chosen
+    assert not posts(made, "/analyze_video") and not posts(made, "/analyze_image")
 
 
 @pytest.mark.browser

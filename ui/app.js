@@ -67,25 +67,74 @@ function answerMetadata(kind) {
   return metadata;
 }
 
-/** The request body: the chosen files as multipart parts, or JSON with the URL. On the video
- * endpoint the first non-image file is the video and every image goes beside it (in the order
- * chosen); ``withImages`` false (jobs) sends the video alone. */
-function mediaBody(kind, metadata, withImages = true) {
+/** The chosen files a request sends, in order: on the video endpoint the first non-image file is
+ * the video and every image goes beside it (in the order chosen); ``job`` sends the video alone. */
+function filesFor(kind, job = false) {
   const files = [...ui.file.files];
-  if (files.length) {
+  if (kind !== "video") return files;
+  const video = files.find((file) => !isImage(file)) || files[0];
+  return job ? [video] : [video, ...files.filter((file) => file !== video)];
+}
+
+// Chosen File → its id in the media store (POST /media), so that follow-up questions send the id
+// instead of the file again. Keyed by the File itself, so other files never match; fileChosen()
+// forgets the ids when the selection changes.
+const storedIds = new Map();
+
+/** The media store's ids of ``files``: each one not stored yet is uploaded, one request each, in
+ * the order chosen. */
+async function idsOf(files, signal) {
+  for (const file of ui.file.files) {
+    if (!files.includes(file) || storedIds.has(file)) continue;
+    setStatus(`Uploading ${file.name}…`);
     const body = new FormData();
-    const video = kind === "video" ? files.find((file) => !isImage(file)) || files[0] : null;
-    if (video) body.append("video", video, video.name);
-    if (withImages) {
-      for (const file of files) if (file !== video) body.append("image", file, file.name);
+    body.append("file", file, file.name);
+    try {
+      storedIds.set(file, (await (await call("/media", { method: "POST", body, signal })).json()).id);
+    } catch (error) {
+      throw aboutTheFile(error, [file]);
     }
-    body.append("metadata", JSON.stringify(metadata));
-    return { body };
   }
-  return {
-    body: JSON.stringify({ [`${kind}_url`]: ui.url.value.trim(), metadata }),
-    headers: { "Content-Type": "application/json" },
+  return files.map((file) => storedIds.get(file));
+}
+
+/** POST a question (or a job) to ``url`` as JSON: about the chosen files by their ids in the media
+ * store (``media_id``: the video first, then the images; a ``job`` takes the video's ``file_id``),
+ * or about the pasted URL. ``doing`` is the status line meanwhile. Returns the response and, for
+ * files, what the facts say of the upload. */
+async function send(url, kind, metadata, signal, doing, job = false) {
+  const post = (fields) =>
+    call(url, {
+      method: "POST",
+      signal,
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ...fields, metadata }),
+    });
+  if (!ui.file.files.length) {
+    setStatus(`${doing}…`);
+    return { response: await post({ [`${kind}_url`]: ui.url.value.trim() }) };
+  }
+  const files = filesFor(kind, job);
+  const byIds = async () => {
+    const reused = files.every((file) => storedIds.has(file));
+    const ids = await idsOf(files, signal);
+    const upload = reused ? `reusing the upload (${ids.join(", ")})` : `uploaded as ${ids.join(", ")}`;
+    setStatus(reused ? `${doing}, ${upload}…` : `${doing}…`);
+    try {
+      return { response: await post(job ? { file_id: ids[0] } : { media_id: ids }), upload };
+    } catch (error) {
+      throw aboutTheFile(error, files);
+    }
   };
+  try {
+    return await byIds();
+  } catch (error) {
+    if (!(error instanceof ServiceError && error.status === 404)) throw error;
+    // The store no longer holds a file (expired or evicted): upload them again, once.
+    for (const file of files) storedIds.delete(file);
+    setStatus("The service no longer holds the upload: uploading again…");
+    return await byIds();
+  }
 }
 
 function setStatus(text) {
@@ -111,9 +160,10 @@ function showError(error) {
   }
 }
 
-/** A refusal of the uploaded file names it: the service never saw the file's name. */
-function aboutTheFile(error) {
-  const names = [...ui.file.files].map((file) => file.name).join(", ");
+/** A refusal of a file names it (``files``, the ones the refused request sent): the service's
+ * message names an id at most. */
+function aboutTheFile(error, files) {
+  const names = files.map((file) => file.name).join(", ");
   if (names && error instanceof ServiceError && FILE_REFUSALS.has(error.status)) {
     return new ServiceError(error.status, `${names}: ${error.message}`);
   }
@@ -154,8 +204,8 @@ function showFrames(frames) {
   ui.framesBox.hidden = false;
 }
 
-/** The answer's numbers: video_info, usage, and the times measured here. */
-function showFacts(body, times) {
+/** The answer's numbers: video_info, usage, the times measured here, and how the file was sent. */
+function showFacts(body, times, upload) {
   const facts = [];
   if (body.video_info) {
     facts.push(["Video duration", `${body.video_info.video_duration.toFixed(2)} s`]);
@@ -172,6 +222,7 @@ function showFacts(body, times) {
   if (after >= RATE_MIN_TOKENS && generating >= RATE_MIN_SECONDS) {
     facts.push(["Speed", `${(after / generating).toFixed(1)} tokens/s`]);
   }
+  if (upload) facts.push(["Upload", upload]);
   ui.facts.replaceChildren(
     ...facts.flatMap(([name, value]) => {
       const term = document.createElement("dt");
@@ -190,8 +241,8 @@ async function ask(signal) {
   const began = performance.now();
   const seconds = () => (performance.now() - began) / 1000;
   const times = {};
-  setStatus(`Sending the ${kind}…`);
-  const response = await call(`/analyze_${kind}`, { method: "POST", signal, ...mediaBody(kind, answerMetadata(kind)) });
+  const doing = `Asking about the ${kind}`;
+  const { response, upload } = await send(`/analyze_${kind}`, kind, answerMetadata(kind), signal, doing);
   setStatus("The model is reading it…");
   let answered = false;
   await readEvents(response, (event, data) => {
@@ -207,7 +258,7 @@ async function ask(signal) {
       answered = true;
       ui.answer.textContent = data.response;
       times.total = seconds();
-      showFacts(data, times);
+      showFacts(data, times, upload);
       setStatus("Done.");
     } else if (event === "error") {
       throw new ServiceError(200, data.error);
@@ -231,12 +282,12 @@ form.addEventListener("submit", async (event) => {
   try {
     checkSource();
     if (mode() === "job") {
-      await startJob(running.signal, { mediaBody, setStatus, showError });
+      await startJob(running.signal, { send, setStatus, showError });
     } else {
       await ask(running.signal);
     }
   } catch (error) {
-    showError(aboutTheFile(error));
+    showError(error);
   } finally {
     running = null;
     ui.submit.disabled = false;
@@ -248,6 +299,7 @@ ui.stop.addEventListener("click", () => running?.abort());
 
 // The source: a dropped or chosen file, or a URL (choosing one clears the other).
 function fileChosen() {
+  storedIds.clear(); // other files, or none: the ids were the previous selection's
   const files = [...ui.file.files];
   const size = (file) => (file.size < 1e6 ? `${Math.ceil(file.size / 1e3)} kB` : `${(file.size / 1e6).toFixed(1)} MB`);
   $("file-name").textContent = files.map((file) => `${file.name} (${size(file)})`).join(", ");

@@ -90,15 +90,15 @@ function showSegments(segments) {
   $("segments").replaceChildren(...items);
 }
 
-/** Run one job to its end; ``page`` gives app.js's mediaBody, setStatus and showError. */
+/** Run one job to its end; ``page`` gives app.js's send, setStatus and showError. */
 export async function startJob(signal, page) {
   resetJobView();
   $("job").hidden = false;
   $("followup").hidden = true;
   $("followup-answers").replaceChildren();
-  page.setStatus("Submitting the job…");
-  const submitted = await call("/jobs/submit", { method: "POST", signal, ...page.mediaBody("video", jobMetadata(), false) });
-  taskId = (await submitted.json()).task_id;
+  // The chosen video by its media store id (uploaded once), as file_id; or the pasted URL.
+  const submitted = await page.send("/jobs/submit", "video", jobMetadata(), signal, "Submitting the job", true);
+  taskId = (await submitted.response.json()).task_id;
   const query = `task_id=${encodeURIComponent(taskId)}`;
   signal.addEventListener("abort", () => {
     showStopped();
