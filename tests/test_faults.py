@@ -23,8 +23,8 @@ import psutil
 import pytest
 from conftest import service_env
 
-from testing.mediafiles import write_image, write_video
-from testing.served import free_port, running_service
+from testing.mediafiles import write_image, write_minutes_video, write_video
+from testing.served import free_port, kill_tree, running_service
 
 pytestmark = pytest.mark.served
 BODY_TIMEOUT, BODY_IDLE_TIMEOUT, REQUEST_TIMEOUT = 6, 2, 3
@@ -37,6 +37,8 @@ class Faulty:
     port: int
     root: int  # the pid of `bentoml serve`
     log: Path
+    folder: Path  # its TMPDIR is folder / "tmp", its media store folder / "media"
+    env: dict[str, str]
 
     def log_text(self) -> str:
         return self.log.read_text()
@@ -76,11 +78,16 @@ def _cmdline(process: psutil.Process) -> list[str]:
 @pytest.fixture(scope="module")
 def faulty(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
     folder = tmp_path_factory.mktemp("faults")
+    (folder / "tmp").mkdir()
     port = free_port()
     env = (
         os.environ
         | service_env(tiny_checkpoint)
         | {
+            # Its own temp folder, job records and media store: the SIGKILL test looks in them.
+            "TMPDIR": str(folder / "tmp"),
+            "LLAVA_JOB_DIR": str(folder / "jobs"),
+            "LLAVA_MEDIA_DIR": str(folder / "media"),
             "LLAVA_BODY_TIMEOUT_S": str(BODY_TIMEOUT),
             "LLAVA_BODY_IDLE_TIMEOUT_S": str(BODY_IDLE_TIMEOUT),
             "LLAVA_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
@@ -95,7 +102,7 @@ def faulty(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     log = folder / "serve.log"
     with running_service(command, env, port, log) as base:
         root = next(p for p in psutil.process_iter() if str(port) in _cmdline(p) and "serve" in _cmdline(p))
-        yield Faulty(base, port, root.pid, log)
+        yield Faulty(base, port, root.pid, log, folder, env)
 
 
 def quick_answer(faulty: Faulty) -> httpx.Response:
@@ -305,3 +312,48 @@ def test_a_decode_process_killed_mid_request_is_retried_and_the_pool_refills(fau
             f"{faulty.base}/analyze_video", files={"video": file}, data={"metadata": metadata}, timeout=120
         )
     assert again.status_code == 200 and again.json()["response"] == answer["r"].json()["response"]
+
+
+def test_a_server_killed_mid_upload_and_mid_job_leaves_nothing_once_restarted(faulty, tmp_path):
+    """Runs last: it kills the module's server."""
+    host = f"127.0.0.1:{faulty.port}"
+    uploads = []
+    for path, route in (("/jobs/submit", "video"), ("/v1/files", "file")):  # bodies half sent, then left
+        connection = socket.create_connection(("127.0.0.1", faulty.port))
+        head = multipart_head("killed", 4_000_000, host).replace(b"/analyze_image", path.encode())
+        # Past the guard's first MiB, so that the route has started receiving the file.
+        connection.sendall(head.replace(b'name="image"', f'name="{route}"'.encode()) + b"z" * 2_000_000)
+        uploads.append(connection)
+    video = write_minutes_video(tmp_path / "twenty.mp4", 20, size=(64, 48), noise=False)
+    submitted = httpx.post(
+        f"{faulty.base}/jobs/submit",
+        files={"video": video.open("rb")},
+        data={"metadata": json.dumps({"segment_seconds": 10, "frames_per_segment": 8})},
+        timeout=60,
+    )
+    assert submitted.status_code == 202, submitted.text
+    task_id = submitted.json()["task_id"]
+    tmp, incoming = faulty.folder / "tmp", faulty.folder / "media" / "incoming"
+    deadline = time.monotonic() + 60
+    while True:  # mid-job (a segment captioned, not all), both uploads being received
+        status = httpx.get(f"{faulty.base}/jobs/status", params={"task_id": task_id}, timeout=30).json()
+        receiving = list(tmp.glob("llava-job-*")) and list(incoming.iterdir())
+        if status["progress"]["segments_captioned"] >= 1 and receiving:
+            break
+        assert status["ended_at"] is None and time.monotonic() < deadline, (status, receiving)
+        time.sleep(0.05)
+    left_before = {path.name for path in tmp.glob("llava-*")}
+    kill_tree(faulty.port)
+    for connection in uploads:
+        connection.close()
+    assert any(name.startswith("llava-job-") for name in left_before)
+
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
+    with running_service(command, faulty.env, port, faulty.folder / "restarted.log") as base:
+        left = {path.name for path in tmp.glob("llava-*")}
+        assert not left & left_before, left  # what the killed server left is gone
+        assert list(incoming.iterdir()) == []
+        status = httpx.get(f"{base}/jobs/status", params={"task_id": task_id}, timeout=30).json()
+        assert status["status"] == "failed" and "submit it again" in status["error"], status
+        assert httpx.get(f"{base}/v1/files", timeout=30).json()["data"] == []
