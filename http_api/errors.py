@@ -17,6 +17,7 @@ BentoML and Starlette answer by themselves (validation, unknown routes) the same
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -58,6 +59,24 @@ class RequestError(Exception):
         self.param = param
 
 
+class InsufficientStorage(Exception):
+    """The disk holding uploads, downloads or the media store is full (or a file-size limit was
+    hit): nothing was kept, and the service answers again once there is room."""
+
+
+# What a write that ran out of room raises (OSError's errno): no space, over quota, file too large.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+NO_SPACE_MESSAGE = (
+    "the server has no room left to store this request's files (its disk is full); nothing was kept, "
+    "try again later or send a smaller file"
+)
+
+
+def no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` is a write that ran out of room."""
+    return isinstance(error, InsufficientStorage) or (isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS)
+
+
 # The status of each mapped error class; a subclass gets its nearest mapped ancestor's status
 # (media.RefusedAddress is an InvalidSource: 400; media.UpstreamTimeout, an UpstreamError, has
 # its own: 504).
@@ -84,6 +103,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     RequestTimeout: 503,
     EngineClosed: 503,
     RequestCancelled: 499,  # nginx's "client closed request": only the access log sees it
+    InsufficientStorage: 507,  # WebDAV's "Insufficient Storage": the disk is full
 }
 # The errors a client can cause or that say the service is busy: answered with their status and
 # message, never logged as our fault.
@@ -104,11 +124,15 @@ _OPENAI_TYPES = {
     502: ("upstream_error", "upstream_error"),
     503: ("service_unavailable_error", "service_unavailable"),
     504: ("upstream_error", "upstream_timeout"),
+    507: ("server_error", "insufficient_storage"),
 }
 
 
 def status_for(error: BaseException) -> int:
-    """The status of the most specific mapped class ``error`` is an instance of; 500 if none."""
+    """The status of the most specific mapped class ``error`` is an instance of (a write that ran
+    out of room: 507); 500 if none."""
+    if no_space(error):
+        return 507
     return _status_of_class(type(error))
 
 
@@ -157,8 +181,8 @@ class ErrorReply:
         return json.dumps(self.body()).encode()
 
     def headers(self) -> list[tuple[str, str]]:
-        """Headers every failure with this status carries (a 503 says when to retry)."""
-        return [("retry-after", str(RETRY_AFTER_SECONDS))] if self.status == 503 else []
+        """Headers every failure with this status carries (a 503 or 507 says when to retry)."""
+        return [("retry-after", str(RETRY_AFTER_SECONDS))] if self.status in (503, 507) else []
 
     def response(self) -> JSONResponse:
         """The whole answer, for a Starlette route."""
@@ -186,6 +210,8 @@ def translate(error: BaseException, shape: Shape, doing: str = "answering") -> E
     """What the client gets for ``error``: a mapped error's status and message, or a 500 that
     tells no internals (the error goes to the request's log line with its traceback)."""
     status = status_for(error)
+    if status == 507:
+        return ErrorReply(507, NO_SPACE_MESSAGE, shape)
     if status == 500:
         record.note_failure(error, f"failed while {doing}")
         return ErrorReply(500, f"internal error while {doing}; see the server log", shape)
@@ -231,7 +257,12 @@ class FailureBodyMiddleware:
                 body.extend(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                if _shaped_for(shape, bytes(body)):  # our own failure: already the right body
+                request = record.current()
+                if started["status"] == 500 and request is not None and no_space(request.failure):
+                    # BentoML's parsing of the upload ran out of disk: not a fault of the code
+                    request.failure = None
+                    await ErrorReply(507, NO_SPACE_MESSAGE, shape).send(send, started["headers"])
+                elif _shaped_for(shape, bytes(body)):  # our own failure: already the right body
                     await send(started)
                     await send({"type": "http.response.body", "body": bytes(body)})
                 else:

@@ -122,6 +122,8 @@ def _log(scope: Scope, record: RequestRecord, status: int, total: float, error_b
     line = " ".join(parts)
     if status == 500 or record.failure is not None:
         logger.error(line, exc_info=record.failure)
+    elif status == 507:  # the disk is full: the operator's to fix, not the client's
+        logger.warning(line)
     elif route_for(path).quiet:  # probes; a 503 of /readyz while loading or draining is expected too
         logger.debug(line)
     else:

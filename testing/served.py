@@ -8,7 +8,9 @@ on the CPU, with LLAVA_* settings given by name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -58,17 +60,30 @@ def cpu_env(checkpoint: Path | str) -> dict[str, str]:
 
 @contextmanager
 def running_service(
-    command: list[str], env: dict[str, str], port: int, log_path: Path, start_seconds: float = 240
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    start_seconds: float = 240,
+    max_file_bytes: int | None = None,
 ) -> Iterator[str]:
     """Run ``command`` (a `bentoml serve` or `make demo`) in its own process group, its output in
     ``log_path``, until /readyz answers; yield its base URL; stop the whole group afterwards.
     Raises :class:`ServiceDidNotStart` when it ends or is not ready within ``start_seconds``.
-    Unless ``env`` names another BENTOML_HOME than this process's, the instance gets its own."""
+    Unless ``env`` names another BENTOML_HOME than this process's, the instance gets its own.
+    ``max_file_bytes``: no file the server writes may grow past it (RLIMIT_FSIZE, SIGXFSZ
+    ignored), so that its writes fail as on a full disk."""
     if env.get("BENTOML_HOME") == os.environ.get("BENTOML_HOME"):
         env = env | own_home(log_path.parent / f"serve-{port}")
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=None if max_file_bytes is None else functools.partial(_limit_file_size, max_file_bytes),
         )
         base = f"http://127.0.0.1:{port}"
         try:
@@ -86,6 +101,13 @@ def running_service(
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def _limit_file_size(limit: int) -> None:
+    # In the child before exec: writes past the limit fail with EFBIG (File too large) instead of
+    # killing the process; both the ignored signal and the limit pass on to its children.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 @contextmanager

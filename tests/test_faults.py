@@ -357,3 +357,62 @@ def test_a_server_killed_mid_upload_and_mid_job_leaves_nothing_once_restarted(fa
         status = httpx.get(f"{base}/jobs/status", params={"task_id": task_id}, timeout=30).json()
         assert status["status"] == "failed" and "submit it again" in status["error"], status
         assert httpx.get(f"{base}/v1/files", timeout=30).json()["data"] == []
+
+
+# --- a full disk: every file the server writes is capped (RLIMIT_FSIZE), so large writes fail --
+
+DISK_BYTES = 3_000_000
+
+
+@pytest.fixture(scope="module")
+def full_disk(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    folder = tmp_path_factory.mktemp("full-disk")
+    (folder / "tmp").mkdir()
+    port = free_port()
+    env = (
+        os.environ
+        | service_env(tiny_checkpoint)
+        | {
+            "TMPDIR": str(folder / "tmp"),
+            "LLAVA_JOB_DIR": str(folder / "jobs"),
+            "LLAVA_MEDIA_DIR": str(folder / "media"),
+            "LLAVA_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+            "LLAVA_DECODE_WORKERS": "1",
+        }
+    )
+    command = [sys.executable, "-m", "bentoml", "serve", "service:LLaVAVideoService", "--port", str(port)]
+    with running_service(command, env, port, folder / "serve.log", max_file_bytes=DISK_BYTES) as base:
+        yield base, folder
+
+
+def test_a_full_disk_is_a_507_on_every_upload_route_nothing_is_left_and_small_files_still_work(
+    full_disk, media_dir, tmp_path
+):
+    base, folder = full_disk
+    big = write_minutes_video(tmp_path / "big.mp4", 0.1, size=(1280, 720))
+    assert big.stat().st_size > DISK_BYTES
+    for route, part in (
+        ("/analyze_video", "video"),
+        ("/v1/files", "file"),
+        ("/media", "file"),
+        ("/jobs/submit", "video"),
+    ):
+        with big.open("rb") as file:
+            response = httpx.post(f"{base}{route}", files={part: file}, timeout=120)
+        assert response.status_code == 507, (route, response.text)
+        assert response.headers["retry-after"]
+        message = response.json()["error"]["message"] if route.startswith("/v1/") else response.json()["error"]
+        assert "no room left" in message, (route, message)
+    # Nothing half-written is left, and nothing was stored.
+    assert [path.name for path in (folder / "tmp").iterdir() if path.name.startswith("llava-")] == []
+    assert list((folder / "media" / "incoming").iterdir()) == [] and list((folder / "media" / "blobs").iterdir()) == []
+    assert httpx.get(f"{base}/v1/files", timeout=30).json()["data"] == []
+    log = (folder / "serve.log").read_text()
+    assert "Traceback" not in log and " 507 " in log
+    # Files that fit are answered as ever: the failures broke nothing.
+    with (media_dir / "clip.mp4").open("rb") as file:
+        small = httpx.post(f"{base}/analyze_video", files={"video": file}, timeout=120)
+    assert small.status_code == 200, small.text
+    with (media_dir / "photo.jpg").open("rb") as file:
+        stored = httpx.post(f"{base}/v1/files", files={"file": file}, data={"purpose": "vision"}, timeout=120)
+    assert stored.status_code == 200 and stored.json()["kind"] == "image"
