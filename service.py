@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+from bentoml._internal.server.http import traffic as bentoml_traffic
 
 import media
 import settings
@@ -26,6 +27,7 @@ from http_api.jobs_api import create_app as create_jobs_app
 from http_api.lifecycle import Lifecycle, drain_on_sigterm
 from http_api.metrics import engine_state, media_store_state
 from http_api.openai_api import create_app as create_openai_app
+from http_api.response_timeout import ResponseTimeout
 from http_api.stack import middlewares
 from http_api.web_ui import create_app as create_page_app
 
@@ -142,6 +144,11 @@ class LLaVAVideoService:
         JSON ``image_url`` (one URL or a list) or ``media_id`` (stored images, one id or a list)."""
         return await native.analyze(current_analyzer, "image", None, None, metadata, ctx, image, image_url, media_id)
 
+
+# BentoML's own request time limit (traffic.timeout) leaves a timer armed per request, holding
+# its context for the whole limit: ours cancels it (http_api.response_timeout). BentoML looks the
+# class up by name when a worker builds its app.
+bentoml_traffic.TimeoutMiddleware = ResponseTimeout
 
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = native.refuse_unknown_fields(_api.input_spec)

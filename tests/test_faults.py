@@ -416,3 +416,60 @@ def test_a_full_disk_is_a_507_on_every_upload_route_nothing_is_left_and_small_fi
     with (media_dir / "photo.jpg").open("rb") as file:
         stored = httpx.post(f"{base}/v1/files", files={"file": file}, data={"purpose": "vision"}, timeout=120)
     assert stored.status_code == 200 and stored.json()["kind"] == "image"
+
+
+# --- BentoML's request time limit, without its leak -------------------------------------------
+
+
+def _armed_timers() -> int:
+    import gc
+
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, asyncio.TimerHandle) and not thing.cancelled())
+
+
+def test_finished_requests_leave_no_timer_armed(client):
+    """BentoML's time limit armed a timer per request and left it for the whole limit (900 s),
+    holding each finished request's context (its spans, BentoML's request context): the worker's
+    memory grew through a soak run. Finished requests leave none (http_api.response_timeout)."""
+    client.get("/v1/models")
+    before = _armed_timers()
+    for _ in range(40):
+        assert client.get("/v1/models").status_code == 200
+        assert client.post("/analyze_video", json={"video_url": "ftp://x"}).status_code == 400
+    assert _armed_timers() - before < 10
+
+
+def test_an_answer_not_started_within_the_time_limit_is_a_504_in_the_failure_body():
+    from http_api.response_timeout import ResponseTimeout
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(30)
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("no answer")
+
+    scope = {"type": "http", "path": "/analyze_video", "method": "POST", "headers": []}
+
+    async def call(app, timeout: float) -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await ResponseTimeout(app, timeout)(scope, receive, send)
+        return sent
+
+    began = time.monotonic()
+    sent = asyncio.run(call(slow, 0.3))
+    assert time.monotonic() - began < 5
+    assert sent[0]["status"] == 504
+    body = json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+    assert "0.3 s time limit" in body["error"]
+    # An app that fails without answering fails at once, not once the time limit is over.
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="no answer"):
+        asyncio.run(call(broken, 30))
+    assert time.monotonic() - began < 5
