@@ -8,7 +8,9 @@ possibly resized, frame. This is how tests check that a sampler returned the rig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -99,6 +101,23 @@ def _middle_half(block: int, blocks: int, length: int) -> slice:
     return slice(start, max(stop, start + 1))
 
 
+@contextlib.contextmanager
+def _scheduling_kept() -> Iterator[None]:
+    """Put the calling thread's scheduling policy back afterwards.
+
+    SVT-AV1's encoder, run as root, makes the thread that opens it real-time (SCHED_FIFO 99), and
+    every thread and process started from it afterwards inherits that: in a test run, torch's
+    OpenMP workers spinning at real-time priority then starved everything else on two cores (a
+    CI run stalled for an hour, pytest-timeout's own thread among the starved).
+    """
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
 def write_video(
     path: Path,
     *,
@@ -125,7 +144,7 @@ def write_video(
     codec = codec or _CODEC_FOR_SUFFIX[path.suffix.lower()]
     rate = Fraction(fps).limit_denominator(1001)
     time_base = Fraction(1, 1000) if frame_times is not None else 1 / rate
-    with av.open(str(path), "w") as container:
+    with _scheduling_kept(), av.open(str(path), "w") as container:
         default_options = _CODEC_OPTIONS.get(codec, {})
         stream = container.add_stream(codec, rate=rate, options=dict(options or default_options))
         stream.width, stream.height = size

@@ -80,6 +80,23 @@ def decord_video(video_dir: Path) -> Path:
     return write_video(video_dir / "yuv410p.mkv", frames=50, fps=25, codec="ffv1", pix_fmt="yuv410p")
 
 
+@needs_av1
+def test_writing_an_av1_video_leaves_the_threads_scheduling_as_it_was(video_dir: Path) -> None:
+    """SVT-AV1, as root, makes the thread that opens it real-time; everything the test run
+    started after that inherited it, and spinning OpenMP workers starved a CI run for an hour."""
+
+    def write_and_read() -> None:
+        before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+        write_video(video_dir / f"policy-{threading.get_ident()}.mkv", frames=4, fps=4, codec="libsvtav1")
+        seen.append((before, (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)))
+
+    seen: list = []
+    thread = threading.Thread(target=write_and_read)  # its own thread: the run's stays untouched
+    thread.start()
+    thread.join()
+    assert seen and seen[0][1] == seen[0][0] == (os.SCHED_OTHER, 0)
+
+
 def recovered_indices(frames: np.ndarray) -> list[int]:
     return [frame_index_from_pixels(frame) for frame in frames]
 
