@@ -197,8 +197,15 @@ class MediaStore:
             target = into / f"stored-{secrets.token_hex(4)}"
             try:
                 os.link(self.blobs / record.digest, target)
-            except FileNotFoundError as error:  # the blob went without its record: a damaged store
-                self._remove(media_id)
+            except FileNotFoundError as error:
+                if self.records.beyond_folder:
+                    # Records in Redis name bytes kept by a replica whose folder this one does not
+                    # share: the id is still good there, so it stays.
+                    raise UnknownMedia(
+                        f"the file {media_id!r} is stored by another replica, whose LLAVA_MEDIA_DIR "
+                        "this one does not share; ask that replica or share the folder"
+                    ) from error
+                self._remove(media_id)  # the blob went without its record: a damaged store
                 raise UnknownMedia(f"the file {media_id!r} is no longer stored; upload it again") from error
             except OSError as error:
                 if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
@@ -306,6 +313,8 @@ class MediaStore:
 class Records(Protocol):
     """Where the store's records live, and the lock every change holds."""
 
+    beyond_folder: bool  # whether processes that do not share the store's folder see them too
+
     def locked(self) -> contextlib.AbstractContextManager[None]: ...
     def read(self, media_id: str) -> StoredMedia | None: ...
     def write(self, record: StoredMedia) -> None: ...
@@ -316,6 +325,8 @@ class Records(Protocol):
 class FileRecords:
     """Records as JSON files beside the bytes, changed under a file lock (flock): every worker
     and every replica using the folder sees the same records."""
+
+    beyond_folder = False
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder / "records"
@@ -365,6 +376,7 @@ class RedisRecords:
     replicas must share (a ReadWriteMany volume). Redis not answering is StoreUnavailable (503)."""
 
     PREFIX = "llava:media:"
+    beyond_folder = True
     LOCK_SECONDS = 30  # a holder that died frees the lock after this
 
     def __init__(self, client: redis.Redis) -> None:

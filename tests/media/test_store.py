@@ -239,3 +239,22 @@ def test_records_in_redis_are_shared_by_stores_on_one_folder_and_redis_down_is_a
     )
     with pytest.raises(media.StoreUnavailable, match="Redis"):
         down.get(record.id)
+
+
+def test_a_replica_without_the_bytes_answers_unknown_and_keeps_the_record_for_the_one_with_them(tmp_path, redis_server):
+    # Two replicas on one Redis whose LLAVA_MEDIA_DIR are not shared: the id works on the one
+    # that received the bytes, is unknown on the other, and asking the other does not delete it.
+    from jobs.redis_store import connect
+
+    client = connect(redis_server.url)
+    client.flushdb()
+    a = MediaStore(tmp_path / "a", max_bytes=10_000, ttl_seconds=60, records=RedisRecords(client))
+    b = MediaStore(tmp_path / "b", max_bytes=10_000, ttl_seconds=60, records=RedisRecords(connect(redis_server.url)))
+    path, digest = payload(tmp_path, "clip", b"v" * 10)
+    record = a.add(path, kind="video", digest=digest)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(media.UnknownMedia, match="another replica"):
+        b.use(record.id, tmp_path / "out")
+    used, copy = a.use(record.id, tmp_path / "out")
+    assert used.id == record.id and copy.read_bytes() == b"v" * 10
+    client.flushdb()
