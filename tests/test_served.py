@@ -44,12 +44,25 @@ def readme_job_commands() -> list[str]:
 
 def readme_media_commands() -> list[str]:
     """Upload once, ask many (README): the upload, questions by id, the file object, its deletion."""
-    return [command for command in readme_curl_commands() if "/media" in command or "$FILE" in command]
+    return [
+        command
+        for command in readme_curl_commands()
+        if ("/media" in command or "$FILE" in command) and "/v1/" not in command
+    ]
+
+
+def readme_openai_file_commands() -> list[str]:
+    """The files API by curl (README, OpenAI-compatible API): upload, a chat naming it, deletion."""
+    return [
+        command
+        for command in readme_curl_commands()
+        if "/v1/files" in command or ("$FILE" in command and "/v1/" in command)
+    ]
 
 
 def readme_request_commands() -> list[str]:
-    media = readme_media_commands()
-    return [command for command in readme_curl_commands() if "/jobs/" not in command and command not in media]
+    stored = readme_media_commands() + readme_openai_file_commands()
+    return [command for command in readme_curl_commands() if "/jobs/" not in command and command not in stored]
 
 
 def test_readme_has_the_four_curl_forms_two_image_comparisons_and_chat_completions():
@@ -158,6 +171,45 @@ def test_readme_media_commands_upload_once_then_ask_by_id(served, media_dir):
     assert run(retrieve, stored["id"]) == stored
     assert run(delete, stored["id"])["deleted"] is True
     assert httpx.get(f"{served}/media/{stored['id']}", timeout=30).status_code == 404
+
+
+def test_readme_files_api_commands_upload_chat_by_file_part_and_delete(served, media_dir):
+    upload, chat, delete = readme_openai_file_commands()
+    assert "/v1/files" in upload and '"type": "file"' in chat and "-X DELETE" in delete
+
+    def run(command: str, file_id: str = "") -> dict:
+        command = command.split("  #")[0].replace("http://localhost:3000", served).replace("$FILE", file_id)
+        command = command.replace("./path/to/your/video.mp4", str(media_dir / "clip.mp4"))
+        command = command.replace("lmms-lab/LLaVA-Video-7B-Qwen2", "tiny")  # the model the demo serves
+        done = subprocess.run(
+            ["bash", "-c", command + " --silent --show-error"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    stored = run(upload)
+    assert stored["object"] == "file" and stored["purpose"] == "vision" and stored["id"].startswith("file-")
+    answer = run(chat, stored["id"])
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"], answer
+    assert answer["usage"]["visual_tokens"] == 16 * 210  # the stored clip's frames
+    assert run(delete, stored["id"])["deleted"] is True
+    assert httpx.get(f"{served}/v1/files/{stored['id']}", timeout=30).status_code == 404
+
+
+def test_readme_follow_up_script_uploads_once_and_asks_three_questions_by_id(served, media_dir):
+    (script,) = [
+        block
+        for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+        if "FILE=$(curl" in block
+    ]
+    script = script.replace("http://localhost:3000", served).replace(
+        "./path/to/your/video.mp4", str(media_dir / "clip.mp4")
+    )
+    done = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert len(answers) == 3 and all(a["status"] == "success" and a["response"] for a in answers), answers
+    assert {a["video_info"]["frame_count"] for a in answers} == {16}
 
 
 def test_bad_request_gets_the_failure_body(served, media_dir):
