@@ -228,8 +228,10 @@ class MediaStore:
         return record
 
     def stats(self) -> tuple[int, int]:
-        """Bytes held (each content once) and the number of ids."""
-        records = self._all()
+        """Bytes held (each content once) and the number of ids, expired ones not counted (their
+        records and bytes go at the next change or sweep)."""
+        now = self.clock()
+        records = [record for record in self._all() if record.expires_at > now]
         return sum(self._blob_sizes(records).values()), len(records)
 
     def sweep(self) -> int:
