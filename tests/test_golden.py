@@ -14,6 +14,7 @@ earlier question about the same media (or its features alone).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -467,3 +468,44 @@ def test_served_video_reports_the_originals_counts_and_answer(golden_server):
     assert body["video_info"]["frame_count"] == case["num_frames"]
     assert trusted_ids(case) == case["greedy_ids"], "the served case needs decisive steps throughout"
     assert body["response"] == case["answer"]
+
+
+@pytest.mark.served
+def test_a_file_stored_with_the_sdk_and_asked_by_id_gives_the_originals_answer(golden_server):
+    # Upload once (the openai SDK's files.create), then ask by id: natively the original's answer,
+    # and a chat naming the file by a `file` part answers as the same chat with the video inline.
+    import openai
+
+    case = GOLDEN_CASES[SERVED_CASE]
+    sdk = openai.OpenAI(base_url=f"{golden_server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    with (GOLDEN_DIR / case["media"]).open("rb") as video:
+        stored = sdk.files.create(file=video, purpose="vision")
+    metadata = {
+        "prompt": case["question"],
+        "num_frames": case["num_frames"],
+        "max_new_tokens": GOLDEN["max_new_tokens"],
+    }
+    body = httpx.post(
+        f"{golden_server}/analyze_video", json={"media_id": stored.id, "metadata": metadata}, timeout=120
+    ).json()
+    assert body["response"] == case["answer"], body
+    assert body["usage"]["prompt_tokens"] == case["prompt_tokens"]
+    assert body["usage"]["visual_tokens"] == case["visual_tokens"]
+
+    inline = f"data:video/mp4;base64,{base64.b64encode((GOLDEN_DIR / case['media']).read_bytes()).decode()}"
+    model = sdk.models.list().data[0].id
+
+    def chat(part: dict) -> object:
+        return sdk.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": case["question"]}]}],
+            max_tokens=GOLDEN["max_new_tokens"],
+            temperature=0,
+            extra_body={"num_frames": case["num_frames"]},
+        )
+
+    by_file = chat({"type": "file", "file": {"file_id": stored.id}})
+    by_data = chat({"type": "video_url", "video_url": {"url": inline}})
+    assert by_file.choices[0].message.content == by_data.choices[0].message.content
+    assert by_file.usage.prompt_tokens == by_data.usage.prompt_tokens > case["visual_tokens"]
+    sdk.files.delete(stored.id)
