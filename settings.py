@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -316,10 +317,20 @@ def explain(error: ValidationError) -> str:
     for item in error.errors(include_url=False):
         message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
         if item.get("loc"):
-            name = "LLAVA_" + str(item["loc"][0]).upper()
-            message = f"{name}={item.get('input')!r}: {message}"
+            field = str(item["loc"][0])
+            message = f"LLAVA_{field.upper()}={_shown(field, item.get('input'))!r}: {message}"
         problems.append(message)
     return "invalid setting: " + "; ".join(problems)
+
+
+def _shown(field: str, value: object) -> object:
+    """A setting's value as an error may show it: never the API key, a URL without its password."""
+    if field == "api_key":
+        return "***"
+    if field == "redis_url" and isinstance(value, str):
+        # Redis URLs carry their password (redis://user:password@host); the log must not.
+        return re.sub(r"(?<=://)([^@/]*?):[^@/]*@", r"\1:***@", value)
+    return value
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

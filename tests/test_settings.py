@@ -93,6 +93,26 @@ def test_an_invalid_setting_is_explained_in_one_line_naming_the_variable(
     assert expected in text and "\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("env", "secret"),
+    [
+        ({"LLAVA_REDIS_URL": "redis://:s3cret@redis:port/0"}, "s3cret"),
+        ({"LLAVA_REDIS_URL": "rediss://user:s3cret@redis:99999999/0"}, "s3cret"),
+        ({"LLAVA_API_KEY": "   "}, "   "),
+    ],
+)
+def test_an_invalid_setting_never_shows_a_password_or_the_api_key(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], secret: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    text = explain(error.value)
+    (name,) = env
+    assert f"{name}=" in text and "***" in text and repr(secret) not in text and "s3cret" not in text, text
+
+
 def test_each_unknown_llava_variable_is_warned_about_naming_the_closest_setting() -> None:
     environ = {"LLAVA_MAX_FRAMS": "8", "LLAVA_MODEL": "x", "LLAVA_SHOE_SIZE": "9", "OTHER_MAX_FRAMS": "8"}
     warnings = settings.unknown_variables(environ)
