@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+from bentoml._internal.server.http import instruments as bentoml_instruments
 from bentoml._internal.server.http import traffic as bentoml_traffic
 
 import media
@@ -25,7 +26,7 @@ from http_api import native
 from http_api.files_api import create_app as create_files_app
 from http_api.jobs_api import create_app as create_jobs_app
 from http_api.lifecycle import Lifecycle, drain_on_sigterm
-from http_api.metrics import engine_state, media_store_state
+from http_api.metrics import engine_state, labelled_by_route, media_store_state
 from http_api.openai_api import create_app as create_openai_app
 from http_api.response_timeout import ResponseTimeout
 from http_api.stack import middlewares
@@ -149,6 +150,11 @@ class LLaVAVideoService:
 # its context for the whole limit: ours cancels it (http_api.response_timeout). BentoML looks the
 # class up by name when a worker builds its app.
 bentoml_traffic.TimeoutMiddleware = ResponseTimeout
+# BentoML's request metrics are labelled by the raw path, a series per stored file's id kept for
+# good: ours label by route (http_api.metrics.labelled_by_route). Looked up by name likewise.
+bentoml_instruments.RunnerTrafficMetricsMiddleware = labelled_by_route(
+    bentoml_instruments.RunnerTrafficMetricsMiddleware
+)
 
 for _api in LLaVAVideoService.apis.values():
     _api.input_spec = native.refuse_unknown_fields(_api.input_spec)

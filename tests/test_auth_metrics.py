@@ -141,3 +141,34 @@ def test_the_route_table_gives_the_metric_labels(keyed) -> None:
     text = httpx.get(f"{keyed}/metrics", timeout=30).text
     assert metric(text, "llava_requests_total", '{route="other",status="200"}') >= 1
     assert 'route="/metrics"' not in text and 'route="/docs.json"' not in text
+
+
+def test_bentomls_request_metrics_are_labelled_by_route_not_by_file_id_or_unknown_path(keyed) -> None:
+    """BentoML's own request metrics made a series per path: per stored file's id, per scanned path."""
+    import secrets
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = [f"file-{secrets.token_hex(16)}" for _ in range(3)]
+    unknown = [f"/no-such-{secrets.token_hex(8)}" for _ in range(3)]
+    before = httpx.get(f"{keyed}/metrics", timeout=30).text
+    label = '{endpoint="/v1/files/{id}",http_response_code="404"'
+    counted = sum(
+        float(line.split()[-1])
+        for line in before.splitlines()
+        if line.startswith(f"bentoml_service_request_total{label}")
+    )
+    for file_id in ids:
+        assert httpx.get(f"{keyed}/v1/files/{file_id}", headers=headers, timeout=30).status_code == 404
+        assert httpx.delete(f"{keyed}/media/{file_id}", headers=headers, timeout=30).status_code == 404
+    for path in unknown:
+        httpx.get(f"{keyed}{path}", headers=headers, timeout=30)
+    text = httpx.get(f"{keyed}/metrics", timeout=30).text
+    assert not [line for line in text.splitlines() if any(part in line for part in ids + unknown)]
+    now = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(f"bentoml_service_request_total{label}")
+    )
+    assert now == counted + 3
+    assert 'bentoml_service_request_total{endpoint="/media/{id}",http_response_code="404"' in text
+    assert 'bentoml_service_request_total{endpoint="other"' in text
