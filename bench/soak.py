@@ -15,9 +15,10 @@ a client timeout (:data:`TIMEOUT`); one that runs out without an answer is a han
 Every ``--sample-seconds`` it samples the server: resident memory, open file descriptors and
 threads of its whole process tree (`bentoml serve`, its worker, which runs in a session of its
 own, and the decode children), the ``llava-request-*`` and ``llava-job-*`` folders in its TMPDIR,
-the files in the media store's ``incoming/`` and ``llava_requests_running`` /
-``llava_requests_waiting`` from /metrics; once the traffic stopped and the service is idle, once
-more. It reports, as Markdown (and JSON with ``--out``), per kind the count, statuses seen and
+the files in the media store's ``incoming/``, ``llava_requests_running`` /
+``llava_requests_waiting`` and the number of series on /metrics (one per label set: a label
+taken from a request's id or path makes it grow with the traffic); once the traffic stopped and
+the service is idle, once more. It reports, as Markdown (and JSON with ``--out``), per kind the count, statuses seen and
 p50/p99 latency, the unexpected statuses, 5xx and hangs (targets: none), and each resource's
 median over the first quarter of the samples against the last quarter (targets: RSS growth at
 most 50 MB, the others flat). Each request carries an ``X-Request-ID`` naming its kind, so the
@@ -414,6 +415,7 @@ class Sample:
     incoming: int
     running: float
     waiting: float
+    series: int = 0  # time series on /metrics: one per label set, so flat once every kind has run
 
 
 RESOURCES = {  # name in Sample -> (label, how much growth is still flat, per client)
@@ -429,6 +431,7 @@ RESOURCES = {  # name in Sample -> (label, how much growth is still flat, per cl
     "incoming": ("media store incoming/ files", 1),
     "running": ("llava_requests_running", 1),
     "waiting": ("llava_requests_waiting", 1),
+    "series": ("series on /metrics", 0),
 }
 
 
@@ -487,6 +490,7 @@ class Server:
             incoming=len(list(incoming.iterdir())) if incoming.is_dir() else 0,
             running=self.metric(metrics, "llava_requests_running"),
             waiting=self.metric(metrics, "llava_requests_waiting"),
+            series=sum(1 for line in metrics.splitlines() if line and not line.startswith("#")),
         )
 
     def idle(self, at: Callable[[], float], seconds: float = 15) -> Sample:

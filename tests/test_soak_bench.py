@@ -24,5 +24,6 @@ def test_a_short_soak_answers_every_kind_as_it_expects(tiny_checkpoint: Path) ->
     assert soak.failures(results) == [] and report.endswith("Result: PASS"), report
     # Every resource was sampled during the traffic, and the results are JSON.
     assert len(results["samples"]) >= 4 and results["resources"]["rss_mb"]["first_quarter"] > 0, report
+    assert results["resources"]["series"]["first_quarter"] > 0, report  # /metrics was read
     assert "| bad: truncated video | 422 |" in report
     json.dumps(results)
